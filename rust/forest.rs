@@ -1,0 +1,361 @@
+//! The rollout forest: an arena of groups (prompts), trees (roots) and nodes (whole agent steps).
+//!
+//! A node's id is its index in `Forest::nodes`. A child is always created after its parent,
+//! so `child id > parent id`: every bottom-up pass is one reverse sweep over the arena, and
+//! every top-down pass one forward sweep, without child lists.
+
+use std::collections::HashMap;
+
+use crate::advantage::AdvantageStats;
+use crate::error::{parse_option, Result, TreeError};
+
+/// Sentinel parent of a root.
+pub const NO_PARENT: u32 = u32::MAX;
+
+/// Why a leaf ended its episode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LeafReason {
+    /// The step gave an answer.
+    Answer,
+    /// The forced final turn after `max_turns` search-enabled turns.
+    ForcedFinal,
+    /// Generation hit a length limit (per turn or per trajectory).
+    Truncated,
+}
+
+impl LeafReason {
+    pub const VALID: &'static str = "'answer', 'forced_final', 'truncated'";
+    const TABLE: [(&'static str, LeafReason); 3] = [
+        ("answer", LeafReason::Answer),
+        ("forced_final", LeafReason::ForcedFinal),
+        ("truncated", LeafReason::Truncated),
+    ];
+
+    pub fn parse(name: &str) -> Result<Self> {
+        parse_option("leaf reason", name, &Self::TABLE, Self::VALID)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeafReason::Answer => "answer",
+            LeafReason::ForcedFinal => "forced_final",
+            LeafReason::Truncated => "truncated",
+        }
+    }
+}
+
+/// One node: the root holds the prompt; any other node one complete agent step, its action
+/// tokens (the policy's, trained) followed by its observation tokens (the environment's, masked).
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub parent: u32,
+    pub tree: u32,
+    pub depth: u32,
+    /// Offset of this node's tokens in `Forest::tokens`.
+    pub start: usize,
+    /// Trained tokens (0 for a root).
+    pub action_len: u32,
+    /// Masked tokens after the action: the observation, or the prompt for a root.
+    pub context_len: u32,
+    pub leaf: Option<LeafReason>,
+    pub reward: Option<f64>,
+    /// Leaves only: whether the leaf is among the K kept for training.
+    pub kept: bool,
+    pub num_children: u32,
+}
+
+impl Node {
+    pub fn is_root(&self) -> bool {
+        self.parent == NO_PARENT
+    }
+    pub fn len(&self) -> usize {
+        (self.action_len + self.context_len) as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Prompt tokens (roots only).
+    pub fn prompt_len(&self) -> u32 {
+        if self.is_root() {
+            self.context_len
+        } else {
+            0
+        }
+    }
+    /// Observation tokens (steps only).
+    pub fn observation_len(&self) -> u32 {
+        if self.is_root() {
+            0
+        } else {
+            self.context_len
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Tree {
+    /// Index into `Forest::groups`.
+    pub group: u32,
+    pub root: u32,
+    /// Every node of the tree, in creation order (so parents before children).
+    pub nodes: Vec<u32>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Group {
+    /// The caller's group id (one per prompt/question).
+    pub key: i64,
+    pub trees: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Forest {
+    pub nodes: Vec<Node>,
+    pub tokens: Vec<u32>,
+    pub trees: Vec<Tree>,
+    pub groups: Vec<Group>,
+    group_index: HashMap<i64, u32>,
+    /// Result of the last `advantages` call; cleared by any change to the forest.
+    pub(crate) stats: Option<AdvantageStats>,
+}
+
+impl Forest {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn num_leaves(&self) -> usize {
+        self.nodes.iter().filter(|n| n.leaf.is_some()).count()
+    }
+
+    pub fn node(&self, id: u64) -> Result<&Node> {
+        usize::try_from(id)
+            .ok()
+            .and_then(|i| self.nodes.get(i))
+            .ok_or(TreeError::UnknownNode {
+                node: id,
+                len: self.nodes.len(),
+            })
+    }
+
+    fn check_id(&self, id: u64) -> Result<u32> {
+        self.node(id).map(|_| id as u32)
+    }
+
+    /// The node's own tokens: (action, context) where context is the observation, or the prompt of a root.
+    pub fn node_tokens(&self, id: u32) -> (&[u32], &[u32]) {
+        let n = &self.nodes[id as usize];
+        let a = &self.tokens[n.start..n.start + n.action_len as usize];
+        let c = &self.tokens[n.start + n.action_len as usize..n.start + n.len()];
+        (a, c)
+    }
+
+    fn push_node(&mut self, node: Node, action: &[u32], context: &[u32]) -> Result<u32> {
+        let id = u32::try_from(self.nodes.len())
+            .ok()
+            .filter(|&id| id != NO_PARENT)
+            .ok_or_else(|| TreeError::InvalidArgument("a forest holds at most 2^32 - 1 nodes".into()))?;
+        self.tokens.extend_from_slice(action);
+        self.tokens.extend_from_slice(context);
+        self.trees[node.tree as usize].nodes.push(id);
+        self.nodes.push(node);
+        self.stats = None;
+        Ok(id)
+    }
+
+    /// Add a tree for `group` whose root holds the prompt tokens. Returns the root's id.
+    pub fn add_root(&mut self, group: i64, prompt: &[u32]) -> Result<u32> {
+        let context_len = len_u32(prompt.len(), "prompt")?;
+        let next_group = self.groups.len() as u32;
+        let g = *self.group_index.entry(group).or_insert(next_group);
+        if g == next_group {
+            self.groups.push(Group {
+                key: group,
+                trees: Vec::new(),
+            });
+        }
+        let tree = self.trees.len() as u32;
+        self.groups[g as usize].trees.push(tree);
+        self.trees.push(Tree {
+            group: g,
+            root: self.nodes.len() as u32,
+            nodes: Vec::new(),
+        });
+        let node = Node {
+            parent: NO_PARENT,
+            tree,
+            depth: 0,
+            start: self.tokens.len(),
+            action_len: 0,
+            context_len,
+            leaf: None,
+            reward: None,
+            kept: false,
+            num_children: 0,
+        };
+        self.push_node(node, &[], prompt)
+    }
+
+    /// Add one complete agent step under `parent`. A leaf (`leaf = Some(reason)`) ends the episode.
+    pub fn add_step(
+        &mut self,
+        parent: u64,
+        action: &[u32],
+        observation: &[u32],
+        leaf: Option<LeafReason>,
+    ) -> Result<u32> {
+        let parent = self.check_id(parent)?;
+        let p = &self.nodes[parent as usize];
+        if let Some(reason) = p.leaf {
+            return Err(TreeError::StepUnderLeaf {
+                node: parent,
+                reason: reason.as_str(),
+            });
+        }
+        let node = Node {
+            parent,
+            tree: p.tree,
+            depth: p.depth + 1,
+            start: self.tokens.len(),
+            action_len: len_u32(action.len(), "action")?,
+            context_len: len_u32(observation.len(), "observation")?,
+            leaf,
+            reward: None,
+            kept: leaf.is_some(),
+            num_children: 0,
+        };
+        let id = self.push_node(node, action, observation)?;
+        self.nodes[parent as usize].num_children += 1;
+        Ok(id)
+    }
+
+    /// Set the outcome reward of leaves; all are checked before any is written.
+    pub fn set_rewards(&mut self, leaves: &[u64], rewards: &[f64]) -> Result<()> {
+        if leaves.len() != rewards.len() {
+            return Err(TreeError::InvalidArgument(format!(
+                "set_rewards got {} leaves and {} rewards: pass one reward per leaf",
+                leaves.len(),
+                rewards.len()
+            )));
+        }
+        let mut ids = Vec::with_capacity(leaves.len());
+        for (&leaf, &value) in leaves.iter().zip(rewards) {
+            let id = self.check_id(leaf)?;
+            if self.nodes[id as usize].leaf.is_none() {
+                return Err(TreeError::RewardOnNonLeaf { node: id });
+            }
+            if !value.is_finite() {
+                return Err(TreeError::NonFiniteReward { node: id, value });
+            }
+            ids.push(id);
+        }
+        for (id, &value) in ids.into_iter().zip(rewards) {
+            self.nodes[id as usize].reward = Some(value);
+        }
+        self.stats = None;
+        Ok(())
+    }
+
+    /// The path root -> `node`, root first.
+    pub fn path(&self, node: u32) -> Vec<u32> {
+        let mut path = vec![node];
+        let mut cur = node;
+        while self.nodes[cur as usize].parent != NO_PARENT {
+            cur = self.nodes[cur as usize].parent;
+            path.push(cur);
+        }
+        path.reverse();
+        path
+    }
+
+    /// A leaf's training sequence: prompt + every step on its path, with the loss mask
+    /// (1 on action tokens, 0 on prompt and observation tokens).
+    pub fn trajectory(&self, leaf: u64) -> Result<(Vec<u32>, Vec<u8>)> {
+        let leaf = self.check_id(leaf)?;
+        let path = self.path(leaf);
+        let total: usize = path.iter().map(|&id| self.nodes[id as usize].len()).sum();
+        let mut tokens = Vec::with_capacity(total);
+        let mut mask = Vec::with_capacity(total);
+        for id in path {
+            let (action, context) = self.node_tokens(id);
+            tokens.extend_from_slice(action);
+            tokens.extend_from_slice(context);
+            mask.extend(std::iter::repeat_n(1u8, action.len()));
+            mask.extend(std::iter::repeat_n(0u8, context.len()));
+        }
+        Ok((tokens, mask))
+    }
+}
+
+fn len_u32(len: usize, what: &str) -> Result<u32> {
+    u32::try_from(len).map_err(|_| {
+        TreeError::InvalidArgument(format!("{what} has {len} tokens; at most 2^32 - 1 per node"))
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// root(prompt 1 2 3) -> a(action 4 5, observation 6) -> b(action 7, leaf).
+    pub(crate) fn small() -> (Forest, u32, u32, u32) {
+        let mut f = Forest::new();
+        let root = f.add_root(7, &[1, 2, 3]).unwrap();
+        let a = f.add_step(root as u64, &[4, 5], &[6], None).unwrap();
+        let b = f.add_step(a as u64, &[7], &[], Some(LeafReason::Answer)).unwrap();
+        (f, root, a, b)
+    }
+
+    #[test]
+    fn builds_and_assembles_trajectories() {
+        let (f, root, a, b) = small();
+        assert_eq!((root, a, b), (0, 1, 2));
+        assert_eq!(f.nodes[b as usize].depth, 2);
+        let (tokens, mask) = f.trajectory(b as u64).unwrap();
+        assert_eq!(tokens, vec![1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(mask, vec![0, 0, 0, 1, 1, 0, 1]);
+    }
+
+    #[test]
+    fn rejects_bad_steps_and_rewards_without_changing_anything() {
+        let (mut f, root, a, b) = small();
+        let before = (f.nodes.len(), f.tokens.len());
+        assert!(matches!(
+            f.add_step(b as u64, &[1], &[], None),
+            Err(TreeError::StepUnderLeaf { .. })
+        ));
+        assert!(matches!(
+            f.add_step(99, &[1], &[], None),
+            Err(TreeError::UnknownNode { .. })
+        ));
+        assert_eq!((f.nodes.len(), f.tokens.len()), before);
+        assert!(matches!(
+            f.set_rewards(&[a as u64], &[1.0]),
+            Err(TreeError::RewardOnNonLeaf { .. })
+        ));
+        assert!(matches!(
+            f.set_rewards(&[b as u64, root as u64], &[1.0, 1.0]),
+            Err(TreeError::RewardOnNonLeaf { .. })
+        ));
+        assert_eq!(f.nodes[b as usize].reward, None, "a failed batch writes nothing");
+        assert!(matches!(
+            f.set_rewards(&[b as u64], &[f64::NAN]),
+            Err(TreeError::NonFiniteReward { .. })
+        ));
+        assert!(matches!(
+            f.set_rewards(&[b as u64], &[f64::INFINITY]),
+            Err(TreeError::NonFiniteReward { .. })
+        ));
+    }
+
+    #[test]
+    fn groups_are_keyed_by_the_callers_id() {
+        let mut f = Forest::new();
+        f.add_root(-5, &[1]).unwrap();
+        f.add_root(3, &[1]).unwrap();
+        f.add_root(-5, &[2]).unwrap();
+        assert_eq!(f.groups.len(), 2);
+        assert_eq!(f.groups[0].trees, vec![0, 2]);
+        assert_eq!(f.trees[2].group, 0);
+    }
+}

@@ -1,0 +1,191 @@
+//! `treegrpo.Forest`: the Python face of `crate::forest::Forest`.
+
+use std::sync::{Mutex, MutexGuard};
+
+use numpy::{IntoPyArray, PyArray1};
+use pyo3::prelude::*;
+
+use super::error::{enter, IntoPyResult};
+use super::table::PyTable;
+use super::tokens::Tokens;
+use crate::advantage::Estimator;
+use crate::error::TreeError;
+use crate::forest::{Forest, LeafReason};
+use crate::select::SelectOptions;
+
+type Arrays<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<bool>>);
+type WithAdvantages<'py> = (
+    Bound<'py, PyArray1<i64>>,
+    Bound<'py, PyArray1<bool>>,
+    Bound<'py, PyArray1<f32>>,
+);
+
+/// A rollout forest: groups (prompts) of trees whose nodes are whole agent steps.
+#[pyclass(name = "Forest", module = "treegrpo", frozen)]
+pub struct PyForest {
+    inner: Mutex<Forest>,
+}
+
+impl PyForest {
+    /// Lock for a short operation. The lock is only ever held by code that does not call
+    /// back into Python, so holding the GIL while waiting for it cannot deadlock.
+    fn lock(&self) -> MutexGuard<'_, Forest> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn arrays(py: Python<'_>, tokens: Vec<u32>, mask: Vec<u8>) -> Arrays<'_> {
+    let ids: Vec<i64> = tokens.into_iter().map(i64::from).collect();
+    let mask: Vec<bool> = mask.into_iter().map(|m| m != 0).collect();
+    (ids.into_pyarray(py), mask.into_pyarray(py))
+}
+
+fn table(batch: Result<arrow_array::RecordBatch, arrow_schema::ArrowError>) -> PyResult<PyTable> {
+    batch
+        .map(PyTable::new)
+        .map_err(|e| super::error::to_pyerr(TreeError::InvalidArgument(format!("Arrow export failed: {e}"))))
+}
+
+#[pymethods]
+impl PyForest {
+    #[new]
+    fn new() -> Self {
+        Self {
+            inner: Mutex::new(Forest::new()),
+        }
+    }
+
+    /// Add a tree for `group` (one id per question) whose root holds the prompt tokens.
+    fn add_root(&self, group: i64, prompt: Tokens) -> PyResult<u32> {
+        self.lock().add_root(group, &prompt.0).py()
+    }
+
+    /// Add one agent step (action tokens, then observation tokens) under `parent`.
+    /// `leaf=True` ends the episode with reason "answer"; `reason` names another ending.
+    #[pyo3(signature = (parent, action, observation=None, *, leaf=false, reason=None))]
+    fn add_step(
+        &self,
+        parent: u64,
+        action: Tokens,
+        observation: Option<Tokens>,
+        leaf: bool,
+        reason: Option<&str>,
+    ) -> PyResult<u32> {
+        let leaf = match reason {
+            Some(name) => Some(LeafReason::parse(name).py()?),
+            None => leaf.then_some(LeafReason::Answer),
+        };
+        let observation = observation.map(|t| t.0).unwrap_or_default();
+        self.lock().add_step(parent, &action.0, &observation, leaf).py()
+    }
+
+    /// Set the outcome reward of one leaf.
+    fn set_reward(&self, leaf: u64, reward: f64) -> PyResult<()> {
+        self.lock().set_rewards(&[leaf], &[reward]).py()
+    }
+
+    /// Set the rewards of many leaves; nothing is written if any is invalid.
+    fn set_rewards(&self, leaves: Vec<u64>, rewards: Vec<f64>) -> PyResult<()> {
+        self.lock().set_rewards(&leaves, &rewards).py()
+    }
+
+    /// Draw `n` nodes to expand per tree, tree by tree.
+    #[pyo3(signature = (n, *, seed=0, replace=true, include_root=true))]
+    fn select(
+        &self,
+        py: Python<'_>,
+        n: usize,
+        seed: u64,
+        replace: bool,
+        include_root: bool,
+    ) -> PyResult<Vec<u32>> {
+        let opts = SelectOptions {
+            replace,
+            include_root,
+        };
+        enter(py, || Ok(self.lock().select(n, seed, opts)))
+    }
+
+    /// Keep a seeded random subset of `k` leaves in every tree.
+    #[pyo3(signature = (k, *, seed=0))]
+    fn keep_leaves(&self, py: Python<'_>, k: usize, seed: u64) -> PyResult<()> {
+        enter(py, || self.lock().keep_leaves(k, seed))
+    }
+
+    /// Compute Tree-GRPO advantages of every kept leaf; returns one row per kept leaf.
+    #[pyo3(signature = (estimator="tree", *, scale_std=true))]
+    fn advantages(&self, py: Python<'_>, estimator: &str, scale_std: bool) -> PyResult<PyTable> {
+        let estimator = Estimator::parse(estimator).py()?;
+        let batch = enter(py, || {
+            let mut f = self.lock();
+            f.advantages(estimator, scale_std)?;
+            Ok(f.advantages_batch())
+        })?;
+        table(batch)
+    }
+
+    /// One row per node, with the statistics of the last `advantages` call.
+    fn nodes(&self, py: Python<'_>) -> PyResult<PyTable> {
+        table(enter(py, || Ok(self.lock().nodes_batch()))?)
+    }
+
+    /// One row per leaf, kept or not.
+    fn leaves(&self, py: Python<'_>) -> PyResult<PyTable> {
+        table(enter(py, || Ok(self.lock().leaves_batch()))?)
+    }
+
+    /// Token ids of prompt + every step through `node` (the context to continue it from),
+    /// and the loss mask (True on action tokens).
+    fn tokens<'py>(&self, py: Python<'py>, node: u64) -> PyResult<Arrays<'py>> {
+        let (tokens, mask) = self.lock().trajectory(node).py()?;
+        Ok(arrays(py, tokens, mask))
+    }
+
+    /// A kept leaf's training sequence: token ids, loss mask, and the leaf's advantage on every token.
+    fn trajectory<'py>(&self, py: Python<'py>, leaf: u64) -> PyResult<WithAdvantages<'py>> {
+        let (tokens, mask, advantage) = {
+            let f = self.lock();
+            let (tokens, mask) = f.trajectory(leaf).py()?;
+            let advantage = f.stats_for(leaf as u32).py()?;
+            (tokens, mask, advantage)
+        };
+        let n = tokens.len();
+        let (ids, mask) = arrays(py, tokens, mask);
+        Ok((ids, mask, vec![advantage as f32; n].into_pyarray(py)))
+    }
+
+    #[getter]
+    fn num_nodes(&self) -> usize {
+        self.lock().nodes.len()
+    }
+
+    #[getter]
+    fn num_trees(&self) -> usize {
+        self.lock().trees.len()
+    }
+
+    #[getter]
+    fn num_groups(&self) -> usize {
+        self.lock().groups.len()
+    }
+
+    #[getter]
+    fn num_leaves(&self) -> usize {
+        self.lock().num_leaves()
+    }
+
+    fn __len__(&self) -> usize {
+        self.num_nodes()
+    }
+
+    fn __repr__(&self) -> String {
+        let f = self.lock();
+        format!(
+            "Forest(groups={}, trees={}, nodes={}, leaves={})",
+            f.groups.len(),
+            f.trees.len(),
+            f.nodes.len(),
+            f.num_leaves()
+        )
+    }
+}

@@ -1,0 +1,171 @@
+//! Node selection for expansion and K-leaf subsampling (algorithm.md section 2).
+
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use rand_pcg::Pcg64;
+
+use crate::error::{Result, TreeError};
+use crate::forest::Forest;
+
+/// Options of `Forest::select`.
+#[derive(Clone, Copy, Debug)]
+pub struct SelectOptions {
+    /// Draw with replacement (the reference rule): a node drawn twice gets two sibling branches.
+    pub replace: bool,
+    /// The root is a candidate (drawing it starts a fresh chain in the same tree).
+    pub include_root: bool,
+}
+
+impl Default for SelectOptions {
+    fn default() -> Self {
+        Self {
+            replace: true,
+            include_root: true,
+        }
+    }
+}
+
+/// A seeded generator per (seed, stream), so one tree's draws do not depend on the others'.
+pub(crate) fn rng_for(seed: u64, stream: u64) -> Pcg64 {
+    // splitmix64 finaliser decorrelates nearby (seed, stream) pairs.
+    let mut z = seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    Pcg64::seed_from_u64(z ^ (z >> 31))
+}
+
+impl Forest {
+    /// The candidates for expansion in one tree: the root (if included) and every open node, in id order.
+    pub fn candidates(&self, tree: u32, include_root: bool) -> Vec<u32> {
+        self.trees[tree as usize]
+            .nodes
+            .iter()
+            .copied()
+            .filter(|&id| {
+                let n = &self.nodes[id as usize];
+                n.leaf.is_none() && (include_root || !n.is_root())
+            })
+            .collect()
+    }
+
+    /// Draw `n` nodes to expand in every tree, uniformly from its candidates.
+    ///
+    /// Returns the draws tree by tree (tree 0's first). With replacement each tree gives exactly
+    /// `n` (if it has any candidate); without, `min(n, candidates)` distinct nodes. Deterministic
+    /// for a seed, and tree t's draws depend only on (seed, t) and its own nodes.
+    pub fn select(&self, n: usize, seed: u64, opts: SelectOptions) -> Vec<u32> {
+        let mut picks = Vec::with_capacity(n * self.trees.len());
+        for t in 0..self.trees.len() as u32 {
+            let cands = self.candidates(t, opts.include_root);
+            if cands.is_empty() || n == 0 {
+                continue;
+            }
+            let mut rng = rng_for(seed, t as u64);
+            if opts.replace {
+                use rand::RngExt;
+                picks.extend((0..n).map(|_| cands[rng.random_range(0..cands.len())]));
+            } else {
+                let k = n.min(cands.len());
+                let mut idx = sample(&mut rng, cands.len(), k).into_vec();
+                idx.sort_unstable();
+                picks.extend(idx.into_iter().map(|i| cands[i]));
+            }
+        }
+        picks
+    }
+
+    /// Leaves of one tree, in id order.
+    pub fn tree_leaves(&self, tree: u32) -> impl Iterator<Item = u32> + '_ {
+        self.trees[tree as usize]
+            .nodes
+            .iter()
+            .copied()
+            .filter(|&id| self.nodes[id as usize].leaf.is_some())
+    }
+
+    /// Keep a random subset of `k` leaves in every tree (seeded); the others are dropped from training.
+    /// Every tree must have at least `k` leaves; nothing changes otherwise.
+    pub fn keep_leaves(&mut self, k: usize, seed: u64) -> Result<()> {
+        let per_tree: Vec<Vec<u32>> = (0..self.trees.len() as u32)
+            .map(|t| self.tree_leaves(t).collect())
+            .collect();
+        for (t, leaves) in per_tree.iter().enumerate() {
+            if leaves.len() < k {
+                return Err(TreeError::KTooLarge {
+                    k,
+                    tree: t as u32,
+                    leaves: leaves.len(),
+                });
+            }
+        }
+        for (t, leaves) in per_tree.iter().enumerate() {
+            let mut rng = rng_for(seed, t as u64);
+            for &leaf in leaves {
+                self.nodes[leaf as usize].kept = false;
+            }
+            for i in sample(&mut rng, leaves.len(), k) {
+                self.nodes[leaves[i] as usize].kept = true;
+            }
+        }
+        self.stats = None;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forest::tests::small;
+    use crate::forest::LeafReason;
+
+    #[test]
+    fn selection_never_draws_leaves_and_is_seeded() {
+        let (mut f, root, a, _) = small();
+        let c = f
+            .add_step(root as u64, &[9], &[], Some(LeafReason::Truncated))
+            .unwrap();
+        let picks = f.select(1000, 3, SelectOptions::default());
+        assert_eq!(picks.len(), 1000);
+        assert!(picks.iter().all(|&p| p == root || p == a));
+        assert!(!picks.contains(&c));
+        assert_eq!(picks, f.select(1000, 3, SelectOptions::default()));
+        assert_ne!(picks, f.select(1000, 4, SelectOptions::default()));
+        let no_root = f.select(
+            5,
+            0,
+            SelectOptions {
+                replace: true,
+                include_root: false,
+            },
+        );
+        assert_eq!(no_root, vec![a; 5]);
+        let distinct = f.select(
+            5,
+            0,
+            SelectOptions {
+                replace: false,
+                include_root: true,
+            },
+        );
+        assert_eq!(distinct, vec![root, a]);
+    }
+
+    #[test]
+    fn keep_leaves_checks_k_before_changing() {
+        let (mut f, root, _, b) = small();
+        let c = f
+            .add_step(root as u64, &[9], &[], Some(LeafReason::Answer))
+            .unwrap();
+        assert!(matches!(
+            f.keep_leaves(3, 0),
+            Err(TreeError::KTooLarge {
+                k: 3,
+                tree: 0,
+                leaves: 2
+            })
+        ));
+        assert!(f.nodes[b as usize].kept && f.nodes[c as usize].kept);
+        f.keep_leaves(1, 0).unwrap();
+        assert_eq!(f.nodes[b as usize].kept as u8 + f.nodes[c as usize].kept as u8, 1);
+    }
+}
