@@ -8,7 +8,7 @@ use thiserror::Error;
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum TreeError {
     #[error("unknown node id {node}: this forest has {len} nodes (ids 0..{len}); use an id returned by add_root/add_step")]
-    UnknownNode { node: u64, len: usize },
+    UnknownNode { node: i64, len: usize },
 
     #[error("node {node} is a leaf ({reason}): a leaf ends its episode and is never expanded; add the step under an open node")]
     StepUnderLeaf { node: u32, reason: &'static str },

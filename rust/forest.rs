@@ -133,7 +133,7 @@ impl Forest {
             .ok()
             .and_then(|i| self.nodes.get(i))
             .ok_or(TreeError::UnknownNode {
-                node: id,
+                node: id as i64,
                 len: self.nodes.len(),
             })
     }

@@ -40,6 +40,16 @@ fn arrays(py: Python<'_>, tokens: Vec<u32>, mask: Vec<u8>) -> Arrays<'_> {
     (ids.into_pyarray(py), mask.into_pyarray(py))
 }
 
+/// Node ids come in as i64 so that a negative id is an unknown node, not an OverflowError.
+fn node_id(forest: &Forest, id: i64) -> PyResult<u64> {
+    u64::try_from(id)
+        .map_err(|_| TreeError::UnknownNode {
+            node: id,
+            len: forest.nodes.len(),
+        })
+        .py()
+}
+
 fn table(batch: Result<arrow_array::RecordBatch, arrow_schema::ArrowError>) -> PyResult<PyTable> {
     batch
         .map(PyTable::new)
@@ -65,7 +75,7 @@ impl PyForest {
     #[pyo3(signature = (parent, action, observation=None, *, leaf=false, reason=None))]
     fn add_step(
         &self,
-        parent: u64,
+        parent: i64,
         action: Tokens,
         observation: Option<Tokens>,
         leaf: bool,
@@ -76,17 +86,26 @@ impl PyForest {
             None => leaf.then_some(LeafReason::Answer),
         };
         let observation = observation.map(|t| t.0).unwrap_or_default();
-        self.lock().add_step(parent, &action.0, &observation, leaf).py()
+        let mut f = self.lock();
+        let parent = node_id(&f, parent)?;
+        f.add_step(parent, &action.0, &observation, leaf).py()
     }
 
     /// Set the outcome reward of one leaf.
-    fn set_reward(&self, leaf: u64, reward: f64) -> PyResult<()> {
-        self.lock().set_rewards(&[leaf], &[reward]).py()
+    fn set_reward(&self, leaf: i64, reward: f64) -> PyResult<()> {
+        let mut f = self.lock();
+        let leaf = node_id(&f, leaf)?;
+        f.set_rewards(&[leaf], &[reward]).py()
     }
 
     /// Set the rewards of many leaves; nothing is written if any is invalid.
-    fn set_rewards(&self, leaves: Vec<u64>, rewards: Vec<f64>) -> PyResult<()> {
-        self.lock().set_rewards(&leaves, &rewards).py()
+    fn set_rewards(&self, leaves: Vec<i64>, rewards: Vec<f64>) -> PyResult<()> {
+        let mut f = self.lock();
+        let leaves = leaves
+            .into_iter()
+            .map(|id| node_id(&f, id))
+            .collect::<PyResult<Vec<u64>>>()?;
+        f.set_rewards(&leaves, &rewards).py()
     }
 
     /// Draw `n` nodes to expand per tree, tree by tree.
@@ -136,15 +155,19 @@ impl PyForest {
 
     /// Token ids of prompt + every step through `node` (the context to continue it from),
     /// and the loss mask (True on action tokens).
-    fn tokens<'py>(&self, py: Python<'py>, node: u64) -> PyResult<Arrays<'py>> {
-        let (tokens, mask) = self.lock().trajectory(node).py()?;
+    fn tokens<'py>(&self, py: Python<'py>, node: i64) -> PyResult<Arrays<'py>> {
+        let (tokens, mask) = {
+            let f = self.lock();
+            f.trajectory(node_id(&f, node)?).py()?
+        };
         Ok(arrays(py, tokens, mask))
     }
 
     /// A kept leaf's training sequence: token ids, loss mask, and the leaf's advantage on every token.
-    fn trajectory<'py>(&self, py: Python<'py>, leaf: u64) -> PyResult<WithAdvantages<'py>> {
+    fn trajectory<'py>(&self, py: Python<'py>, leaf: i64) -> PyResult<WithAdvantages<'py>> {
         let (tokens, mask, advantage) = {
             let f = self.lock();
+            let leaf = node_id(&f, leaf)?;
             let (tokens, mask) = f.trajectory(leaf).py()?;
             let advantage = f.stats_for(leaf as u32).py()?;
             (tokens, mask, advantage)
