@@ -7,6 +7,8 @@ pub mod advantage;
 pub mod arrow;
 pub mod error;
 pub mod forest;
+pub mod pack;
+pub mod radix;
 pub mod select;
 
 #[cfg(feature = "python")]

@@ -12,53 +12,11 @@ import pytest
 import treegrpo
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import RefNode, advantages, node_stats, trajectory
+from reference import advantages, node_stats, trajectory
+from strategies import forests
 from treegrpo import Forest
 
 ESTIMATORS = ["tree", "tree_intra", "tree_inter", "grpo"]
-
-
-# ---------------------------------------------------------------- building random forests
-
-
-@st.composite
-def forests(draw: st.DrawFn) -> tuple[Forest, list[RefNode]]:
-    """A random forest built in the same order in Rust and in the reference: interleaved roots
-    of several groups, steps under random open nodes, rewards from a small set (ties, equal
-    rewards, singletons) or arbitrary floats, and a random K-leaf subsample."""
-    forest, ref = Forest(), []
-    n_trees = draw(st.integers(1, 6))
-    groups = draw(st.lists(st.integers(-3, 3), min_size=n_trees, max_size=n_trees))
-    tokens = st.lists(st.integers(0, 2**32 - 1), max_size=4)
-    for g in groups:
-        prompt = draw(tokens)
-        root = forest.add_root(g, prompt)
-        ref.append(RefNode(parent=None, tree=len({n.tree for n in ref}), group=g, context=prompt))
-        assert root == len(ref) - 1
-    for _ in range(draw(st.integers(0, 25))):
-        open_nodes = [i for i, n in enumerate(ref) if not n.leaf]
-        parent = draw(st.sampled_from(open_nodes))
-        action, obs = draw(tokens), draw(tokens)
-        leaf = draw(st.booleans())
-        node = forest.add_step(parent, action, obs, leaf=leaf)
-        ref.append(
-            RefNode(parent, ref[parent].tree, ref[parent].group, leaf, leaf, None, action, obs)
-        )
-        assert node == len(ref) - 1
-    rewards = st.sampled_from([0.0, 0.1, 0.2, 0.8, 1.0]) | st.floats(-5, 5)
-    leaves = [i for i, n in enumerate(ref) if n.leaf]
-    values = [draw(rewards) for _ in leaves]
-    forest.set_rewards(leaves, values)
-    for i, r in zip(leaves, values, strict=True):
-        ref[i].reward = r
-    per_tree = Counter(n.tree for n in ref if n.leaf)
-    smallest = min(per_tree.get(t, 0) for t in range(n_trees))
-    if smallest > 0 and draw(st.booleans()):
-        forest.keep_leaves(draw(st.integers(1, smallest)), seed=draw(st.integers(0, 2**32)))
-        kept = pl.DataFrame(forest.leaves()).select("leaf", "kept").rows()
-        for leaf, is_kept in kept:
-            ref[leaf].kept = is_kept
-    return forest, ref
 
 
 # ---------------------------------------------------------------- advantages
@@ -145,7 +103,7 @@ def test_trajectories_match_the_reference(built):
         if leaf in adv:
             ids, loss_mask, a = forest.trajectory(leaf)
             assert ids.tolist() == tokens
-            np.testing.assert_allclose(a, np.full(len(tokens), adv[leaf][2], np.float32))
+            np.testing.assert_allclose(a, np.full(len(tokens), adv[leaf][2]), rtol=1e-6, atol=1e-6)
         else:
             with pytest.raises(treegrpo.RewardError, match="no advantage"):
                 forest.trajectory(leaf)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 
 from treegrpo import _core
-from treegrpo._core import Forest, Table
+from treegrpo._core import Forest, Pack, RadixIndex, Table
 from treegrpo.exceptions import (
     InvalidArgumentError,
     InvalidOptionError,
@@ -38,6 +38,8 @@ __all__ = [
     "InvalidOptionError",
     "InvalidStepError",
     "LockError",
+    "Pack",
+    "RadixIndex",
     "RewardError",
     "StaleHandleError",
     "Table",

@@ -6,11 +6,13 @@ use numpy::{IntoPyArray, PyArray1};
 use pyo3::prelude::*;
 
 use super::error::{enter, IntoPyResult};
+use super::pack::PyPack;
 use super::table::PyTable;
 use super::tokens::Tokens;
 use crate::advantage::Estimator;
 use crate::error::TreeError;
 use crate::forest::{Forest, LeafReason};
+use crate::pack::AggMode;
 use crate::select::SelectOptions;
 
 type Arrays<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<bool>>);
@@ -141,6 +143,35 @@ impl PyForest {
             Ok(f.advantages_batch())
         })?;
         table(batch)
+    }
+
+    /// Both learner layouts (flat and tree-packed) of the kept trajectories, or of `leaves`.
+    /// Needs `advantages()` first; `loss_agg_mode` sets the packed loss weights.
+    #[pyo3(signature = (*, leaves=None, loss_agg_mode="token-mean", pad_id=0))]
+    fn pack(
+        &self,
+        py: Python<'_>,
+        leaves: Option<Vec<i64>>,
+        loss_agg_mode: &str,
+        pad_id: u32,
+    ) -> PyResult<PyPack> {
+        let agg = AggMode::parse(loss_agg_mode).py()?;
+        let name = agg.as_str();
+        let pack = {
+            let leaves = match leaves {
+                Some(ids) => {
+                    let f = self.lock();
+                    Some(
+                        ids.into_iter()
+                            .map(|id| node_id(&f, id))
+                            .collect::<PyResult<Vec<u64>>>()?,
+                    )
+                }
+                None => None,
+            };
+            enter(py, || self.lock().pack(leaves.as_deref(), agg, pad_id))?
+        };
+        PyPack::new(py, pack, name)
     }
 
     /// One row per node, with the statistics of the last `advantages` call.

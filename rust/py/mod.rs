@@ -2,6 +2,8 @@
 
 mod error;
 mod forest;
+mod pack;
+mod radix;
 mod table;
 mod tokens;
 
@@ -19,6 +21,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         },
     )?;
     m.add_class::<forest::PyForest>()?;
+    m.add_class::<pack::PyPack>()?;
+    m.add_class::<radix::PyRadixIndex>()?;
     m.add_class::<table::PyTable>()?;
     Ok(())
 }

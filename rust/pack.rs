@@ -1,0 +1,639 @@
+//! Learner batches from a forest's kept trajectories, in two layouts built in one pass.
+//!
+//! * flat: one row per kept leaf, shared prefixes repeated (what the reference trains on);
+//! * packed: every distinct node's tokens once, depth-first, with a tree attention structure.
+//!
+//! The packed loss equals the flat loss exactly. A token u shared by the kept leaves S(u) has the
+//! same context, hence the same probability ratio r, in every trajectory through it. The flat loss
+//! sums w_i * l(r, A_i) over i in S(u), where w_i is the aggregation weight of trajectory i
+//! (`AggMode`) and l is the dual-clip PPO loss, which is linear in A on each sign of A:
+//!
+//!   A >= 0:  l = -A * min(r, 1 + eps)
+//!   A <  0:  l = |A| * min(max(r, 1 - eps), c)
+//!
+//! so the sum is `-adv_pos[u] * min(r, 1+eps) + adv_neg[u] * min(max(r, 1-eps), c)` with
+//! `adv_pos[u] = sum of w_i * A_i over A_i >= 0` and `adv_neg[u] = sum of w_i * |A_i| over A_i < 0`.
+//! Terms that do not depend on A (KL, entropy) use `token_weight[u] = sum of w_i over S(u)`.
+
+use crate::error::{parse_option, Result, TreeError};
+use crate::forest::{Forest, NO_PARENT};
+
+/// How per-token losses are reduced over a batch (verl's `loss_agg_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AggMode {
+    /// Sum over all loss tokens of all trajectories / their count.
+    TokenMean,
+    /// Mean over trajectories of each trajectory's mean over its loss tokens.
+    SeqMeanTokenMean,
+    /// Mean over trajectories of each trajectory's sum over its loss tokens.
+    SeqMeanTokenSum,
+}
+
+impl AggMode {
+    pub const VALID: &'static str = "'token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum'";
+    const TABLE: [(&'static str, AggMode); 3] = [
+        ("token-mean", AggMode::TokenMean),
+        ("seq-mean-token-mean", AggMode::SeqMeanTokenMean),
+        ("seq-mean-token-sum", AggMode::SeqMeanTokenSum),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        Self::TABLE
+            .iter()
+            .find(|(_, m)| *m == self)
+            .map_or("token-mean", |(n, _)| *n)
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        parse_option("loss_agg_mode", name, &Self::TABLE, Self::VALID)
+    }
+
+    /// Weight of one loss token of a trajectory with `loss_tokens` of them, in a batch of
+    /// `batch` trajectories holding `total_loss_tokens` loss tokens.
+    fn weight(self, loss_tokens: usize, batch: usize, total_loss_tokens: usize) -> f64 {
+        match self {
+            AggMode::TokenMean => 1.0 / total_loss_tokens.max(1) as f64,
+            AggMode::SeqMeanTokenMean => 1.0 / (batch as f64 * loss_tokens.max(1) as f64),
+            AggMode::SeqMeanTokenSum => 1.0 / batch as f64,
+        }
+    }
+}
+
+/// One row per trajectory, right-padded to the longest (row-major `(rows, cols)` arrays).
+#[derive(Clone, Debug, Default)]
+pub struct FlatBatch {
+    pub rows: usize,
+    pub cols: usize,
+    pub input_ids: Vec<i64>,
+    pub attention_mask: Vec<bool>,
+    pub loss_mask: Vec<bool>,
+    pub advantages: Vec<f32>,
+    pub position_ids: Vec<i64>,
+    /// Index of each flat position in the packed layout; -1 on padding.
+    pub packed_index: Vec<i64>,
+}
+
+/// Every distinct node once, depth-first (trees in id order, children in id order).
+#[derive(Clone, Debug, Default)]
+pub struct PackedBatch {
+    pub input_ids: Vec<i64>,
+    /// Position of each token in its own trajectory.
+    pub position_ids: Vec<i64>,
+    pub loss_mask: Vec<bool>,
+    /// Per token: its segment (index into the `segment_*` arrays, depth-first order).
+    pub segment_ids: Vec<i32>,
+    /// Per token: one past the last segment of its segment's subtree. Token q may attend token
+    /// kv iff `kv <= q && subtree_end[kv] > segment_ids[q]` (ancestors-or-self, causal).
+    pub subtree_end: Vec<i32>,
+    pub token_weight: Vec<f32>,
+    pub adv_pos: Vec<f32>,
+    pub adv_neg: Vec<f32>,
+    /// Per segment: the forest node, its first token, its token count, its parent segment (-1 at roots).
+    pub segment_node: Vec<u32>,
+    pub segment_start: Vec<i64>,
+    pub segment_len: Vec<i64>,
+    pub segment_parent: Vec<i32>,
+}
+
+/// Both layouts and what they share.
+#[derive(Clone, Debug)]
+pub struct Pack {
+    /// The packed trajectories' leaves, in row order.
+    pub leaves: Vec<u32>,
+    pub leaf_advantage: Vec<f64>,
+    pub flat: FlatBatch,
+    pub packed: PackedBatch,
+    /// Tokens over all trajectories (shared prefixes counted once per trajectory).
+    pub total_tokens: usize,
+    /// Tokens of the packed layout.
+    pub unique_tokens: usize,
+    pub agg: AggMode,
+}
+
+impl Pack {
+    pub fn sharing_ratio(&self) -> f64 {
+        self.total_tokens as f64 / self.unique_tokens.max(1) as f64
+    }
+
+    /// The dense (U, U) boolean mask of the packed layout; see [`dense_mask`].
+    pub fn dense_mask(&self) -> Vec<bool> {
+        dense_mask(&self.packed.segment_ids, &self.packed.subtree_end)
+    }
+
+    /// The flex_attention block form of the packed layout; see [`block_mask`].
+    pub fn block_mask(&self, block: usize) -> Result<BlockMask> {
+        let p = &self.packed;
+        block_mask(&TreeMask::of(p), block)
+    }
+}
+
+/// The tree attention structure of a packed layout, borrowed (from Rust or NumPy arrays).
+pub struct TreeMask<'a> {
+    pub segment_ids: &'a [i32],
+    pub subtree_end: &'a [i32],
+    pub segment_start: &'a [i64],
+    pub segment_len: &'a [i64],
+    pub segment_parent: &'a [i32],
+}
+
+impl<'a> TreeMask<'a> {
+    pub fn of(p: &'a PackedBatch) -> Self {
+        Self {
+            segment_ids: &p.segment_ids,
+            subtree_end: &p.subtree_end,
+            segment_start: &p.segment_start,
+            segment_len: &p.segment_len,
+            segment_parent: &p.segment_parent,
+        }
+    }
+
+    /// Maximal runs of one segment's tokens in [lo, hi): (segment, first, one past last).
+    fn runs(&self, lo: usize, hi: usize) -> Vec<(i32, usize, usize)> {
+        let mut runs: Vec<(i32, usize, usize)> = Vec::new();
+        for t in lo..hi {
+            match runs.last_mut() {
+                Some(run) if run.0 == self.segment_ids[t] => run.2 = t + 1,
+                _ => runs.push((self.segment_ids[t], t, t + 1)),
+            }
+        }
+        runs
+    }
+}
+
+/// The dense (U, U) boolean mask, row = query, true = may attend (for small U).
+pub fn dense_mask(segment_ids: &[i32], subtree_end: &[i32]) -> Vec<bool> {
+    let u = segment_ids.len();
+    let mut mask = vec![false; u * u];
+    for q in 0..u {
+        let row = &mut mask[q * u..(q + 1) * u];
+        for (kv, slot) in row.iter_mut().enumerate().take(q + 1) {
+            *slot = subtree_end[kv] > segment_ids[q];
+        }
+    }
+    mask
+}
+
+/// Block-sparse form for flex_attention (`BlockMask.from_kv_blocks`): for each query block of
+/// `block` tokens, the kv blocks that are partly allowed and those fully allowed.
+pub fn block_mask(m: &TreeMask<'_>, block: usize) -> Result<BlockMask> {
+    if block == 0 {
+        return Err(TreeError::InvalidArgument(
+            "block_size must be >= 1 (flex_attention uses 128)".into(),
+        ));
+    }
+    let u = m.segment_ids.len();
+    let nb = u.div_ceil(block);
+    let mut partial: Vec<Vec<i32>> = vec![Vec::new(); nb];
+    let mut full: Vec<Vec<i32>> = vec![Vec::new(); nb];
+    for qb in 0..nb {
+        let (q0, q1) = (qb * block, ((qb + 1) * block).min(u));
+        // kv tokens any query of the block may see: its segments' ancestor chains
+        let mut segs: Vec<i32> = Vec::new();
+        for q in q0..q1 {
+            let s = m.segment_ids[q];
+            if segs.last() != Some(&s) {
+                let mut cur = s;
+                while cur >= 0 && !segs.contains(&cur) {
+                    segs.push(cur);
+                    cur = m.segment_parent[cur as usize];
+                }
+            }
+        }
+        let mut kv_blocks: Vec<usize> = Vec::new();
+        for &s in &segs {
+            let (start, len) = (
+                m.segment_start[s as usize] as usize,
+                m.segment_len[s as usize] as usize,
+            );
+            if len > 0 && start < q1 {
+                kv_blocks.extend(start / block..=(start + len - 1).min(q1 - 1) / block);
+            }
+        }
+        kv_blocks.sort_unstable();
+        kv_blocks.dedup();
+        let q_runs = m.runs(q0, q1);
+        for kb in kv_blocks {
+            let k_runs = m.runs(kb * block, ((kb + 1) * block).min(u));
+            // (kv run, q run) pairs: allowed iff the kv segment is an ancestor-or-self of the
+            // q segment and kv <= q; runs are contiguous, so compare their ends.
+            let (mut any, mut all) = (false, true);
+            for &(sk, k_lo, k_hi) in &k_runs {
+                let end = m.subtree_end[k_lo];
+                for &(sq, q_lo, q_hi) in &q_runs {
+                    let related = sk <= sq && sq < end;
+                    any |= related && k_lo < q_hi;
+                    all &= related && k_hi - 1 <= q_lo;
+                }
+            }
+            if all {
+                full[qb].push(kb as i32);
+            } else if any {
+                partial[qb].push(kb as i32);
+            }
+        }
+    }
+    Ok(BlockMask::from_rows(nb, partial, full))
+}
+
+/// flex_attention's block-sparse description of one (single-batch, single-head) mask.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BlockMask {
+    pub q_blocks: usize,
+    pub kv_num_blocks: Vec<i32>,
+    pub kv_indices: Vec<i32>,
+    pub full_kv_num_blocks: Vec<i32>,
+    pub full_kv_indices: Vec<i32>,
+}
+
+impl BlockMask {
+    fn from_rows(nb: usize, partial: Vec<Vec<i32>>, full: Vec<Vec<i32>>) -> Self {
+        let pad = |rows: &[Vec<i32>]| -> (Vec<i32>, Vec<i32>) {
+            let mut idx = vec![0; nb * nb];
+            for (r, row) in rows.iter().enumerate() {
+                idx[r * nb..r * nb + row.len()].copy_from_slice(row);
+            }
+            (rows.iter().map(|r| r.len() as i32).collect(), idx)
+        };
+        let (kv_num_blocks, kv_indices) = pad(&partial);
+        let (full_kv_num_blocks, full_kv_indices) = pad(&full);
+        Self {
+            q_blocks: nb,
+            kv_num_blocks,
+            kv_indices,
+            full_kv_num_blocks,
+            full_kv_indices,
+        }
+    }
+}
+
+impl Forest {
+    /// Pack the kept leaves (or `leaves`, if given, each a kept leaf with an advantage) into both
+    /// layouts. Needs a prior `advantages()` call.
+    pub fn pack(&self, leaves: Option<&[u64]>, agg: AggMode, pad_id: u32) -> Result<Pack> {
+        let stats = self.last_stats().ok_or_else(|| {
+            TreeError::InvalidArgument("pack() needs advantages: call advantages() first".into())
+        })?;
+        let (leaves, leaf_advantage): (Vec<u32>, Vec<f64>) = match leaves {
+            None => (stats.leaves.clone(), stats.advantage.clone()),
+            Some(ids) => {
+                let mut out = (Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len()));
+                let mut seen = std::collections::HashSet::with_capacity(ids.len());
+                for &id in ids {
+                    self.node(id)?;
+                    if !seen.insert(id) {
+                        return Err(TreeError::InvalidArgument(format!(
+                            "leaf {id} is listed twice: pack each trajectory once"
+                        )));
+                    }
+                    out.0.push(id as u32);
+                    out.1.push(self.stats_for(id as u32)?);
+                }
+                out
+            }
+        };
+        let n_nodes = self.nodes.len();
+
+        // Which nodes are on some packed path, and per node the packed leaves below it.
+        let mut on_path = vec![false; n_nodes];
+        let mut paths: Vec<Vec<u32>> = Vec::with_capacity(leaves.len());
+        let mut loss_tokens = Vec::with_capacity(leaves.len());
+        for &leaf in &leaves {
+            let path = self.path(leaf);
+            loss_tokens.push(
+                path.iter()
+                    .map(|&id| self.nodes[id as usize].action_len as usize)
+                    .sum::<usize>(),
+            );
+            for &id in &path {
+                on_path[id as usize] = true;
+            }
+            paths.push(path);
+        }
+        let batch = leaves.len();
+        let total_loss: usize = loss_tokens.iter().sum();
+
+        // Per node: weighted advantage sums and token weight of the trajectories through it.
+        let mut pos = vec![0.0f64; n_nodes];
+        let mut neg = vec![0.0f64; n_nodes];
+        let mut weight = vec![0.0f64; n_nodes];
+        for (i, path) in paths.iter().enumerate() {
+            let w = agg.weight(loss_tokens[i], batch, total_loss);
+            let a = leaf_advantage[i];
+            for &id in path {
+                let id = id as usize;
+                weight[id] += w;
+                if a >= 0.0 {
+                    pos[id] += w * a;
+                } else {
+                    neg[id] -= w * a;
+                }
+            }
+        }
+
+        // Children lists of on-path nodes, for the depth-first order.
+        let mut child_count = vec![0u32; n_nodes + 1];
+        let on_path_children =
+            || (0..n_nodes).filter(|&id| on_path[id] && self.nodes[id].parent != NO_PARENT);
+        for id in on_path_children() {
+            child_count[self.nodes[id].parent as usize + 1] += 1;
+        }
+        for i in 0..n_nodes {
+            child_count[i + 1] += child_count[i];
+        }
+        let mut fill = child_count.clone();
+        let mut children = vec![0u32; child_count[n_nodes] as usize];
+        for id in on_path_children() {
+            let parent = self.nodes[id].parent as usize;
+            children[fill[parent] as usize] = id as u32;
+            fill[parent] += 1;
+        }
+
+        let mut packed = PackedBatch::default();
+        let mut node_segment = vec![-1i32; n_nodes];
+        let mut node_offset = vec![0i64; n_nodes]; // node's first position within its trajectory
+        let mut stack: Vec<(u32, bool)> = Vec::new();
+        for tree in &self.trees {
+            if !on_path[tree.root as usize] {
+                continue;
+            }
+            stack.push((tree.root, false));
+            while let Some((id, done)) = stack.pop() {
+                let idx = id as usize;
+                if done {
+                    // subtree of this segment is complete: fill subtree_end for its tokens
+                    let seg = node_segment[idx] as usize;
+                    let end = packed.segment_node.len() as i32;
+                    let (s, l) = (
+                        packed.segment_start[seg] as usize,
+                        packed.segment_len[seg] as usize,
+                    );
+                    packed.subtree_end[s..s + l].fill(end);
+                    continue;
+                }
+                let node = &self.nodes[idx];
+                let seg = packed.segment_node.len() as i32;
+                node_segment[idx] = seg;
+                let parent_seg = if node.parent == NO_PARENT {
+                    -1
+                } else {
+                    node_segment[node.parent as usize]
+                };
+                let offset = if node.parent == NO_PARENT {
+                    0
+                } else {
+                    let p = node.parent as usize;
+                    node_offset[p] + self.nodes[p].len() as i64
+                };
+                node_offset[idx] = offset;
+                let start = packed.input_ids.len();
+                let (action, context) = self.node_tokens(id);
+                packed.segment_node.push(id);
+                packed.segment_start.push(start as i64);
+                packed.segment_len.push(node.len() as i64);
+                packed.segment_parent.push(parent_seg);
+                packed
+                    .input_ids
+                    .extend(action.iter().chain(context).map(|&t| t as i64));
+                packed
+                    .position_ids
+                    .extend((0..node.len() as i64).map(|k| offset + k));
+                packed.loss_mask.extend((0..node.len()).map(|k| k < action.len()));
+                packed.segment_ids.extend(std::iter::repeat_n(seg, node.len()));
+                packed.subtree_end.extend(std::iter::repeat_n(0, node.len()));
+                let (w, p, n) = (weight[idx] as f32, pos[idx] as f32, neg[idx] as f32);
+                packed
+                    .token_weight
+                    .extend((0..node.len()).map(|k| if k < action.len() { w } else { 0.0 }));
+                packed
+                    .adv_pos
+                    .extend((0..node.len()).map(|k| if k < action.len() { p } else { 0.0 }));
+                packed
+                    .adv_neg
+                    .extend((0..node.len()).map(|k| if k < action.len() { n } else { 0.0 }));
+                stack.push((id, true));
+                let kids = &children[child_count[idx] as usize..child_count[idx + 1] as usize];
+                stack.extend(kids.iter().rev().map(|&c| (c, false)));
+            }
+        }
+
+        // Flat layout, and the index of every flat position in the packed layout.
+        let lengths: Vec<usize> = paths
+            .iter()
+            .map(|p| p.iter().map(|&id| self.nodes[id as usize].len()).sum())
+            .collect();
+        let cols = lengths.iter().copied().max().unwrap_or(0);
+        let size = batch * cols;
+        let mut flat = FlatBatch {
+            rows: batch,
+            cols,
+            input_ids: vec![pad_id as i64; size],
+            attention_mask: vec![false; size],
+            loss_mask: vec![false; size],
+            advantages: vec![0.0; size],
+            position_ids: vec![0; size],
+            packed_index: vec![-1; size],
+        };
+        for (i, path) in paths.iter().enumerate() {
+            let row = i * cols;
+            let a = leaf_advantage[i] as f32;
+            for &id in path {
+                let seg = node_segment[id as usize] as usize;
+                let (start, len) = (
+                    packed.segment_start[seg] as usize,
+                    packed.segment_len[seg] as usize,
+                );
+                let at = row + node_offset[id as usize] as usize;
+                flat.input_ids[at..at + len].copy_from_slice(&packed.input_ids[start..start + len]);
+                flat.loss_mask[at..at + len].copy_from_slice(&packed.loss_mask[start..start + len]);
+                flat.position_ids[at..at + len].copy_from_slice(&packed.position_ids[start..start + len]);
+                for k in 0..len {
+                    flat.packed_index[at + k] = (start + k) as i64;
+                }
+            }
+            flat.attention_mask[row..row + lengths[i]].fill(true);
+            flat.advantages[row..row + lengths[i]].fill(a);
+        }
+
+        Ok(Pack {
+            total_tokens: lengths.iter().sum(),
+            unique_tokens: packed.input_ids.len(),
+            leaves,
+            leaf_advantage,
+            flat,
+            packed,
+            agg,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::advantage::Estimator;
+    use crate::forest::LeafReason;
+
+    /// Two groups; tree 0 branches at the root and at a middle step.
+    fn forest() -> Forest {
+        let mut f = Forest::new();
+        let leaf = Some(LeafReason::Answer);
+        let r = f.add_root(0, &[1, 2, 3]).unwrap() as u64;
+        let a = f.add_step(r, &[4, 5], &[6, 7], None).unwrap() as u64;
+        let l1 = f.add_step(a, &[8], &[], leaf).unwrap() as u64;
+        let l2 = f.add_step(a, &[9, 10, 11], &[], leaf).unwrap() as u64;
+        let l3 = f.add_step(r, &[12], &[], leaf).unwrap() as u64;
+        let r2 = f.add_root(1, &[20]).unwrap() as u64;
+        let l4 = f.add_step(r2, &[21, 22], &[], leaf).unwrap() as u64;
+        f.set_rewards(&[l1, l2, l3, l4], &[1.0, 0.0, 0.5, 0.3]).unwrap();
+        f.advantages(Estimator::Tree, true).unwrap();
+        f
+    }
+
+    #[test]
+    fn unpacking_gives_back_every_trajectory() {
+        let f = forest();
+        let p = f.pack(None, AggMode::TokenMean, 0).unwrap();
+        assert_eq!(p.total_tokens, 8 + 10 + 4 + 3);
+        assert_eq!(p.unique_tokens, 3 + 4 + 1 + 3 + 1 + 1 + 2);
+        for (i, &leaf) in p.leaves.iter().enumerate() {
+            let (tokens, mask) = f.trajectory(leaf as u64).unwrap();
+            let row = i * p.flat.cols;
+            for (k, (&t, &m)) in tokens.iter().zip(&mask).enumerate() {
+                let at = p.flat.packed_index[row + k] as usize;
+                assert_eq!(p.packed.input_ids[at], t as i64);
+                assert_eq!(p.packed.loss_mask[at], m == 1);
+                assert_eq!(p.packed.position_ids[at], k as i64);
+                assert_eq!(p.flat.input_ids[row + k], t as i64);
+            }
+            assert!(p.flat.packed_index[row + tokens.len()..row + p.flat.cols]
+                .iter()
+                .all(|&x| x == -1));
+        }
+    }
+
+    #[test]
+    fn dense_mask_is_the_union_of_causal_masks() {
+        let f = forest();
+        let p = f.pack(None, AggMode::TokenMean, 0).unwrap();
+        let u = p.unique_tokens;
+        let mut expect = vec![false; u * u];
+        for i in 0..p.leaves.len() {
+            let row = &p.flat.packed_index[i * p.flat.cols..(i + 1) * p.flat.cols];
+            let idx: Vec<usize> = row.iter().filter(|&&x| x >= 0).map(|&x| x as usize).collect();
+            for (a, &q) in idx.iter().enumerate() {
+                for &kv in &idx[..=a] {
+                    expect[q * u + kv] = true;
+                }
+            }
+        }
+        assert_eq!(p.dense_mask(), expect);
+        for block in [1, 2, 3, 5, 64] {
+            let bm = p.block_mask(block).unwrap();
+            let nb = bm.q_blocks;
+            for qb in 0..nb {
+                for kb in 0..nb {
+                    let cells: Vec<bool> = (qb * block..((qb + 1) * block).min(u))
+                        .flat_map(|q| (kb * block..((kb + 1) * block).min(u)).map(move |kv| (q, kv)))
+                        .map(|(q, kv)| expect[q * u + kv])
+                        .collect();
+                    let row = |n: &[i32], idx: &[i32]| {
+                        idx[qb * nb..qb * nb + n[qb] as usize].contains(&(kb as i32))
+                    };
+                    let is_full = row(&bm.full_kv_num_blocks, &bm.full_kv_indices);
+                    let is_partial = row(&bm.kv_num_blocks, &bm.kv_indices);
+                    assert_eq!(is_full, cells.iter().all(|&c| c), "block {block} q{qb} kv{kb}");
+                    assert_eq!(
+                        is_partial,
+                        cells.iter().any(|&c| c) && !is_full,
+                        "block {block} q{qb} kv{kb}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packed_weights_reproduce_the_flat_loss() {
+        let f = forest();
+        for agg in [
+            AggMode::TokenMean,
+            AggMode::SeqMeanTokenMean,
+            AggMode::SeqMeanTokenSum,
+        ] {
+            let p = f.pack(None, agg, 0).unwrap();
+            let ratio = |i: usize| 0.5 + 0.13 * (i % 11) as f64; // spans both clip edges
+            let (eps, c) = (0.2, 3.0);
+            let loss = |r: f64, a: f64| {
+                let l = f64::max(-a * r, -a * r.clamp(1.0 - eps, 1.0 + eps));
+                if a < 0.0 {
+                    l.min(-a * c)
+                } else {
+                    l
+                }
+            };
+            let (rows, cols) = (p.flat.rows, p.flat.cols);
+            let mut flat = 0.0;
+            let total: usize = p.flat.loss_mask.iter().filter(|&&m| m).count();
+            for i in 0..rows {
+                let n_i = p.flat.loss_mask[i * cols..(i + 1) * cols]
+                    .iter()
+                    .filter(|&&m| m)
+                    .count();
+                let mut row = 0.0;
+                for k in 0..cols {
+                    let at = i * cols + k;
+                    if p.flat.loss_mask[at] {
+                        row += loss(
+                            ratio(p.flat.packed_index[at] as usize),
+                            p.flat.advantages[at] as f64,
+                        );
+                    }
+                }
+                flat += match agg {
+                    AggMode::TokenMean => row / total as f64,
+                    AggMode::SeqMeanTokenMean => row / n_i as f64 / rows as f64,
+                    AggMode::SeqMeanTokenSum => row / rows as f64,
+                };
+            }
+            let packed: f64 = (0..p.unique_tokens)
+                .filter(|&u| p.packed.loss_mask[u])
+                .map(|u| {
+                    let r = ratio(u);
+                    -(p.packed.adv_pos[u] as f64) * r.min(1.0 + eps)
+                        + p.packed.adv_neg[u] as f64 * r.max(1.0 - eps).min(c)
+                })
+                .sum();
+            assert!(
+                (flat - packed).abs() < 1e-6 * flat.abs().max(1.0),
+                "{agg:?}: {flat} vs {packed}"
+            );
+        }
+    }
+
+    #[test]
+    fn pack_rejects_bad_leaves() {
+        let mut f = forest();
+        assert!(matches!(
+            f.pack(Some(&[2, 2]), AggMode::TokenMean, 0),
+            Err(TreeError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            f.pack(Some(&[1]), AggMode::TokenMean, 0),
+            Err(TreeError::NoAdvantage { .. })
+        ));
+        assert!(matches!(
+            f.pack(Some(&[99]), AggMode::TokenMean, 0),
+            Err(TreeError::UnknownNode { .. })
+        ));
+        f.set_rewards(&[2], &[0.0]).unwrap();
+        assert!(
+            f.pack(None, AggMode::TokenMean, 0).is_err(),
+            "stale statistics are gone"
+        );
+        let sub = {
+            f.advantages(Estimator::Tree, true).unwrap();
+            f.pack(Some(&[4, 2]), AggMode::SeqMeanTokenSum, 7).unwrap()
+        };
+        assert_eq!(sub.leaves, vec![4, 2]);
+        assert_eq!(sub.flat.input_ids[sub.flat.cols - 1], 7, "padding uses pad_id");
+    }
+}
