@@ -80,32 +80,49 @@ impl AdvantageStats {
     }
 }
 
-/// z-scores of `rewards` with the reference numerics.
-fn z_scores(rewards: &[f64], scale_std: bool, out: &mut Vec<f64>) {
-    out.clear();
-    let n = rewards.len();
+/// The (mean, denominator) that turn a set's rewards into z-scores with the reference numerics,
+/// or None when every reward is equal (each term is then exactly 0).
+/// `rewards` is called twice (two passes: mean, then squared deviations).
+fn normaliser<I: Iterator<Item = f64>>(rewards: impl Fn() -> I, scale_std: bool) -> Option<(f64, f64)> {
+    let (mut n, mut sum) = (0usize, 0.0);
+    let mut first = None;
+    let mut all_equal = true;
+    for r in rewards() {
+        n += 1;
+        sum += r;
+        match first {
+            None => first = Some(r),
+            Some(f) => all_equal &= r == f,
+        }
+    }
     if n == 1 {
-        // A one-member group: mean 0, std 1, so the term is the raw reward.
-        let denom = if scale_std { 1.0 + EPS } else { 1.0 };
-        out.push(rewards[0] / denom);
-        return;
+        // A one-member set: mean 0 and std 1, so the term is the raw reward.
+        return Some((0.0, if scale_std { 1.0 + EPS } else { 1.0 }));
     }
-    if n == 0 {
-        return;
+    if n == 0 || all_equal {
+        // std 0: exactly 0 (no rounding residue of the mean through the 1e-6 denominator).
+        return None;
     }
-    if rewards.iter().all(|&r| r == rewards[0]) {
-        // std 0: every member's term is exactly 0 (no rounding residue from the mean).
-        out.resize(n, 0.0);
-        return;
-    }
-    let mean = rewards.iter().sum::<f64>() / n as f64;
+    let mean = sum / n as f64;
     let denom = if scale_std {
-        let var = rewards.iter().map(|r| (r - mean) * (r - mean)).sum::<f64>() / (n - 1) as f64;
+        let var = rewards().map(|r| (r - mean) * (r - mean)).sum::<f64>() / (n - 1) as f64;
         var.sqrt() + EPS
     } else {
         1.0
     };
-    out.extend(rewards.iter().map(|r| (r - mean) / denom));
+    Some((mean, denom))
+}
+
+/// z-scores of `rewards` (a test helper over [`normaliser`]).
+#[cfg(test)]
+fn z_scores(rewards: &[f64], scale_std: bool, out: &mut Vec<f64>) {
+    out.clear();
+    let norm = normaliser(|| rewards.iter().copied(), scale_std);
+    out.extend(
+        rewards
+            .iter()
+            .map(|r| norm.map_or(0.0, |(mean, denom)| (r - mean) / denom)),
+    );
 }
 
 impl Forest {
@@ -118,12 +135,11 @@ impl Forest {
 
     fn compute_advantages(&self, estimator: Estimator, scale_std: bool) -> Result<AdvantageStats> {
         let n_nodes = self.nodes.len();
-        // position of each kept leaf in the output, by node id
         let mut leaves = Vec::new();
         let mut missing = Vec::new();
-        for (id, node) in self.nodes.iter().enumerate() {
-            if node.leaf.is_some() && node.kept {
-                if node.reward.is_none() {
+        for (id, (leaf, &kept)) in self.leaf.iter().zip(&self.kept).enumerate() {
+            if leaf.is_some() && kept {
+                if self.reward[id].is_nan() {
                     missing.push(id as u32);
                 }
                 leaves.push(id as u32);
@@ -137,40 +153,43 @@ impl Forest {
                 first: missing,
             });
         }
-        let reward: Vec<f64> = leaves
-            .iter()
-            .map(|&id| self.nodes[id as usize].reward.unwrap_or(0.0))
-            .collect();
-        let mut slot = vec![u32::MAX; n_nodes];
-        for (i, &id) in leaves.iter().enumerate() {
-            slot[id as usize] = i as u32;
+        let reward: Vec<f64> = leaves.iter().map(|&id| self.reward[id as usize]).collect();
+
+        // Counting sort of the kept leaves by tree (stable: id order within a tree), so each
+        // tree's leaves are one contiguous run `by_tree[tree_start[t]..tree_start[t + 1]]`.
+        let n_trees = self.trees.len();
+        let mut tree_start = vec![0usize; n_trees + 1];
+        for &id in &leaves {
+            tree_start[self.tree_of[id as usize] as usize + 1] += 1;
         }
+        for t in 0..n_trees {
+            tree_start[t + 1] += tree_start[t];
+        }
+        let mut fill = tree_start.clone();
+        let mut by_tree = vec![0usize; leaves.len()];
+        for (i, &id) in leaves.iter().enumerate() {
+            let t = self.tree_of[id as usize] as usize;
+            by_tree[fill[t]] = i;
+            fill[t] += 1;
+        }
+        let run = |t: u32| &by_tree[tree_start[t as usize]..tree_start[t as usize + 1]];
 
         let mut a_inter = vec![0.0; leaves.len()];
         let mut a_intra = vec![0.0; leaves.len()];
-        let (mut rs, mut zs, mut members) = (Vec::new(), Vec::new(), Vec::new());
-        let scatter = |members: &[usize], rs: &mut Vec<f64>, zs: &mut Vec<f64>, out: &mut [f64]| {
-            rs.clear();
-            rs.extend(members.iter().map(|&i| reward[i]));
-            z_scores(rs, scale_std, zs);
-            for (&i, &z) in members.iter().zip(zs.iter()) {
-                out[i] = z;
-            }
-        };
         for group in &self.groups {
-            let mut group_members = Vec::new();
             for &t in &group.trees {
-                members.clear();
-                for &id in &self.trees[t as usize].nodes {
-                    let s = slot[id as usize];
-                    if s != u32::MAX {
-                        members.push(s as usize);
+                if let Some((mean, denom)) = normaliser(|| run(t).iter().map(|&i| reward[i]), scale_std) {
+                    for &i in run(t) {
+                        a_intra[i] = (reward[i] - mean) / denom;
                     }
                 }
-                scatter(&members, &mut rs, &mut zs, &mut a_intra);
-                group_members.extend_from_slice(&members);
             }
-            scatter(&group_members, &mut rs, &mut zs, &mut a_inter);
+            let members = || group.trees.iter().flat_map(|&t| run(t).iter().copied());
+            if let Some((mean, denom)) = normaliser(|| members().map(|i| reward[i]), scale_std) {
+                for i in members() {
+                    a_inter[i] = (reward[i] - mean) / denom;
+                }
+            }
         }
         let advantage: Vec<f64> = a_inter
             .iter()
@@ -188,7 +207,7 @@ impl Forest {
             advantage_sum[id as usize] = advantage[i];
         }
         for id in (0..n_nodes).rev() {
-            let parent = self.nodes[id].parent;
+            let parent = self.parent[id];
             if parent != NO_PARENT {
                 let p = parent as usize;
                 kept_below[p] += kept_below[id];

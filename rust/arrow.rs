@@ -3,12 +3,15 @@
 
 use std::sync::Arc;
 
-use arrow_array::builder::StringDictionaryBuilder;
 use arrow_array::types::Int8Type;
-use arrow_array::{ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, UInt32Array};
+use arrow_array::{
+    ArrayRef, BooleanArray, DictionaryArray, Float64Array, Int64Array, Int8Array, RecordBatch, StringArray,
+    UInt32Array,
+};
+use arrow_buffer::NullBuffer;
 use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef};
 
-use crate::forest::{Forest, NO_PARENT};
+use crate::forest::{Forest, LeafReason, NO_PARENT};
 
 fn dict_utf8() -> DataType {
     DataType::Dictionary(Box::new(DataType::Int8), Box::new(DataType::Utf8))
@@ -68,17 +71,17 @@ fn u32s(values: impl Iterator<Item = u32>) -> ArrayRef {
     Arc::new(values.collect::<UInt32Array>())
 }
 
-fn reasons<'a>(values: impl Iterator<Item = Option<&'a str>>) -> Result<ArrayRef, ArrowError> {
-    let mut b = StringDictionaryBuilder::<Int8Type>::new();
-    for v in values {
-        match v {
-            Some(s) => {
-                b.append(s)?;
-            }
-            None => b.append_null(),
-        }
-    }
-    Ok(Arc::new(b.finish()))
+/// Leaf reasons as a dictionary array over the three fixed names (no per-row hashing).
+fn reasons(values: impl Iterator<Item = Option<LeafReason>>) -> ArrayRef {
+    let keys: Int8Array = values.map(|r| r.map(|r| r as i8)).collect();
+    let names = StringArray::from(LeafReason::ALL.iter().map(|r| r.as_str()).collect::<Vec<_>>());
+    Arc::new(DictionaryArray::<Int8Type>::try_new(keys, Arc::new(names)).expect("keys index the three names"))
+}
+
+/// A float column, null where the value is NaN (a node without kept leaves has no V).
+fn f64s_nan_null(values: Vec<f64>) -> ArrayRef {
+    let valid = NullBuffer::from_iter(values.iter().map(|v| !v.is_nan()));
+    Arc::new(Float64Array::new(values.into(), Some(valid)))
 }
 
 impl Forest {
@@ -89,38 +92,48 @@ impl Forest {
     /// Every node, with the per-node statistics of the last `advantages` call (null before one).
     pub fn nodes_batch(&self) -> Result<RecordBatch, ArrowError> {
         let n = &self.nodes;
-        let stats = self.last_stats();
-        let stat_u32 = |f: &dyn Fn(usize) -> u32| -> ArrayRef {
-            Arc::new((0..n.len()).map(|i| stats.map(|_| f(i))).collect::<UInt32Array>())
-        };
-        let stat_f64 = |f: &dyn Fn(usize) -> f64| -> ArrayRef {
-            Arc::new(
-                (0..n.len())
-                    .map(|i| stats.map(|_| f(i)).filter(|v| !v.is_nan()))
-                    .collect::<Float64Array>(),
-            )
+        let tree_keys: Vec<i64> = (0..self.trees.len() as u32).map(|t| self.group_key(t)).collect();
+        let (kept_leaves, value, advantage_sum): (ArrayRef, ArrayRef, ArrayRef) = match self.last_stats() {
+            Some(s) => (
+                Arc::new(UInt32Array::from(s.kept_below.clone())),
+                f64s_nan_null(s.value.clone()),
+                Arc::new(Float64Array::from(s.advantage_sum.clone())),
+            ),
+            None => (
+                arrow_array::new_null_array(&DataType::UInt32, n.len()),
+                arrow_array::new_null_array(&DataType::Float64, n.len()),
+                arrow_array::new_null_array(&DataType::Float64, n.len()),
+            ),
         };
         let columns: Vec<ArrayRef> = vec![
             u32s(0..n.len() as u32),
             Arc::new(
-                n.iter()
-                    .map(|x| (x.parent != NO_PARENT).then_some(x.parent))
+                self.parent
+                    .iter()
+                    .map(|&p| (p != NO_PARENT).then_some(p))
                     .collect::<UInt32Array>(),
             ),
-            u32s(n.iter().map(|x| x.tree)),
-            Arc::new(n.iter().map(|x| self.group_key(x.tree)).collect::<Int64Array>()),
+            Arc::new(UInt32Array::from(self.tree_of.clone())),
+            Arc::new(
+                self.tree_of
+                    .iter()
+                    .map(|&t| tree_keys[t as usize])
+                    .collect::<Int64Array>(),
+            ),
             u32s(n.iter().map(|x| x.depth)),
             u32s(n.iter().map(|x| x.prompt_len())),
             u32s(n.iter().map(|x| x.action_len)),
             u32s(n.iter().map(|x| x.observation_len())),
             u32s(n.iter().map(|x| x.num_children)),
-            Arc::new(n.iter().map(|x| Some(x.leaf.is_some())).collect::<BooleanArray>()),
-            reasons(n.iter().map(|x| x.leaf.map(|r| r.as_str())))?,
-            Arc::new(n.iter().map(|x| Some(x.kept)).collect::<BooleanArray>()),
-            Arc::new(n.iter().map(|x| x.reward).collect::<Float64Array>()),
-            stat_u32(&|i| stats.map_or(0, |s| s.kept_below[i])),
-            stat_f64(&|i| stats.map_or(f64::NAN, |s| s.value[i])),
-            stat_f64(&|i| stats.map_or(f64::NAN, |s| s.advantage_sum[i])),
+            Arc::new(BooleanArray::from_iter(
+                self.leaf.iter().map(|l| Some(l.is_some())),
+            )),
+            reasons(self.leaf.iter().copied()),
+            Arc::new(BooleanArray::from(self.kept.clone())),
+            f64s_nan_null(self.reward.clone()),
+            kept_leaves,
+            value,
+            advantage_sum,
         ];
         RecordBatch::try_new(nodes_schema(), columns)
     }
@@ -128,37 +141,38 @@ impl Forest {
     /// Every leaf, kept or not.
     pub fn leaves_batch(&self) -> Result<RecordBatch, ArrowError> {
         let ids: Vec<u32> = (0..self.nodes.len() as u32)
-            .filter(|&i| self.nodes[i as usize].leaf.is_some())
+            .filter(|&i| self.leaf[i as usize].is_some())
             .collect();
-        let leaf = |i: &u32| &self.nodes[*i as usize];
         let (mut length, mut action) = (Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len()));
         for &id in &ids {
             let (mut total, mut trained) = (0u32, 0u32);
             let mut cur = id;
-            loop {
+            while cur != NO_PARENT {
                 let node = &self.nodes[cur as usize];
                 total += node.len() as u32;
                 trained += node.action_len;
-                if node.parent == NO_PARENT {
-                    break;
-                }
-                cur = node.parent;
+                cur = self.parent[cur as usize];
             }
             length.push(total);
             action.push(trained);
         }
+        let at = |i: &u32| *i as usize;
         let columns: Vec<ArrayRef> = vec![
             u32s(ids.iter().copied()),
-            u32s(ids.iter().map(|i| leaf(i).tree)),
+            u32s(ids.iter().map(|i| self.tree_of[at(i)])),
             Arc::new(
                 ids.iter()
-                    .map(|i| self.group_key(leaf(i).tree))
+                    .map(|i| self.group_key(self.tree_of[at(i)]))
                     .collect::<Int64Array>(),
             ),
-            u32s(ids.iter().map(|i| leaf(i).depth)),
-            reasons(ids.iter().map(|i| leaf(i).leaf.map(|r| r.as_str())))?,
-            Arc::new(ids.iter().map(|i| Some(leaf(i).kept)).collect::<BooleanArray>()),
-            Arc::new(ids.iter().map(|i| leaf(i).reward).collect::<Float64Array>()),
+            u32s(ids.iter().map(|i| self.nodes[at(i)].depth)),
+            reasons(ids.iter().map(|i| self.leaf[at(i)])),
+            Arc::new(
+                ids.iter()
+                    .map(|i| Some(self.kept[at(i)]))
+                    .collect::<BooleanArray>(),
+            ),
+            f64s_nan_null(ids.iter().map(|i| self.reward[at(i)]).collect()),
             u32s(length.into_iter()),
             u32s(action.into_iter()),
         ];
@@ -170,7 +184,7 @@ impl Forest {
         let Some(s) = self.last_stats() else {
             return Ok(RecordBatch::new_empty(advantages_schema()));
         };
-        let tree = |i: &u32| self.nodes[*i as usize].tree;
+        let tree = |i: &u32| self.tree_of[*i as usize];
         let f64s = |v: &[f64]| -> ArrayRef { Arc::new(Float64Array::from(v.to_vec())) };
         let columns: Vec<ArrayRef> = vec![
             u32s(s.leaves.iter().copied()),

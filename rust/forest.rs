@@ -25,6 +25,8 @@ pub enum LeafReason {
 
 impl LeafReason {
     pub const VALID: &'static str = "'answer', 'forced_final', 'truncated'";
+    /// Every reason, in discriminant order (the Arrow dictionary's values).
+    pub const ALL: [LeafReason; 3] = [LeafReason::Answer, LeafReason::ForcedFinal, LeafReason::Truncated];
     const TABLE: [(&'static str, LeafReason); 3] = [
         ("answer", LeafReason::Answer),
         ("forced_final", LeafReason::ForcedFinal),
@@ -44,12 +46,12 @@ impl LeafReason {
     }
 }
 
-/// One node: the root holds the prompt; any other node one complete agent step, its action
-/// tokens (the policy's, trained) followed by its observation tokens (the environment's, masked).
+/// One node's token layout and shape: the root holds the prompt; any other node one complete
+/// agent step, its action tokens (the policy's, trained) followed by its observation tokens (the
+/// environment's, masked). The fields every sweep reads (parent, tree, leaf, kept, reward) live
+/// in compact per-node arrays of `Forest` instead, so sweeps stream a few bytes per node.
 #[derive(Clone, Debug)]
 pub struct Node {
-    pub parent: u32,
-    pub tree: u32,
     pub depth: u32,
     /// Offset of this node's tokens in `Forest::tokens`.
     pub start: usize,
@@ -57,26 +59,19 @@ pub struct Node {
     pub action_len: u32,
     /// Masked tokens after the action: the observation, or the prompt for a root.
     pub context_len: u32,
-    pub leaf: Option<LeafReason>,
-    pub reward: Option<f64>,
-    /// Leaves only: whether the leaf is among the K kept for training.
-    pub kept: bool,
     pub num_children: u32,
 }
 
 impl Node {
-    pub fn is_root(&self) -> bool {
-        self.parent == NO_PARENT
-    }
     pub fn len(&self) -> usize {
         (self.action_len + self.context_len) as usize
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Prompt tokens (roots only).
+    /// Prompt tokens (roots only: depth 0).
     pub fn prompt_len(&self) -> u32 {
-        if self.is_root() {
+        if self.depth == 0 {
             self.context_len
         } else {
             0
@@ -84,7 +79,7 @@ impl Node {
     }
     /// Observation tokens (steps only).
     pub fn observation_len(&self) -> u32 {
-        if self.is_root() {
+        if self.depth == 0 {
             0
         } else {
             self.context_len
@@ -110,7 +105,18 @@ pub struct Group {
 
 #[derive(Clone, Debug, Default)]
 pub struct Forest {
+    /// Per node (indexed by node id): token layout and shape.
     pub nodes: Vec<Node>,
+    /// Per node: the parent's id, `NO_PARENT` at roots.
+    pub parent: Vec<u32>,
+    /// Per node: its tree.
+    pub tree_of: Vec<u32>,
+    /// Per node: why the episode ended, for leaves.
+    pub leaf: Vec<Option<LeafReason>>,
+    /// Per node: leaves only, whether the leaf is among the K kept for training.
+    pub kept: Vec<bool>,
+    /// Per node: the outcome reward of a leaf, NaN while unset (set rewards are finite).
+    pub reward: Vec<f64>,
     pub tokens: Vec<u32>,
     pub trees: Vec<Tree>,
     pub groups: Vec<Group>,
@@ -125,7 +131,17 @@ impl Forest {
     }
 
     pub fn num_leaves(&self) -> usize {
-        self.nodes.iter().filter(|n| n.leaf.is_some()).count()
+        self.leaf.iter().filter(|l| l.is_some()).count()
+    }
+
+    pub fn is_root(&self, id: u32) -> bool {
+        self.parent[id as usize] == NO_PARENT
+    }
+
+    /// The reward of a leaf, if set.
+    pub fn reward_of(&self, id: u32) -> Option<f64> {
+        let r = self.reward[id as usize];
+        (!r.is_nan()).then_some(r)
     }
 
     pub fn node(&self, id: u64) -> Result<&Node> {
@@ -150,15 +166,26 @@ impl Forest {
         (a, c)
     }
 
-    fn push_node(&mut self, node: Node, action: &[u32], context: &[u32]) -> Result<u32> {
+    fn push_node(
+        &mut self,
+        node: Node,
+        (parent, tree, leaf): (u32, u32, Option<LeafReason>),
+        action: &[u32],
+        context: &[u32],
+    ) -> Result<u32> {
         let id = u32::try_from(self.nodes.len())
             .ok()
             .filter(|&id| id != NO_PARENT)
             .ok_or_else(|| TreeError::InvalidArgument("a forest holds at most 2^32 - 1 nodes".into()))?;
         self.tokens.extend_from_slice(action);
         self.tokens.extend_from_slice(context);
-        self.trees[node.tree as usize].nodes.push(id);
+        self.trees[tree as usize].nodes.push(id);
         self.nodes.push(node);
+        self.parent.push(parent);
+        self.tree_of.push(tree);
+        self.leaf.push(leaf);
+        self.kept.push(leaf.is_some());
+        self.reward.push(f64::NAN);
         self.stats = None;
         Ok(id)
     }
@@ -182,18 +209,13 @@ impl Forest {
             nodes: Vec::new(),
         });
         let node = Node {
-            parent: NO_PARENT,
-            tree,
             depth: 0,
             start: self.tokens.len(),
             action_len: 0,
             context_len,
-            leaf: None,
-            reward: None,
-            kept: false,
             num_children: 0,
         };
-        self.push_node(node, &[], prompt)
+        self.push_node(node, (NO_PARENT, tree, None), &[], prompt)
     }
 
     /// Add one complete agent step under `parent`. A leaf (`leaf = Some(reason)`) ends the episode.
@@ -205,26 +227,21 @@ impl Forest {
         leaf: Option<LeafReason>,
     ) -> Result<u32> {
         let parent = self.check_id(parent)?;
-        let p = &self.nodes[parent as usize];
-        if let Some(reason) = p.leaf {
+        if let Some(reason) = self.leaf[parent as usize] {
             return Err(TreeError::StepUnderLeaf {
                 node: parent,
                 reason: reason.as_str(),
             });
         }
         let node = Node {
-            parent,
-            tree: p.tree,
-            depth: p.depth + 1,
+            depth: self.nodes[parent as usize].depth + 1,
             start: self.tokens.len(),
             action_len: len_u32(action.len(), "action")?,
             context_len: len_u32(observation.len(), "observation")?,
-            leaf,
-            reward: None,
-            kept: leaf.is_some(),
             num_children: 0,
         };
-        let id = self.push_node(node, action, observation)?;
+        let tree = self.tree_of[parent as usize];
+        let id = self.push_node(node, (parent, tree, leaf), action, observation)?;
         self.nodes[parent as usize].num_children += 1;
         Ok(id)
     }
@@ -241,7 +258,7 @@ impl Forest {
         let mut ids = Vec::with_capacity(leaves.len());
         for (&leaf, &value) in leaves.iter().zip(rewards) {
             let id = self.check_id(leaf)?;
-            if self.nodes[id as usize].leaf.is_none() {
+            if self.leaf[id as usize].is_none() {
                 return Err(TreeError::RewardOnNonLeaf { node: id });
             }
             if !value.is_finite() {
@@ -250,7 +267,7 @@ impl Forest {
             ids.push(id);
         }
         for (id, &value) in ids.into_iter().zip(rewards) {
-            self.nodes[id as usize].reward = Some(value);
+            self.reward[id as usize] = value;
         }
         self.stats = None;
         Ok(())
@@ -260,8 +277,8 @@ impl Forest {
     pub fn path(&self, node: u32) -> Vec<u32> {
         let mut path = vec![node];
         let mut cur = node;
-        while self.nodes[cur as usize].parent != NO_PARENT {
-            cur = self.nodes[cur as usize].parent;
+        while self.parent[cur as usize] != NO_PARENT {
+            cur = self.parent[cur as usize];
             path.push(cur);
         }
         path.reverse();
@@ -337,7 +354,7 @@ pub(crate) mod tests {
             f.set_rewards(&[b as u64, root as u64], &[1.0, 1.0]),
             Err(TreeError::RewardOnNonLeaf { .. })
         ));
-        assert_eq!(f.nodes[b as usize].reward, None, "a failed batch writes nothing");
+        assert_eq!(f.reward_of(b), None, "a failed batch writes nothing");
         assert!(matches!(
             f.set_rewards(&[b as u64], &[f64::NAN]),
             Err(TreeError::NonFiniteReward { .. })

@@ -332,10 +332,9 @@ impl Forest {
 
         // Children lists of on-path nodes, for the depth-first order.
         let mut child_count = vec![0u32; n_nodes + 1];
-        let on_path_children =
-            || (0..n_nodes).filter(|&id| on_path[id] && self.nodes[id].parent != NO_PARENT);
+        let on_path_children = || (0..n_nodes).filter(|&id| on_path[id] && self.parent[id] != NO_PARENT);
         for id in on_path_children() {
-            child_count[self.nodes[id].parent as usize + 1] += 1;
+            child_count[self.parent[id] as usize + 1] += 1;
         }
         for i in 0..n_nodes {
             child_count[i + 1] += child_count[i];
@@ -343,7 +342,7 @@ impl Forest {
         let mut fill = child_count.clone();
         let mut children = vec![0u32; child_count[n_nodes] as usize];
         for id in on_path_children() {
-            let parent = self.nodes[id].parent as usize;
+            let parent = self.parent[id] as usize;
             children[fill[parent] as usize] = id as u32;
             fill[parent] += 1;
         }
@@ -373,15 +372,16 @@ impl Forest {
                 let node = &self.nodes[idx];
                 let seg = packed.segment_node.len() as i32;
                 node_segment[idx] = seg;
-                let parent_seg = if node.parent == NO_PARENT {
+                let parent = self.parent[idx];
+                let parent_seg = if parent == NO_PARENT {
                     -1
                 } else {
-                    node_segment[node.parent as usize]
+                    node_segment[parent as usize]
                 };
-                let offset = if node.parent == NO_PARENT {
+                let offset = if parent == NO_PARENT {
                     0
                 } else {
-                    let p = node.parent as usize;
+                    let p = parent as usize;
                     node_offset[p] + self.nodes[p].len() as i64
                 };
                 node_offset[idx] = offset;

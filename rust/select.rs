@@ -37,15 +37,20 @@ pub(crate) fn rng_for(seed: u64, stream: u64) -> Pcg64 {
 impl Forest {
     /// The candidates for expansion in one tree: the root (if included) and every open node, in id order.
     pub fn candidates(&self, tree: u32, include_root: bool) -> Vec<u32> {
-        self.trees[tree as usize]
-            .nodes
-            .iter()
-            .copied()
-            .filter(|&id| {
-                let n = &self.nodes[id as usize];
-                n.leaf.is_none() && (include_root || !n.is_root())
-            })
-            .collect()
+        let mut out = Vec::new();
+        self.candidates_into(tree, include_root, &mut out);
+        out
+    }
+
+    fn candidates_into(&self, tree: u32, include_root: bool, out: &mut Vec<u32>) {
+        out.clear();
+        out.extend(
+            self.trees[tree as usize]
+                .nodes
+                .iter()
+                .copied()
+                .filter(|&id| self.leaf[id as usize].is_none() && (include_root || !self.is_root(id))),
+        );
     }
 
     /// Draw `n` nodes to expand in every tree, uniformly from its candidates.
@@ -55,8 +60,9 @@ impl Forest {
     /// for a seed, and tree t's draws depend only on (seed, t) and its own nodes.
     pub fn select(&self, n: usize, seed: u64, opts: SelectOptions) -> Vec<u32> {
         let mut picks = Vec::with_capacity(n * self.trees.len());
+        let mut cands = Vec::new();
         for t in 0..self.trees.len() as u32 {
-            let cands = self.candidates(t, opts.include_root);
+            self.candidates_into(t, opts.include_root, &mut cands);
             if cands.is_empty() || n == 0 {
                 continue;
             }
@@ -80,7 +86,7 @@ impl Forest {
             .nodes
             .iter()
             .copied()
-            .filter(|&id| self.nodes[id as usize].leaf.is_some())
+            .filter(|&id| self.leaf[id as usize].is_some())
     }
 
     /// Keep a random subset of `k` leaves in every tree (seeded); the others are dropped from training.
@@ -101,10 +107,10 @@ impl Forest {
         for (t, leaves) in per_tree.iter().enumerate() {
             let mut rng = rng_for(seed, t as u64);
             for &leaf in leaves {
-                self.nodes[leaf as usize].kept = false;
+                self.kept[leaf as usize] = false;
             }
             for i in sample(&mut rng, leaves.len(), k) {
-                self.nodes[leaves[i] as usize].kept = true;
+                self.kept[leaves[i] as usize] = true;
             }
         }
         self.stats = None;
@@ -164,8 +170,8 @@ mod tests {
                 leaves: 2
             })
         ));
-        assert!(f.nodes[b as usize].kept && f.nodes[c as usize].kept);
+        assert!(f.kept[b as usize] && f.kept[c as usize]);
         f.keep_leaves(1, 0).unwrap();
-        assert_eq!(f.nodes[b as usize].kept as u8 + f.nodes[c as usize].kept as u8, 1);
+        assert_eq!(f.kept[b as usize] as u8 + f.kept[c as usize] as u8, 1);
     }
 }
