@@ -3,8 +3,8 @@
 //! # The model
 //!
 //! A radix tree over `u32` token ids. Every node but the root holds a non-empty key segment and
-//! one `u64` value per token (the owner's payload, e.g. a KV block id); the children of a node
-//! start with distinct tokens. The root is permanent, holds no tokens, and its handle is valid
+//! one `u64` value per token (the owner's payload, e.g. a KV block id; stored once per node, as
+//! all tokens of a node share it); the children of a node start with distinct tokens. The root is permanent, holds no tokens, and its handle is valid
 //! forever.
 //!
 //! - **Clock.** A logical clock ticks once at the start of every [`RadixIndex::insert`] and
@@ -63,8 +63,9 @@ const PRINT_TOKENS: usize = 8;
 struct Node {
     /// This node's token segment (empty for the root and for free slots).
     key: Vec<u32>,
-    /// One value per token of `key`.
-    values: Vec<u64>,
+    /// The value of every token of `key`. One per node suffices: an insert adds its new tokens
+    /// as one new leaf, and a split gives both halves the value.
+    value: u64,
     /// `(first token of the child's key, child index)`, sorted by token.
     children: Vec<(u32, u32)>,
     parent: u32,
@@ -80,10 +81,10 @@ struct Node {
 
 impl Node {
     /// A live node; `alloc` gives it its slot's generation.
-    fn new(key: Vec<u32>, values: Vec<u64>, parent: u32, lock_ref: u32, last_access: u64) -> Self {
+    fn new(key: Vec<u32>, value: u64, parent: u32, lock_ref: u32, last_access: u64) -> Self {
         Node {
             key,
-            values,
+            value,
             children: Vec::new(),
             parent,
             lock_ref,
@@ -154,7 +155,7 @@ impl RadixIndex {
     /// An empty index (just the root).
     pub fn new() -> Self {
         RadixIndex {
-            nodes: vec![Node::new(Vec::new(), Vec::new(), NO_PARENT, 0, 0)],
+            nodes: vec![Node::new(Vec::new(), 0, NO_PARENT, 0, 0)],
             free: Vec::new(),
             clock: 0,
             total: 0,
@@ -220,7 +221,7 @@ impl RadixIndex {
         PrefixMatch {
             len,
             handle: handle(node, n.generation),
-            value: n.values.last().copied(),
+            value: (node != ROOT).then_some(n.value),
         }
     }
 
@@ -392,11 +393,7 @@ impl RadixIndex {
                 break;
             };
             let key = &self.nodes[child as usize].key;
-            let common = key
-                .iter()
-                .zip(&tokens[matched..])
-                .take_while(|(a, b)| a == b)
-                .count();
+            let common = common_prefix(key, &tokens[matched..]);
             let whole = common == key.len();
             node = if whole { child } else { self.split(child, common) };
             self.nodes[node as usize].last_access = now;
@@ -415,12 +412,11 @@ impl RadixIndex {
         let n = &mut self.nodes[x as usize];
         debug_assert!(at > 0 && at < n.key.len());
         let rest_key = n.key.split_off(at);
-        let rest_values = n.values.split_off(at);
         let head_key = std::mem::replace(&mut n.key, rest_key);
-        let head_values = std::mem::replace(&mut n.values, rest_values);
+        let head_value = n.value;
         let (parent, lock_ref, last_access, first) = (n.parent, n.lock_ref, n.last_access, n.key[0]);
         let head_first = head_key[0];
-        let p = self.alloc(Node::new(head_key, head_values, parent, lock_ref, last_access));
+        let p = self.alloc(Node::new(head_key, head_value, parent, lock_ref, last_access));
         self.nodes[p as usize].children.push((first, x));
         self.nodes[x as usize].parent = p;
         let siblings = &mut self.nodes[parent as usize].children;
@@ -435,7 +431,7 @@ impl RadixIndex {
     fn add_leaf(&mut self, parent: u32, key: Vec<u32>, value: u64) -> u32 {
         let len = key.len();
         let first = key[0];
-        let leaf = self.alloc(Node::new(key, vec![value; len], parent, 0, self.clock));
+        let leaf = self.alloc(Node::new(key, value, parent, 0, self.clock));
         let siblings = &mut self.nodes[parent as usize].children;
         let slot = siblings
             .binary_search_by_key(&first, |&(t, _)| t)
@@ -469,7 +465,6 @@ impl RadixIndex {
         n.live = false;
         n.generation = n.generation.wrapping_add(1);
         n.key = Vec::new();
-        n.values = Vec::new();
         n.children = Vec::new();
         n.parent = NO_PARENT;
         n.lock_ref = 0;
@@ -511,16 +506,14 @@ impl RadixIndex {
     fn remove_leaf(&mut self, index: u32, dropped: &mut Vec<u64>) -> usize {
         let n = &self.nodes[index as usize];
         let (parent, first, len) = (n.parent, n.key[0], n.key.len());
-        for &value in &n.values {
-            let count = self
-                .value_tokens
-                .get_mut(&value)
-                .expect("every stored value is counted");
-            *count -= 1;
-            if *count == 0 {
-                self.value_tokens.remove(&value);
-                dropped.push(value);
-            }
+        let count = self
+            .value_tokens
+            .get_mut(&n.value)
+            .expect("every stored value is counted");
+        *count -= len;
+        if *count == 0 {
+            self.value_tokens.remove(&n.value);
+            dropped.push(n.value);
         }
         let siblings = &mut self.nodes[parent as usize].children;
         let slot = siblings
@@ -534,6 +527,18 @@ impl RadixIndex {
     }
 }
 
+/// Length of the common prefix of `a` and `b`: whole 16-token blocks compared as slices
+/// (vectorised), then token by token inside the first differing block.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    const BLOCK: usize = 16;
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + BLOCK <= n && a[i..i + BLOCK] == b[i..i + BLOCK] {
+        i += BLOCK;
+    }
+    i + a[i..n].iter().zip(&b[i..n]).take_while(|(x, y)| x == y).count()
+}
+
 fn handle(index: u32, generation: u32) -> Handle {
     (u64::from(generation) << 32) | u64::from(index)
 }
@@ -541,6 +546,19 @@ fn handle(index: u32, generation: u32) -> Handle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn common_prefix_matches_a_token_loop() {
+        let a: Vec<u32> = (0..100).collect();
+        for cut in [0, 1, 15, 16, 17, 31, 32, 64, 99, 100] {
+            let mut b = a.clone();
+            if cut < b.len() {
+                b[cut] = 1000;
+            }
+            assert_eq!(common_prefix(&a, &b), cut);
+            assert_eq!(common_prefix(&a[..cut.min(40)], &b), cut.min(40));
+        }
+    }
 
     /// Sizes and structure agree with a recount from scratch.
     fn check(ix: &RadixIndex) {
@@ -558,15 +576,14 @@ mod tests {
         assert_eq!(ix.evictable_size(), total - protected);
         for &i in &live {
             let n = &ix.nodes[i as usize];
-            assert!(!n.key.is_empty() && n.key.len() == n.values.len());
+            assert!(!n.key.is_empty());
             let p = &ix.nodes[n.parent as usize];
             assert!(p.live && p.child(n.key[0]) == Some(i));
         }
         let mut counts: HashMap<u64, usize> = HashMap::new();
         for &i in &live {
-            for &v in &ix.nodes[i as usize].values {
-                *counts.entry(v).or_default() += 1;
-            }
+            let n = &ix.nodes[i as usize];
+            *counts.entry(n.value).or_default() += n.key.len();
         }
         assert_eq!(counts, ix.value_tokens);
         // Every unlocked leaf waits in the heap with its current access time.

@@ -6,13 +6,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyBool;
 
 use super::error::{enter, to_pyerr, IntoPyResult};
-use super::tokens::Tokens;
+use super::tokens::TokenSlice;
 use crate::error::TreeError;
 use crate::radix::RadixIndex;
-
-/// Sequences at least this long are walked with the GIL released; shorter ones are cheaper
-/// than the release itself.
-const DETACH_MIN_TOKENS: usize = 1024;
 
 /// A radix tree of cached token sequences (SGLang's radix-cache model): `insert`,
 /// `match_prefix`, `inc_lock_ref`/`dec_lock_ref` and LRU `evict` over unlocked leaves.
@@ -47,15 +43,6 @@ fn u64_arg(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
     })
 }
 
-/// Run `f` with the GIL released when `long`, else directly (both map errors the same way).
-fn run<T: Send>(py: Python<'_>, long: bool, f: impl FnOnce() -> crate::Result<T> + Send) -> PyResult<T> {
-    if long {
-        enter(py, f)
-    } else {
-        f().py()
-    }
-}
-
 #[pymethods]
 impl PyRadixIndex {
     #[new]
@@ -67,22 +54,16 @@ impl PyRadixIndex {
 
     /// Store `tokens`; tokens not stored yet get `value` (an int in [0, 2**64)), stored ones keep
     /// theirs. Returns how many leading tokens were already stored.
-    fn insert(&self, py: Python<'_>, tokens: Tokens, value: &Bound<'_, PyAny>) -> PyResult<usize> {
+    fn insert(&self, tokens: TokenSlice<'_>, value: &Bound<'_, PyAny>) -> PyResult<usize> {
         let value = u64_arg(value, "value")?;
-        let tokens = tokens.0;
-        run(py, tokens.len() >= DETACH_MIN_TOKENS, || {
-            Ok(self.lock().insert(&tokens, value))
-        })
+        Ok(self.lock().insert(tokens.as_slice(), value))
     }
 
     /// The longest stored prefix of `tokens`: `(length, handle, value)`, where `handle` names the
     /// node ending exactly after `length` tokens (the root when 0) and `value` is the last matched
     /// token's value (None when `length == 0`). Marks the path as just used.
-    fn match_prefix(&self, py: Python<'_>, tokens: Tokens) -> PyResult<(usize, u64, Option<u64>)> {
-        let tokens = tokens.0;
-        let m = run(py, tokens.len() >= DETACH_MIN_TOKENS, || {
-            Ok(self.lock().match_prefix(&tokens))
-        })?;
+    fn match_prefix(&self, tokens: TokenSlice<'_>) -> PyResult<(usize, u64, Option<u64>)> {
+        let m = self.lock().match_prefix(tokens.as_slice());
         Ok((m.len, m.handle, m.value))
     }
 

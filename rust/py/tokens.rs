@@ -66,3 +66,32 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Tokens {
         extract_tokens(&obj).map(Tokens)
     }
 }
+
+/// Token ids borrowed from a uint32 NumPy array (no copy), or extracted like [`Tokens`].
+/// For short operations done with the GIL held.
+pub(crate) enum TokenSlice<'py> {
+    Borrowed(PyReadonlyArray1<'py, u32>),
+    Owned(Vec<u32>),
+}
+
+impl TokenSlice<'_> {
+    pub(crate) fn as_slice(&self) -> &[u32] {
+        match self {
+            // A non-contiguous view falls back to a copy at extraction, so this cannot fail.
+            TokenSlice::Borrowed(a) => a.as_slice().expect("contiguous"),
+            TokenSlice::Owned(v) => v,
+        }
+    }
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for TokenSlice<'py> {
+    type Error = PyErr;
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        if let Ok(a) = obj.extract::<PyReadonlyArray1<'py, u32>>() {
+            if a.as_slice().is_ok() {
+                return Ok(TokenSlice::Borrowed(a));
+            }
+        }
+        extract_tokens(&obj).map(TokenSlice::Owned)
+    }
+}
