@@ -266,7 +266,106 @@ impl BlockMask {
     }
 }
 
+/// The depth-first segment layout of a pack: per segment (one distinct node).
+#[derive(Default)]
+struct Segments {
+    node: Vec<u32>,
+    start: Vec<i64>,
+    len: Vec<i64>,
+    parent: Vec<i32>,
+    /// First position of the node within its trajectory.
+    offset: Vec<i64>,
+    /// One past the last segment of the node's subtree.
+    end: Vec<i32>,
+}
+
 impl Forest {
+    /// The packed layout's per-token arrays, segment after segment. `per_node` holds the token
+    /// weight and the weighted positive / negative advantage sums of each node.
+    fn packed_tokens(&self, seg: &Segments, unique: usize, per_node: [&[f64]; 3]) -> PackedBatch {
+        let mut p = PackedBatch {
+            input_ids: Vec::with_capacity(unique),
+            position_ids: Vec::with_capacity(unique),
+            loss_mask: Vec::with_capacity(unique),
+            segment_ids: Vec::with_capacity(unique),
+            subtree_end: Vec::with_capacity(unique),
+            token_weight: Vec::with_capacity(unique),
+            adv_pos: Vec::with_capacity(unique),
+            adv_neg: Vec::with_capacity(unique),
+            ..PackedBatch::default()
+        };
+        let [weight, pos, neg] = per_node;
+        for (s, &id) in seg.node.iter().enumerate() {
+            let (action, context) = self.node_tokens(id);
+            let (n_action, len) = (action.len(), action.len() + context.len());
+            let masked = |value: f64| {
+                let v = value as f32;
+                std::iter::repeat_n(v, n_action).chain(std::iter::repeat_n(0.0, len - n_action))
+            };
+            p.input_ids
+                .extend(action.iter().chain(context).map(|&t| t as i64));
+            p.position_ids.extend((0..len as i64).map(|k| seg.offset[s] + k));
+            p.loss_mask.extend((0..len).map(|k| k < n_action));
+            p.segment_ids.extend(std::iter::repeat_n(s as i32, len));
+            p.subtree_end.extend(std::iter::repeat_n(seg.end[s], len));
+            p.token_weight.extend(masked(weight[id as usize]));
+            p.adv_pos.extend(masked(pos[id as usize]));
+            p.adv_neg.extend(masked(neg[id as usize]));
+        }
+        p.segment_node = seg.node.clone();
+        p.segment_start = seg.start.clone();
+        p.segment_len = seg.len.clone();
+        p.segment_parent = seg.parent.clone();
+        p
+    }
+
+    /// The flat layout: one right-padded row per trajectory, and each position's packed index.
+    #[allow(clippy::too_many_arguments)]
+    fn flat_rows(
+        &self,
+        paths: &[Vec<u32>],
+        lengths: &[usize],
+        cols: usize,
+        leaf_advantage: &[f64],
+        node_segment: &[i32],
+        seg: &Segments,
+        pad_id: u32,
+    ) -> FlatBatch {
+        let size = paths.len() * cols;
+        let mut f = FlatBatch {
+            rows: paths.len(),
+            cols,
+            input_ids: Vec::with_capacity(size),
+            attention_mask: Vec::with_capacity(size),
+            loss_mask: Vec::with_capacity(size),
+            advantages: Vec::with_capacity(size),
+            position_ids: Vec::with_capacity(size),
+            packed_index: Vec::with_capacity(size),
+        };
+        for (i, path) in paths.iter().enumerate() {
+            for &id in path {
+                let (action, context) = self.node_tokens(id);
+                let start = seg.start[node_segment[id as usize] as usize];
+                let len = action.len() + context.len();
+                f.input_ids
+                    .extend(action.iter().chain(context).map(|&t| t as i64));
+                f.loss_mask.extend((0..len).map(|k| k < action.len()));
+                f.packed_index.extend(start..start + len as i64);
+            }
+            let (n, pad) = (lengths[i], cols - lengths[i]);
+            f.position_ids.extend(0..n as i64);
+            f.position_ids.extend(std::iter::repeat_n(0, pad));
+            f.input_ids.extend(std::iter::repeat_n(pad_id as i64, pad));
+            f.loss_mask.extend(std::iter::repeat_n(false, pad));
+            f.packed_index.extend(std::iter::repeat_n(-1, pad));
+            f.attention_mask.extend((0..cols).map(|k| k < n));
+            let a = leaf_advantage[i] as f32;
+            f.advantages
+                .extend((0..cols).map(|k| if k < n { a } else { 0.0 }));
+        }
+        f
+    }
+
     /// Pack the kept leaves (or `leaves`, if given, each a kept leaf with an advantage) into both
     /// layouts. Needs a prior `advantages()` call.
     pub fn pack(&self, leaves: Option<&[u64]>, agg: AggMode, pad_id: u32) -> Result<Pack> {
@@ -347,10 +446,12 @@ impl Forest {
             fill[parent] += 1;
         }
 
-        let mut packed = PackedBatch::default();
+        // Depth-first segment layout (per node, cheap); the per-token arrays are filled after.
+        let mut seg = Segments::default();
         let mut node_segment = vec![-1i32; n_nodes];
         let mut node_offset = vec![0i64; n_nodes]; // node's first position within its trajectory
         let mut stack: Vec<(u32, bool)> = Vec::new();
+        let mut unique = 0usize;
         for tree in &self.trees {
             if !on_path[tree.root as usize] {
                 continue;
@@ -359,100 +460,51 @@ impl Forest {
             while let Some((id, done)) = stack.pop() {
                 let idx = id as usize;
                 if done {
-                    // subtree of this segment is complete: fill subtree_end for its tokens
-                    let seg = node_segment[idx] as usize;
-                    let end = packed.segment_node.len() as i32;
-                    let (s, l) = (
-                        packed.segment_start[seg] as usize,
-                        packed.segment_len[seg] as usize,
-                    );
-                    packed.subtree_end[s..s + l].fill(end);
+                    seg.end[node_segment[idx] as usize] = seg.node.len() as i32;
                     continue;
                 }
-                let node = &self.nodes[idx];
-                let seg = packed.segment_node.len() as i32;
-                node_segment[idx] = seg;
+                let len = self.nodes[idx].len();
                 let parent = self.parent[idx];
-                let parent_seg = if parent == NO_PARENT {
-                    -1
-                } else {
-                    node_segment[parent as usize]
-                };
-                let offset = if parent == NO_PARENT {
-                    0
+                let (parent_seg, offset) = if parent == NO_PARENT {
+                    (-1, 0)
                 } else {
                     let p = parent as usize;
-                    node_offset[p] + self.nodes[p].len() as i64
+                    (node_segment[p], node_offset[p] + self.nodes[p].len() as i64)
                 };
+                node_segment[idx] = seg.node.len() as i32;
                 node_offset[idx] = offset;
-                let start = packed.input_ids.len();
-                let (action, context) = self.node_tokens(id);
-                packed.segment_node.push(id);
-                packed.segment_start.push(start as i64);
-                packed.segment_len.push(node.len() as i64);
-                packed.segment_parent.push(parent_seg);
-                packed
-                    .input_ids
-                    .extend(action.iter().chain(context).map(|&t| t as i64));
-                packed
-                    .position_ids
-                    .extend((0..node.len() as i64).map(|k| offset + k));
-                packed.loss_mask.extend((0..node.len()).map(|k| k < action.len()));
-                packed.segment_ids.extend(std::iter::repeat_n(seg, node.len()));
-                packed.subtree_end.extend(std::iter::repeat_n(0, node.len()));
-                let (w, p, n) = (weight[idx] as f32, pos[idx] as f32, neg[idx] as f32);
-                packed
-                    .token_weight
-                    .extend((0..node.len()).map(|k| if k < action.len() { w } else { 0.0 }));
-                packed
-                    .adv_pos
-                    .extend((0..node.len()).map(|k| if k < action.len() { p } else { 0.0 }));
-                packed
-                    .adv_neg
-                    .extend((0..node.len()).map(|k| if k < action.len() { n } else { 0.0 }));
+                seg.node.push(id);
+                seg.start.push(unique as i64);
+                seg.len.push(len as i64);
+                seg.parent.push(parent_seg);
+                seg.offset.push(offset);
+                seg.end.push(0);
+                unique += len;
                 stack.push((id, true));
                 let kids = &children[child_count[idx] as usize..child_count[idx + 1] as usize];
                 stack.extend(kids.iter().rev().map(|&c| (c, false)));
             }
         }
 
-        // Flat layout, and the index of every flat position in the packed layout.
         let lengths: Vec<usize> = paths
             .iter()
             .map(|p| p.iter().map(|&id| self.nodes[id as usize].len()).sum())
             .collect();
         let cols = lengths.iter().copied().max().unwrap_or(0);
-        let size = batch * cols;
-        let mut flat = FlatBatch {
-            rows: batch,
-            cols,
-            input_ids: vec![pad_id as i64; size],
-            attention_mask: vec![false; size],
-            loss_mask: vec![false; size],
-            advantages: vec![0.0; size],
-            position_ids: vec![0; size],
-            packed_index: vec![-1; size],
-        };
-        for (i, path) in paths.iter().enumerate() {
-            let row = i * cols;
-            let a = leaf_advantage[i] as f32;
-            for &id in path {
-                let seg = node_segment[id as usize] as usize;
-                let (start, len) = (
-                    packed.segment_start[seg] as usize,
-                    packed.segment_len[seg] as usize,
-                );
-                let at = row + node_offset[id as usize] as usize;
-                flat.input_ids[at..at + len].copy_from_slice(&packed.input_ids[start..start + len]);
-                flat.loss_mask[at..at + len].copy_from_slice(&packed.loss_mask[start..start + len]);
-                flat.position_ids[at..at + len].copy_from_slice(&packed.position_ids[start..start + len]);
-                for k in 0..len {
-                    flat.packed_index[at + k] = (start + k) as i64;
-                }
-            }
-            flat.attention_mask[row..row + lengths[i]].fill(true);
-            flat.advantages[row..row + lengths[i]].fill(a);
-        }
+        // The two layouts are independent given the segments: build them on two threads.
+        let (packed, flat) = std::thread::scope(|scope| {
+            let packed = scope.spawn(|| self.packed_tokens(&seg, unique, [&weight, &pos, &neg]));
+            let flat = self.flat_rows(
+                &paths,
+                &lengths,
+                cols,
+                &leaf_advantage,
+                &node_segment,
+                &seg,
+                pad_id,
+            );
+            (packed.join().expect("packing thread panicked"), flat)
+        });
 
         Ok(Pack {
             total_tokens: lengths.iter().sum(),

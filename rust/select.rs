@@ -80,6 +80,65 @@ impl Forest {
         picks
     }
 
+    /// Like [`Forest::select`], but each candidate is drawn with probability proportional to
+    /// `weights[node]` (one finite, non-negative weight per node of the forest). A tree whose
+    /// candidates all weigh 0 falls back to uniform draws. Uncertainty-guided rules (e.g.
+    /// surprisal of a step's action tokens, discounted for nodes already expanded) set the weights.
+    pub fn select_weighted(
+        &self,
+        n: usize,
+        seed: u64,
+        weights: &[f64],
+        opts: SelectOptions,
+    ) -> Result<Vec<u32>> {
+        if weights.len() != self.nodes.len() {
+            return Err(TreeError::InvalidArgument(format!(
+                "select_weighted got {} weights for {} nodes: pass one weight per node",
+                weights.len(),
+                self.nodes.len()
+            )));
+        }
+        if let Some((node, w)) = weights
+            .iter()
+            .enumerate()
+            .find(|(_, w)| !(w.is_finite() && **w >= 0.0))
+        {
+            return Err(TreeError::InvalidArgument(format!(
+                "weight {w} of node {node} is not a finite number >= 0"
+            )));
+        }
+        use rand::RngExt;
+        let mut picks = Vec::with_capacity(n * self.trees.len());
+        let (mut cands, mut cum) = (Vec::new(), Vec::new());
+        for t in 0..self.trees.len() as u32 {
+            self.candidates_into(t, opts.include_root, &mut cands);
+            let mut rng = rng_for(seed, t as u64);
+            let draws = if opts.replace { n } else { n.min(cands.len()) };
+            for _ in 0..draws {
+                if cands.is_empty() {
+                    break;
+                }
+                cum.clear();
+                let mut total = 0.0;
+                for &c in &cands {
+                    total += weights[c as usize];
+                    cum.push(total);
+                }
+                let i = if total > 0.0 {
+                    let x = rng.random::<f64>() * total;
+                    cum.partition_point(|&c| c <= x).min(cands.len() - 1)
+                } else {
+                    rng.random_range(0..cands.len())
+                };
+                picks.push(cands[i]);
+                if !opts.replace {
+                    cands.remove(i);
+                }
+            }
+        }
+        Ok(picks)
+    }
+
     /// Leaves of one tree, in id order.
     pub fn tree_leaves(&self, tree: u32) -> impl Iterator<Item = u32> + '_ {
         self.trees[tree as usize]
@@ -154,6 +213,42 @@ mod tests {
             },
         );
         assert_eq!(distinct, vec![root, a]);
+    }
+
+    #[test]
+    fn weighted_selection_follows_the_weights() {
+        let (f, root, a, _) = small();
+        let mut w = vec![0.0; f.nodes.len()];
+        w[a as usize] = 3.0;
+        w[root as usize] = 1.0;
+        let picks = f
+            .select_weighted(40_000, 5, &w, SelectOptions::default())
+            .unwrap();
+        let share = picks.iter().filter(|&&p| p == a).count() as f64 / picks.len() as f64;
+        assert!((share - 0.75).abs() < 0.01, "{share}");
+        let zero = vec![0.0; f.nodes.len()];
+        let uniform = f
+            .select_weighted(40_000, 5, &zero, SelectOptions::default())
+            .unwrap();
+        let share = uniform.iter().filter(|&&p| p == a).count() as f64 / uniform.len() as f64;
+        assert!((share - 0.5).abs() < 0.01, "{share}");
+        let distinct = f
+            .select_weighted(
+                5,
+                0,
+                &w,
+                SelectOptions {
+                    replace: false,
+                    include_root: true,
+                },
+            )
+            .unwrap();
+        assert_eq!(distinct.len(), 2);
+        assert!(f
+            .select_weighted(1, 0, &w[..1], SelectOptions::default())
+            .is_err());
+        w[0] = f64::NAN;
+        assert!(f.select_weighted(1, 0, &w, SelectOptions::default()).is_err());
     }
 
     #[test]

@@ -342,3 +342,24 @@ def test_long_sequences_and_threads() -> None:
     assert ix.total_size == 3000 + 4 * (1 + 20 * 2001)
     assert sorted(ix.evict(10**9)[1]) == [0, 1, 2, 3]
     assert len(ix) == 0
+
+
+def test_batch_calls_equal_one_call_per_sequence():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 50, 40, dtype=np.uint32)
+    seqs = [
+        np.concatenate([base[: rng.integers(0, 40)], rng.integers(0, 50, 10, dtype=np.uint32)])
+        for _ in range(30)
+    ]
+    one, many = RadixIndex(), RadixIndex()
+    expect = [one.insert(s, i) for i, s in enumerate(seqs)]
+    assert many.insert_many(seqs, list(range(30))) == expect
+    assert many.sequences() == one.sequences()
+    assert many.match_prefix_many([s.tolist() for s in seqs]) == [
+        one.match_prefix(s)[0] for s in seqs
+    ]
+    with pytest.raises(InvalidArgumentError, match="one value per sequence"):
+        many.insert_many(seqs, [1])
+    with pytest.raises(InvalidArgumentError, match="value must be"):
+        many.insert_many([[999]], [-1])
+    assert many.match_prefix([999])[0] == 0, "a rejected batch inserts nothing"

@@ -127,6 +127,24 @@ impl PyForest {
         enter(py, || Ok(self.lock().select(n, seed, opts)))
     }
 
+    /// Draw `n` nodes per tree with probability proportional to `weights` (one per node).
+    #[pyo3(signature = (n, weights, *, seed=0, replace=true, include_root=true))]
+    fn select_weighted(
+        &self,
+        py: Python<'_>,
+        n: usize,
+        weights: Vec<f64>,
+        seed: u64,
+        replace: bool,
+        include_root: bool,
+    ) -> PyResult<Vec<u32>> {
+        let opts = SelectOptions {
+            replace,
+            include_root,
+        };
+        enter(py, || self.lock().select_weighted(n, seed, &weights, opts))
+    }
+
     /// Keep a seeded random subset of `k` leaves in every tree.
     #[pyo3(signature = (k, *, seed=0))]
     fn keep_leaves(&self, py: Python<'_>, k: usize, seed: u64) -> PyResult<()> {

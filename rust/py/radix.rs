@@ -28,6 +28,18 @@ impl PyRadixIndex {
     }
 }
 
+/// The items of a list/tuple/iterable of token sequences. Each is extracted (and, for NumPy
+/// arrays, borrowed) one at a time: holding thousands of NumPy borrows at once is slow.
+fn token_list<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    obj.try_iter()
+        .map_err(|_| {
+            to_pyerr(TreeError::InvalidArgument(
+                "sequences must be a list of token sequences".into(),
+            ))
+        })?
+        .collect()
+}
+
 /// A non-negative int below 2**64 (not a bool), or `InvalidArgumentError` naming `what`.
 fn u64_arg(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
     let value = if obj.is_instance_of::<PyBool>() {
@@ -65,6 +77,50 @@ impl PyRadixIndex {
     fn match_prefix(&self, tokens: TokenSlice<'_>) -> PyResult<(usize, u64, Option<u64>)> {
         let m = self.lock().match_prefix(tokens.as_slice());
         Ok((m.len, m.handle, m.value))
+    }
+
+    /// `insert` each sequence in order with its value; returns, per sequence, how many leading
+    /// tokens were already stored (its `cached_tokens` if sent to a prefix cache in this order).
+    /// Every sequence and value is checked before anything is inserted.
+    fn insert_many(
+        &self,
+        sequences: &Bound<'_, PyAny>,
+        values: Vec<Bound<'_, PyAny>>,
+    ) -> PyResult<Vec<usize>> {
+        let values = values
+            .iter()
+            .map(|v| u64_arg(v, "value"))
+            .collect::<PyResult<Vec<u64>>>()?;
+        let sequences = token_list(sequences)?;
+        if sequences.len() != values.len() {
+            return Err(to_pyerr(TreeError::InvalidArgument(format!(
+                "insert_many got {} sequences and {} values: pass one value per sequence",
+                sequences.len(),
+                values.len()
+            ))));
+        }
+        for s in &sequences {
+            s.extract::<TokenSlice<'_>>()?;
+        }
+        let mut index = self.lock();
+        sequences
+            .iter()
+            .zip(values)
+            .map(|(s, v)| Ok(index.insert(s.extract::<TokenSlice<'_>>()?.as_slice(), v)))
+            .collect()
+    }
+
+    /// `match_prefix` lengths of many sequences, in order (each match marks its path as used).
+    fn match_prefix_many(&self, sequences: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
+        let sequences = token_list(sequences)?;
+        for s in &sequences {
+            s.extract::<TokenSlice<'_>>()?;
+        }
+        let mut index = self.lock();
+        sequences
+            .iter()
+            .map(|s| Ok(index.match_prefix(s.extract::<TokenSlice<'_>>()?.as_slice()).len))
+            .collect()
     }
 
     /// Protect the node of `handle` and its ancestors from eviction. Returns how many tokens
