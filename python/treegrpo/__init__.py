@@ -12,12 +12,18 @@ import warnings
 from treegrpo import _core
 from treegrpo._core import Forest, Pack, RadixIndex, Table
 from treegrpo.exceptions import (
+    CorpusFormatError,
     InvalidArgumentError,
     InvalidOptionError,
     InvalidStepError,
     LockError,
+    MissingDependencyError,
+    RetrieverResponseError,
+    RetrieverTimeoutError,
+    RetrieverUnavailableError,
     RewardError,
     StaleHandleError,
+    SynthesisError,
     TreeGRPOError,
     UnknownNodeError,
 )
@@ -33,15 +39,21 @@ if _core.BUILD_PROFILE != "release":
     )
 
 __all__ = [
+    "CorpusFormatError",
     "Forest",
     "InvalidArgumentError",
     "InvalidOptionError",
     "InvalidStepError",
     "LockError",
+    "MissingDependencyError",
     "Pack",
     "RadixIndex",
+    "RetrieverResponseError",
+    "RetrieverTimeoutError",
+    "RetrieverUnavailableError",
     "RewardError",
     "StaleHandleError",
+    "SynthesisError",
     "Table",
     "TreeGRPOError",
     "UnknownNodeError",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from treegrpo import __version__
 
@@ -50,6 +52,14 @@ def _column(table: object, name: str) -> list[float]:
     return pa.table(table).column(name).to_pylist()
 
 
+def _subcommands() -> list[Callable[[Any], Any]]:
+    """Each module that owns a command registers it (its parser and its `run`)."""
+    from treegrpo.env.retrievers.server import add_subcommand as serve_retriever
+    from treegrpo.env.synth import add_subcommand as data
+
+    return [data, serve_retriever]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="treegrpo", description=__doc__)
     parser.add_argument("--version", action="version", version=f"treegrpo {__version__}")
@@ -57,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="build a small forest and print its advantages")
     demo.add_argument("--seed", type=int, default=0, help="selection seed")
     demo.set_defaults(run=_demo)
+    for register in _subcommands():
+        register(commands)
     args = parser.parse_args(argv)
     return int(args.run(args))
 

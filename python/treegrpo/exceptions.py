@@ -4,12 +4,18 @@ built-in exception it refines, so ``except ValueError`` keeps working."""
 from __future__ import annotations
 
 __all__ = [
+    "CorpusFormatError",
     "InvalidArgumentError",
     "InvalidOptionError",
     "InvalidStepError",
     "LockError",
+    "MissingDependencyError",
+    "RetrieverResponseError",
+    "RetrieverTimeoutError",
+    "RetrieverUnavailableError",
     "RewardError",
     "StaleHandleError",
+    "SynthesisError",
     "TreeGRPOError",
     "UnknownNodeError",
 ]
@@ -51,3 +57,41 @@ class InvalidArgumentError(TreeGRPOError, ValueError):
 
 class LockError(TreeGRPOError, ValueError):
     """An unbalanced lock release on the radix index."""
+
+
+# ---- environment: corpora, retrievers, the synthetic world
+
+
+class CorpusFormatError(TreeGRPOError, ValueError):
+    """A corpus file that is not JSONL with one ``{"id": str, "contents": str}`` object a line.
+
+    The message names the file and the 1-based line number."""
+
+
+class RetrieverUnavailableError(TreeGRPOError, ConnectionError):
+    """A retriever server that could not be reached (refused connection, reset, HTTP 5xx), after
+    every retry. The message names the URL."""
+
+
+class RetrieverTimeoutError(RetrieverUnavailableError, TimeoutError):
+    """A retriever server that did not answer within the timeout, after every retry."""
+
+
+class RetrieverResponseError(TreeGRPOError, ValueError):
+    """A retriever server that answered, but not with results: an HTTP 4xx (the request was
+    rejected; never retried) or a body that does not follow the ``/retrieve`` protocol.
+
+    ``status`` is the HTTP status code (200 for a malformed body)."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class MissingDependencyError(TreeGRPOError, ImportError):
+    """An optional dependency (e.g. torch for dense retrieval) that is not installed; the
+    message says what to install."""
+
+
+class SynthesisError(TreeGRPOError, RuntimeError):
+    """The synthetic world could not be built as promised (e.g. a gold hop's page not retrieved)."""
