@@ -1,0 +1,5 @@
+"""Generation engines: the embedded transformers engine and the SGLang client."""
+
+from treegrpo.engine.base import Completion, Engine, FinishReason, GenerateRequest, SamplingParams
+
+__all__ = ["Completion", "Engine", "FinishReason", "GenerateRequest", "SamplingParams"]

@@ -1,0 +1,92 @@
+"""The one generation interface every engine implements (embedded transformers, SGLang client).
+
+Token ids in, token ids out: the rollout never re-tokenises what the policy generated. One call
+to :meth:`Engine.generate` takes the requests of one agent step across all active branches;
+requests with ``n > 1`` are sibling expansions of one node and share its prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+__all__ = ["Completion", "Engine", "FinishReason", "GenerateRequest", "SamplingParams"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling (SGLang's ``sampling_params`` names and meanings).
+
+    ``max_new_tokens``: tokens to generate at most (the per-turn action limit).
+    ``temperature``: 0 means greedy. ``top_p``: nucleus mass in (0, 1]. ``top_k``: -1 for all.
+    ``stop``: strings that end generation; the matched text stays in the output.
+    ``stop_token_ids``: ids that end generation (EOS is added by the engine); kept in the output.
+    ``n``: samples from the same prompt (sibling branches).
+    """
+
+    max_new_tokens: int = 500
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (all tokens) or >= 1, got {self.top_k}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """Continue ``input_ids``. ``key`` routes requests (e.g. the tree id: all requests of one
+    tree go to one server, so its prefixes stay in one cache)."""
+
+    input_ids: Sequence[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class FinishReason:
+    """Why generation stopped: ``stop`` (``matched`` = the stop string or token id), ``length``
+    (``max_new_tokens`` reached) or ``abort`` (``message`` says why)."""
+
+    type: Literal["stop", "length", "abort"]
+    matched: str | int | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sample: ``output_ids`` (including a matched stop token or the tokens of a matched stop
+    string), ``log_probs`` of each output token under the sampling policy, how it finished, how
+    many prompt tokens were served from a prefix cache, and the weight version that made it."""
+
+    output_ids: tuple[int, ...]
+    log_probs: tuple[float, ...]
+    finish: FinishReason
+    cached_tokens: int
+    prompt_tokens: int
+    weight_version: str
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Generates continuations. ``generate`` returns, per request, its ``n`` completions."""
+
+    @property
+    def weight_version(self) -> str: ...
+
+    async def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Completion]]: ...
+
+    async def close(self) -> None: ...

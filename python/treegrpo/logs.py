@@ -1,0 +1,109 @@
+"""Rollout logs: one Parquet partition per training step and table, written atomically.
+
+A run directory holds::
+
+    nodes/step=000012/part-0.parquet          one row per node (the Forest's Arrow export + texts)
+    trajectories/step=000012/part-0.parquet   one row per kept leaf (advantages + lengths)
+
+read with ``polars.scan_parquet(run / "nodes" / "**" / "*.parquet", hive_partitioning=True)``
+(the ``step`` column comes from the directory name). Each file carries the key-value metadata
+``treegrpo.schema_version`` and ``treegrpo.table``. A file appears under its final name only
+once complete (written to a temporary name in the same directory, then renamed), so a crash
+mid-write leaves nothing a reader picks up. The columns are documented in docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from treegrpo import Table
+    from treegrpo.rollout import RolloutResult
+
+__all__ = ["SCHEMA_VERSION", "partition", "write_rollout", "write_table_atomic"]
+
+SCHEMA_VERSION = "1"
+
+
+def partition(run_dir: str | Path, table: str, step: int) -> Path:
+    """The directory of one step's partition of `table` ("nodes" or "trajectories")."""
+    return Path(run_dir) / table / f"step={step:06d}"
+
+
+def write_table_atomic(table: pa.Table, path: Path, *, name: str) -> Path:
+    """Write `table` to `path` via a temporary file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**(table.schema.metadata or {})}
+    meta.update(
+        {b"treegrpo.schema_version": SCHEMA_VERSION.encode(), b"treegrpo.table": name.encode()}
+    )
+    table = table.replace_schema_metadata(meta)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_rollout(
+    run_dir: str | Path, step: int, result: RolloutResult, advantages: Table
+) -> dict[str, Path]:
+    """Write one step's nodes and trajectories tables. Call after ``forest.advantages(...)`` so
+    the nodes table carries V, kept leaves and summed advantage; `advantages` is its result."""
+    forest = result.forest
+    nodes = pa.table(forest.nodes())
+    ids = nodes.column("node").to_pylist()
+    info = [result.info.get(i) for i in ids]
+
+    def col(attr: str, kind: pa.DataType) -> pa.Array:
+        return pa.array([getattr(x, attr) if x is not None else None for x in info], type=kind)
+
+    mean_log_prob = col("mean_log_prob", pa.float64())
+    nodes = (
+        nodes.append_column("action_text", col("action_text", pa.string()))
+        .append_column("observation_text", col("observation_text", pa.string()))
+        .append_column("mean_log_prob", mean_log_prob)
+        .append_column("surprisal", pc.negate(mean_log_prob))
+        .append_column("finish_reason", col("finish_reason", pa.string()))
+        .append_column("tool", col("tool", pa.string()))
+        .append_column("query", col("query", pa.string()))
+        .append_column("answer", col("answer", pa.string()))
+        .append_column("valid", col("valid", pa.bool_()))
+        .append_column("weight_version", col("weight_version", pa.string()))
+        .append_column(
+            "data_source",
+            pa.array([result.prompts[g].data_source for g in nodes.column("group").to_pylist()]),
+        )
+    )
+
+    leaves = pa.table(forest.leaves()).select(
+        ["leaf", "depth", "leaf_reason", "length", "action_tokens"]
+    )
+    traj = pa.table(advantages).join(leaves, "leaf", join_type="left outer").sort_by("leaf")
+    traj = traj.rename_columns(["turns" if c == "depth" else c for c in traj.column_names])
+    groups = traj.column("group").to_pylist()
+    traj = traj.append_column(
+        "data_source", pa.array([result.prompts[g].data_source for g in groups], pa.string())
+    ).append_column(
+        "response",
+        pa.array([result.response_text(leaf) for leaf in traj.column("leaf").to_pylist()]),
+    )
+    return {
+        "nodes": write_table_atomic(
+            nodes, partition(run_dir, "nodes", step) / "part-0.parquet", name="nodes"
+        ),
+        "trajectories": write_table_atomic(
+            traj, partition(run_dir, "trajectories", step) / "part-0.parquet", name="trajectories"
+        ),
+    }

@@ -1,0 +1,425 @@
+"""The tree rollout: Tree-GRPO's sampling procedure over whole agent steps.
+
+For a batch of prompts (algorithm.md section 2):
+
+1. Init: M roots per prompt, each rolled out as one multi-turn chain to a leaf.
+2. Expand, L rounds: in every tree, N nodes are drawn (``Forest.select``: uniform with
+   replacement over the root and the open nodes, the reference rule; or weighted by the
+   surprisal of a step's action tokens) and each is continued to a leaf from "prompt + steps up
+   to and including the node's observation". Draws of the same node become siblings sampled
+   from one prompt with ``n``.
+3. K leaves kept per tree; outcome rewards on the leaves.
+
+Chain GRPO is the same code with N = 0 (M independent chains per prompt).
+
+At every agent step, all active branches of all trees go to the engine as ONE batch; the tool
+calls of the step then run concurrently (the environment batches them per tool). The rollout
+knows no optimizer and no server: it drives an :class:`~treegrpo.engine.Engine` and a
+:class:`~treegrpo.env.SearchEnv`, and records into a :class:`treegrpo.Forest`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from treegrpo import Forest
+from treegrpo.engine.base import Completion, Engine, GenerateRequest, SamplingParams
+from treegrpo.env.steps import SearchEnv, StepInput, StepResult
+
+__all__ = ["Budget", "NodeInfo", "Prompt", "Rollout", "RolloutConfig", "RolloutResult", "rollout"]
+
+Selection = Literal["uniform", "surprisal"]
+RewardFn = Callable[..., float]
+
+
+@dataclass
+class RolloutConfig:
+    """Tree shape, selection and sampling of one rollout.
+
+    - ``m``: trees per prompt. ``n``: nodes drawn per tree and round (0 = chain GRPO).
+      ``l``: expansion rounds. ``k``: leaves kept per tree (None = all, ``1 + l*n``).
+    - ``selection``: ``"uniform"`` (reference: uniform with replacement over root + open nodes)
+      or ``"surprisal"`` (weight each candidate by the mean surprisal, -log p, of its action
+      tokens, divided by 1 + ``overexpand_penalty`` x its children; the root weighs the mean of
+      its tree's candidates; TreeRL/ARPO-style uncertainty-guided branching).
+    - ``replace``: draw with replacement (reference) or without.
+    - ``max_turns``: search-enabled turns before the forced final turn (leaf whatever it says).
+    - ``max_action_tokens``: tokens per generated step. ``max_obs_tokens`` is the environment's.
+    - ``temperature``/``top_p``/``top_k``: sampling (reference: 1.0, 0.95, -1).
+    - ``seed``: selection and subsampling seed (the engine has its own).
+    """
+
+    m: int = 2
+    n: int = 2
+    l: int = 1  # noqa: E741 (the paper's name)
+    k: int | None = None
+    selection: Selection = "uniform"
+    replace: bool = True
+    overexpand_penalty: float = 1.0
+    max_turns: int = 3
+    max_action_tokens: int = 500
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = -1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"RolloutConfig: {message}")
+
+        need(self.m >= 1, f"m (trees per prompt) must be >= 1, got {self.m}")
+        need(self.n >= 0, f"n (nodes drawn per tree and round) must be >= 0, got {self.n}")
+        need(self.l >= 0, f"l (expansion rounds) must be >= 0, got {self.l}")
+        need(
+            self.k is None or 1 <= self.k <= self.leaves_per_tree,
+            f"k (leaves kept per tree) must be in [1, 1 + l*n] = [1, {self.leaves_per_tree}], "
+            f"got {self.k}",
+        )
+        need(
+            self.selection in ("uniform", "surprisal"),
+            f"selection must be 'uniform' or 'surprisal', got {self.selection!r}",
+        )
+        need(self.overexpand_penalty >= 0, "overexpand_penalty must be >= 0")
+        need(self.max_turns >= 0, f"max_turns must be >= 0, got {self.max_turns}")
+        need(self.max_action_tokens >= 1, "max_action_tokens must be >= 1")
+        need(self.temperature >= 0, "temperature must be >= 0 (0 = greedy)")
+        need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def leaves_per_tree(self) -> int:
+        """Every tree ends with exactly 1 + L*N leaves."""
+        return 1 + self.l * self.n
+
+    @property
+    def chain(self) -> bool:
+        return self.n == 0 or self.l == 0
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One question: its group id (unique per question), prompt token ids, and what the reward
+    needs (``data_source``, ``ground_truth``, ``extra_info``, verl's reward signature)."""
+
+    group: int
+    input_ids: Sequence[int]
+    data_source: str
+    ground_truth: Any
+    extra_info: dict[str, Any] | None = None
+
+
+@dataclass
+class NodeInfo:
+    """What the Forest does not hold about a step: texts, the engine's and the tool's answers."""
+
+    parent: int | None = None
+    action_text: str = ""
+    observation_text: str = ""
+    mean_log_prob: float = math.nan
+    finish_reason: str | None = None
+    tool: str | None = None
+    query: str | None = None
+    answer: str | None = None
+    valid: bool = False
+    weight_version: str | None = None
+
+
+@dataclass
+class Budget:
+    """What the rollout spent, per prompt group (and summed in `total`)."""
+
+    generated_tokens: int = 0
+    prefill_tokens: int = 0
+    cached_tokens: int = 0
+    tool_calls: int = 0
+    leaves: int = 0
+    requests: int = 0
+
+    def add(self, other: Budget) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @property
+    def leaves_per_1k_generated(self) -> float:
+        return 1000.0 * self.leaves / self.generated_tokens if self.generated_tokens else 0.0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        prompt = self.prefill_tokens + self.cached_tokens
+        return self.cached_tokens / prompt if prompt else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        out: dict[str, float] = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["leaves_per_1k_generated"] = self.leaves_per_1k_generated
+        out["cache_hit_rate"] = self.cache_hit_rate
+        return out
+
+
+@dataclass
+class RolloutResult:
+    """The forest (rewards set, K leaves kept) and everything needed to log and train on it."""
+
+    forest: Forest
+    info: dict[int, NodeInfo]
+    prompts: dict[int, Prompt]
+    budget: dict[int, Budget]
+    total: Budget = field(default_factory=Budget)
+
+    def response_text(self, leaf: int) -> str:
+        """The policy's response for a leaf: every step's action and observation after the
+        prompt (what verl's reward functions score)."""
+        path = []
+        node: int | None = leaf
+        while node is not None and node in self.info:
+            path.append(node)
+            node = self.info[node].parent
+        return "".join(
+            self.info[i].action_text + self.info[i].observation_text for i in reversed(path)
+        )
+
+
+@dataclass
+class _Branch:
+    node: int
+    tree: int
+    group: int
+    context: list[int]
+    turn: int
+
+
+class Rollout:
+    """Runs tree (or chain) rollouts with one engine, one environment and one reward function.
+
+    ``reward_fn(data_source, solution_str, ground_truth, extra_info=None) -> float`` (verl's
+    signature). ``eos_token_ids`` end a step like a stop string (kept in the action).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        env: SearchEnv,
+        reward_fn: RewardFn,
+        config: RolloutConfig,
+        *,
+        tokenizer: Any,
+        eos_token_ids: Sequence[int] = (),
+    ) -> None:
+        if config.max_turns != env.max_turns:
+            raise ValueError(
+                f"RolloutConfig.max_turns ({config.max_turns}) differs from the environment's "
+                f"({env.max_turns}): build SearchEnv(max_turns=config.max_turns)"
+            )
+        self.engine, self.env, self.reward_fn, self.config = engine, env, reward_fn, config
+        self.tokenizer = tokenizer
+        self.eos_token_ids = tuple(eos_token_ids)
+
+    # ------------------------------------------------------------------ the procedure
+
+    async def run(self, prompts: Sequence[Prompt], *, step: int = 0) -> RolloutResult:
+        """Roll out every prompt; `step` varies the selection seed between training steps."""
+        groups = [p.group for p in prompts]
+        if len(set(groups)) != len(groups):
+            raise ValueError("prompt groups must be unique: one group id per question")
+        cfg = self.config
+        forest = Forest()
+        result = RolloutResult(forest, {}, {p.group: p for p in prompts}, {})
+        for p in prompts:
+            result.budget[p.group] = Budget()
+
+        # 1. Init: M chains per prompt.
+        branches = []
+        for p in prompts:
+            for _ in range(cfg.m):
+                root = forest.add_root(p.group, list(p.input_ids))
+                tree = forest.num_trees - 1
+                branches.append(_Branch(root, tree, p.group, list(p.input_ids), 0))
+        await self._to_leaves(branches, result)
+
+        # 2. Expand, L rounds of N draws per tree.
+        if not cfg.chain:
+            for round_ in range(cfg.l):
+                seed = _mix(cfg.seed, step, round_)
+                picks = self._select(result, seed)
+                branches = self._branches_at(result, picks)
+                await self._to_leaves(branches, result)
+
+        # 3. K leaves per tree, rewards on the leaves.
+        if cfg.k is not None and cfg.k < cfg.leaves_per_tree:
+            forest.keep_leaves(cfg.k, seed=_mix(cfg.seed, step, 1_000_003))
+        self._reward(result)
+        for budget in result.budget.values():
+            result.total.add(budget)
+        return result
+
+    async def _to_leaves(self, branches: list[_Branch], result: RolloutResult) -> None:
+        """Advance every branch one agent step at a time until all reached a leaf."""
+        while branches:
+            branches = await self._step(branches, result)
+
+    async def _step(self, branches: list[_Branch], result: RolloutResult) -> list[_Branch]:
+        cfg = self.config
+        # Branches at the same node are siblings: one request with n samples.
+        by_node: dict[int, list[_Branch]] = defaultdict(list)
+        for b in branches:
+            by_node[b.node].append(b)
+        requests, owners = [], []
+        for same in by_node.values():
+            b = same[0]
+            sampling = SamplingParams(
+                max_new_tokens=cfg.max_action_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                top_k=cfg.top_k,
+                stop=tuple(self.env.stop_strings(b.turn)),
+                stop_token_ids=self.eos_token_ids,
+                n=len(same),
+            )
+            requests.append(GenerateRequest(b.context, sampling, key=f"tree-{b.tree}"))
+            owners.append(same)
+        completions = await self.engine.generate(requests)
+        if len(completions) != len(requests):
+            raise RuntimeError(
+                f"engine returned {len(completions)} results for {len(requests)} requests"
+            )
+
+        flat: list[tuple[_Branch, Completion]] = []
+        for same, outs, req in zip(owners, completions, requests, strict=True):
+            if len(outs) != len(same):
+                raise RuntimeError(f"engine returned {len(outs)} samples for n={len(same)}")
+            budget = result.budget[same[0].group]
+            budget.requests += 1
+            # The prompt is prefilled once for all n samples.
+            budget.cached_tokens += outs[0].cached_tokens
+            budget.prefill_tokens += len(req.input_ids) - outs[0].cached_tokens
+            flat.extend(zip(same, outs, strict=True))
+
+        texts = [
+            self.tokenizer.decode(list(c.output_ids), skip_special_tokens=True) for _, c in flat
+        ]
+        inputs = [
+            StepInput(text, b.turn, truncated=c.finish.type != "stop")
+            for (b, c), text in zip(flat, texts, strict=True)
+        ]
+        steps: list[StepResult] = await self.env.step(inputs)
+
+        forest, nxt = result.forest, []
+        for (b, c), s in zip(flat, steps, strict=True):
+            action = list(c.output_ids)
+            observation = list(s.observation_ids)
+            node = forest.add_step(b.node, action, observation, reason=s.leaf_reason)
+            result.info[node] = NodeInfo(
+                parent=b.node,
+                action_text=s.action_text,
+                observation_text=s.observation_text,
+                mean_log_prob=sum(c.log_probs) / len(c.log_probs) if c.log_probs else math.nan,
+                finish_reason=c.finish.type,
+                tool=s.tool,
+                query=s.query,
+                answer=s.answer,
+                valid=s.valid,
+                weight_version=c.weight_version,
+            )
+            budget = result.budget[b.group]
+            budget.generated_tokens += len(action)
+            budget.tool_calls += s.tool is not None
+            if s.is_leaf:
+                budget.leaves += 1
+            else:
+                nxt.append(
+                    _Branch(node, b.tree, b.group, b.context + action + observation, b.turn + 1)
+                )
+        return nxt
+
+    # ------------------------------------------------------------------ selection, rewards
+
+    def _select(self, result: RolloutResult, seed: int) -> list[int]:
+        cfg, forest = self.config, result.forest
+        if cfg.selection == "uniform":
+            return forest.select(cfg.n, seed=seed, replace=cfg.replace)
+        import pyarrow as pa
+
+        nodes = pa.table(forest.nodes())
+        children = nodes.column("num_children").to_pylist()
+        trees = nodes.column("tree").to_pylist()
+        weights = [0.0] * forest.num_nodes
+        by_tree: dict[int, list[float]] = defaultdict(list)
+        for node, info in result.info.items():
+            if not math.isnan(info.mean_log_prob):
+                w = -info.mean_log_prob / (1.0 + cfg.overexpand_penalty * children[node])
+                weights[node] = max(w, 0.0)
+                by_tree[trees[node]].append(weights[node])
+        for node, parent in enumerate(nodes.column("parent").to_pylist()):
+            if parent is None:  # a root: the mean weight of its tree's steps
+                seen = by_tree.get(trees[node], [])
+                weights[node] = sum(seen) / len(seen) if seen else 0.0
+                weights[node] /= 1.0 + cfg.overexpand_penalty * (children[node] - 1)
+        return forest.select_weighted(cfg.n, weights, seed=seed, replace=cfg.replace)
+
+    def _branches_at(self, result: RolloutResult, picks: list[int]) -> list[_Branch]:
+        """A branch continuing from each drawn node: its context is prompt + every step through
+        the node's observation, and its next turn is the node's depth."""
+        import pyarrow as pa
+
+        forest = result.forest
+        nodes = pa.table(forest.nodes()).select(["tree", "group", "depth"]).to_pydict()
+        return [
+            _Branch(
+                node,
+                nodes["tree"][node],
+                nodes["group"][node],
+                forest.tokens(node)[0].tolist(),
+                nodes["depth"][node],
+            )
+            for node in picks
+        ]
+
+    def _reward(self, result: RolloutResult) -> None:
+        import pyarrow as pa
+
+        leaves = pa.table(result.forest.leaves())
+        ids, groups = leaves.column("leaf").to_pylist(), leaves.column("group").to_pylist()
+        rewards = []
+        for leaf, group in zip(ids, groups, strict=True):
+            p = result.prompts[group]
+            r = float(
+                self.reward_fn(
+                    p.data_source, result.response_text(leaf), p.ground_truth, p.extra_info
+                )
+            )
+            if not math.isfinite(r):
+                raise ValueError(
+                    f"reward function returned {r} for leaf {leaf}: rewards must be finite"
+                )
+            rewards.append(r)
+        result.forest.set_rewards(ids, rewards)
+
+
+async def rollout(
+    engine: Engine,
+    env: SearchEnv,
+    reward_fn: RewardFn,
+    prompts: Sequence[Prompt],
+    config: RolloutConfig,
+    *,
+    tokenizer: Any,
+    eos_token_ids: Sequence[int] = (),
+    step: int = 0,
+) -> RolloutResult:
+    """One-call form of :class:`Rollout`."""
+    runner = Rollout(
+        engine, env, reward_fn, config, tokenizer=tokenizer, eos_token_ids=eos_token_ids
+    )
+    return await runner.run(prompts, step=step)
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from several ints (splitmix64-style), stable across processes."""
+    z = 0x9E3779B97F4A7C15
+    for p in parts:
+        z = (z ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        z ^= z >> 31
+    return z >> 1

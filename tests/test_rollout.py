@@ -1,0 +1,213 @@
+"""The tree rollout with a scripted policy: exact shapes, contexts, leaves, budget and logs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import polars as pl
+import pyarrow as pa
+import pytest
+from fake_tokenizer import ChunkTokenizer
+from treegrpo.engine.base import Completion, FinishReason, GenerateRequest
+from treegrpo.env import Document, SearchEnv
+from treegrpo.env.rewards import compute_score
+from treegrpo.logs import write_rollout
+from treegrpo.rollout import Prompt, RolloutConfig, rollout
+
+Policy = Callable[[str, int], tuple[str, str]]  # (context text, sample index) -> (text, finish)
+
+
+class ScriptedEngine:
+    """Deterministic 'policy': the action depends on the context's turn count. Records requests."""
+
+    def __init__(self, tokenizer: ChunkTokenizer, policy: Policy) -> None:
+        self.tokenizer, self.policy = tokenizer, policy
+        self.requests: list[GenerateRequest] = []
+
+    @property
+    def weight_version(self) -> str:
+        return "0"
+
+    async def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Completion]]:
+        self.requests.extend(requests)
+        out = []
+        for r in requests:
+            context = self.tokenizer.decode(list(r.input_ids))
+            samples = []
+            for i in range(r.sampling.n):
+                text, finish = self.policy(context, i)
+                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+                matched = next((s for s in r.sampling.stop if text.endswith(s)), None)
+                samples.append(
+                    Completion(
+                        output_ids=ids,
+                        log_probs=tuple(-0.5 - 0.1 * i for _ in ids),
+                        finish=FinishReason(finish, matched=matched if finish == "stop" else None),
+                        cached_tokens=0,
+                        prompt_tokens=len(r.input_ids),
+                        weight_version="0",
+                    )
+                )
+            out.append(samples)
+        return out
+
+    async def close(self) -> None:
+        pass
+
+
+class FixedRetriever:
+    def retrieve(self, queries: Sequence[str], topk: int = 3) -> list[list[Document]]:
+        return [[Document("1", f'"Page"\nabout {q}')] for q in queries]
+
+
+def turns(context: str) -> int:
+    return context.count("</information>")
+
+
+def search_then_answer(answer_at: int = 2) -> Policy:
+    def policy(context: str, i: int) -> tuple[str, str]:
+        t = turns(context)
+        if t >= answer_at:
+            return f"<think>done</think> <answer> Paris{i % 2} </answer>", "stop"
+        return f"<think>t{t}</think> <search> q{t} </search>", "stop"
+
+    return policy
+
+
+def run(policy: Policy, config: RolloutConfig, n_prompts: int = 2, max_turns: int = 3):
+    tok = ChunkTokenizer()
+    engine = ScriptedEngine(tok, policy)
+    env = SearchEnv(tok, retriever=FixedRetriever(), max_turns=max_turns, max_obs_tokens=200)
+    prompts = [
+        Prompt(g, tok.encode(f"Q{g}?", add_special_tokens=False), "nq", {"target": ["Paris0"]})
+        for g in range(n_prompts)
+    ]
+    result = asyncio.run(rollout(engine, env, compute_score, prompts, config, tokenizer=tok))
+    return result, engine, tok
+
+
+def leaf_counts(result) -> Counter:
+    leaves = pa.table(result.forest.leaves())
+    return Counter(leaves.column("tree").to_pylist())
+
+
+@pytest.mark.parametrize(("m", "n", "l"), [(2, 2, 1), (1, 2, 1), (2, 3, 2), (3, 0, 1)])
+def test_every_tree_ends_with_1_plus_l_n_leaves(m, n, l):  # noqa: E741
+    cfg = RolloutConfig(m=m, n=n, l=l, max_turns=3, seed=1)
+    result, _, _ = run(search_then_answer(), cfg, n_prompts=3)
+    assert result.forest.num_trees == 3 * m
+    assert set(leaf_counts(result).values()) == {1 + l * n}
+    assert result.forest.num_leaves == 3 * m * (1 + l * n)
+    assert result.total.leaves == result.forest.num_leaves
+
+
+def test_expansions_continue_from_the_drawn_nodes_context():
+    result, engine, _ = run(search_then_answer(), RolloutConfig(m=2, n=2, l=1, seed=3))
+    forest = result.forest
+    contexts = {tuple(forest.tokens(node)[0].tolist()): node for node in range(forest.num_nodes)}
+    for req in engine.requests:
+        node = contexts[tuple(req.input_ids)]  # every request continues an existing node
+        assert not pa.table(forest.nodes()).column("is_leaf")[node].as_py()
+    # each step's parent context + its own tokens = its context
+    nodes = pa.table(forest.nodes()).to_pylist()
+    for row in nodes:
+        if row["parent"] is not None:
+            ids, mask = forest.tokens(row["node"])
+            parent_ids, _ = forest.tokens(row["parent"])
+            assert ids[: len(parent_ids)].tolist() == parent_ids.tolist()
+            own = mask[len(parent_ids) :].tolist()
+            assert own == [True] * row["action_len"] + [False] * row["observation_len"]
+    # draws of the same node were sent as one request with n siblings
+    assert sum(r.sampling.n for r in engine.requests) == forest.num_nodes - forest.num_trees
+
+
+def test_observations_are_masked_and_hold_the_documents():
+    result, _, tok = run(search_then_answer(), RolloutConfig(m=1, n=0))
+    info = result.info
+    searched = [i for i, x in info.items() if x.tool == "search"]
+    assert searched and all(info[i].query.startswith("q") for i in searched)
+    ids, mask = result.forest.tokens(searched[0])
+    observation = tok.decode([t for t, m in zip(ids.tolist(), mask.tolist(), strict=True) if not m])
+    assert "<information>Doc 1(Title: Page) about q0</information>" in observation
+
+
+def test_forced_final_turn_and_truncation_are_leaves():
+    never = lambda ctx, i: ("<think>hm</think> <search> x </search>", "stop")  # noqa: E731
+    result, _, _ = run(never, RolloutConfig(m=1, n=0, max_turns=2), max_turns=2)
+    leaves = pa.table(result.forest.leaves()).to_pylist()
+    assert {(x["leaf_reason"], x["depth"]) for x in leaves} == {("forced_final", 3)}
+    rambling = lambda ctx, i: ("no tags at all", "length")  # noqa: E731
+    result, _, _ = run(rambling, RolloutConfig(m=1, n=0))
+    leaves = pa.table(result.forest.leaves()).to_pylist()
+    assert {(x["leaf_reason"], x["depth"]) for x in leaves} == {("truncated", 1)}
+
+
+def test_k_subsampling_and_rewards():
+    result, _, _ = run(search_then_answer(), RolloutConfig(m=2, n=2, l=1, k=2, seed=5))
+    leaves = pl.DataFrame(result.forest.leaves())
+    assert leaves.filter(pl.col("kept")).group_by("tree").len()["len"].to_list() == [2] * 4
+    # answers "Paris0" (sample 0) are correct, "Paris1" are not
+    for row in leaves.iter_rows(named=True):
+        text = result.response_text(row["leaf"])
+        assert row["reward"] == (1.0 if "Paris0" in text.split("<answer>")[-1] else 0.0)
+    adv = pl.DataFrame(result.forest.advantages("tree"))
+    assert len(adv) == 8
+
+
+def test_chain_mode_is_n_zero_and_equals_l_zero():
+    a, _, _ = run(search_then_answer(), RolloutConfig(m=4, n=0, seed=2))
+    b, _, _ = run(search_then_answer(), RolloutConfig(m=4, n=2, l=0, seed=2))
+    assert pl.DataFrame(a.forest.nodes()).equals(pl.DataFrame(b.forest.nodes()))
+    assert set(leaf_counts(a).values()) == {1}
+
+
+def test_budget_counts_what_was_spent():
+    result, engine, _ = run(search_then_answer(), RolloutConfig(m=2, n=2, l=1, seed=4))
+    nodes = pl.DataFrame(result.forest.nodes())
+    assert result.total.generated_tokens == nodes["action_len"].sum()
+    assert result.total.tool_calls == sum(1 for x in result.info.values() if x.tool)
+    assert result.total.requests == len(engine.requests)
+    assert result.total.prefill_tokens == sum(len(r.input_ids) for r in engine.requests)
+    assert result.total.leaves_per_1k_generated == pytest.approx(
+        1000 * result.forest.num_leaves / result.total.generated_tokens
+    )
+
+
+def test_surprisal_selection_draws_open_nodes_and_prefers_uncertain_ones():
+    def policy(context: str, i: int) -> tuple[str, str]:
+        return search_then_answer()(context, i)
+
+    cfg = RolloutConfig(m=2, n=3, l=1, selection="surprisal", seed=9)
+    result, _, _ = run(policy, cfg)
+    assert set(leaf_counts(result).values()) == {4}
+
+
+def test_logs_read_back_with_polars_equal_the_forest(tmp_path):
+    result, _, _ = run(search_then_answer(), RolloutConfig(m=2, n=2, l=1, k=2, seed=6))
+    adv = result.forest.advantages("tree")
+    paths = write_rollout(tmp_path, 3, result, adv)
+    assert paths["nodes"] == tmp_path / "nodes" / "step=000003" / "part-0.parquet"
+    nodes = pl.scan_parquet(
+        tmp_path / "nodes" / "**" / "*.parquet", hive_partitioning=True
+    ).collect()
+    expect = pl.DataFrame(result.forest.nodes())
+    assert nodes["step"].unique().to_list() == [3]
+    assert nodes.select(expect.columns).equals(expect)
+    assert nodes["action_text"].null_count() == result.forest.num_trees  # roots only
+    traj = pl.read_parquet(paths["trajectories"])
+    assert traj["advantage"].to_list() == pl.DataFrame(adv)["advantage"].to_list()
+    assert set(traj.columns) >= {"reward", "a_inter", "a_intra", "length", "turns", "response"}
+    meta = pa.parquet.read_schema(paths["nodes"]).metadata
+    assert meta[b"treegrpo.schema_version"] == b"1"
+    assert not list(tmp_path.rglob("*.tmp")), "no temporary file left behind"
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"k \(leaves kept per tree\) must be in \[1, 1 \+ l\*n\]"):
+        RolloutConfig(m=2, n=2, l=1, k=4)
+    with pytest.raises(ValueError, match="selection must be"):
+        RolloutConfig(selection="greedy")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_turns"):
+        run(search_then_answer(), RolloutConfig(max_turns=2), max_turns=3)
