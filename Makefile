@@ -29,7 +29,7 @@ venv: $(VENV)/.deps
 develop: venv
 	$(VENV)/bin/maturin develop --release --extras dev
 
-test-rust:
+test-rust: venv
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --features python -- -D warnings
