@@ -1,0 +1,121 @@
+"""A model of SGLang's radix prefix cache: how many prompt tokens a request finds cached.
+
+One :class:`RadixCacheModel` mirrors one server's cache, on :class:`treegrpo.RadixIndex`:
+
+- a request is *admitted* (prefilled): its reuse is the longest cached prefix of the prompt,
+  capped at ``prompt_len - 1`` (the last prompt token is always computed, for its logits) and
+  rounded down to a multiple of the page size; then the prompt is inserted and locked while the
+  request runs;
+- at *finish*, prompt + output minus the last token is inserted (the last sampled token was never
+  fed through the model, so it has no KV) and the lock is released;
+- when more tokens are cached than the capacity, least-recently-used unlocked leaves are evicted;
+- a weight update flushes everything (:meth:`reset`).
+
+The SGLang client uses it to predict ``cached_tokens`` per server; the stand-in server uses it to
+report ``cached_tokens``. One implementation keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from treegrpo._core import RadixIndex
+from treegrpo.exceptions import LockError, StaleHandleError
+
+__all__ = ["Admission", "RadixCacheModel"]
+
+
+@dataclass(frozen=True)
+class Admission:
+    """An admitted request: ``cached_tokens`` it reuses, and the lock on its prompt."""
+
+    cached_tokens: int
+    handle: int | None
+    generation: int
+
+
+class RadixCacheModel:
+    """One server's prefix cache (see the module docstring).
+
+    Args:
+        capacity: tokens the cache holds at most (SGLang's ``max_total_num_tokens``); None for
+            no eviction.
+        page_size: SGLang's ``--page-size``: matches and inserts are whole pages.
+    """
+
+    def __init__(self, capacity: int | None = None, page_size: int = 1) -> None:
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"capacity must be >= 1 token or None, got {capacity}")
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.capacity = capacity
+        self.page_size = page_size
+        self._index = RadixIndex()
+        # Bumped by reset(): handles from before a flush are not released into the new tree.
+        self._generation = 0
+
+    def _aligned(self, n: int) -> int:
+        return n - n % self.page_size
+
+    def admit(self, prompt: Sequence[int]) -> Admission:
+        """Prefill ``prompt``: returns its reuse and locks its tokens until :meth:`finish`."""
+        prompt = list(prompt)
+        limit = self._aligned(max(len(prompt) - 1, 0))
+        matched = self._index.match_prefix(prompt[:limit])[0] if limit else 0
+        cached = self._aligned(matched)
+        stored = self._aligned(len(prompt))
+        handle = None
+        if stored:
+            self._index.insert(prompt[:stored], 0)
+            handle = self._index.match_prefix(prompt[:stored])[1]
+            self._index.inc_lock_ref(handle)
+        self._evict_over_capacity()
+        return Admission(cached, handle, self._generation)
+
+    def finish(
+        self, admission: Admission, prompt: Sequence[int], output: Sequence[int] = ()
+    ) -> None:
+        """The request of ``admission`` ended with ``output``: cache prompt + output minus the
+        last token, and release the prompt's lock."""
+        if admission.generation != self._generation:
+            return  # flushed while it ran: its lock went with the old tree
+        sequence = [*prompt, *output][: len(prompt) + max(len(output) - 1, 0)]
+        stored = self._aligned(len(sequence))
+        if stored:
+            self._index.insert(sequence[:stored], 0)
+        self._unlock(admission)
+        self._evict_over_capacity()
+
+    def release(self, admission: Admission) -> None:
+        """The request of ``admission`` ended with nothing to cache (it failed): release its
+        prompt's lock only."""
+        if admission.generation == self._generation:
+            self._unlock(admission)
+
+    def _unlock(self, admission: Admission) -> None:
+        if admission.handle is not None:
+            try:
+                self._index.dec_lock_ref(admission.handle)
+            except (StaleHandleError, LockError):  # pragma: no cover - never locked twice
+                pass
+
+    def _evict_over_capacity(self) -> None:
+        if self.capacity is not None and self._index.total_size > self.capacity:
+            self._index.evict(self._index.total_size - self.capacity)
+
+    def reset(self) -> None:
+        """Flush: nothing is cached any more (running requests' locks are dropped too)."""
+        self._index.reset()
+        self._generation += 1
+
+    @property
+    def size(self) -> int:
+        """Tokens cached."""
+        return self._index.total_size
+
+    def __repr__(self) -> str:
+        return (
+            f"RadixCacheModel(tokens={self.size}, capacity={self.capacity}, "
+            f"page_size={self.page_size})"
+        )

@@ -1,0 +1,1189 @@
+"""A stand-in SGLang server for CPU tests: SGLang's HTTP protocol over a real (tiny) model.
+
+CI has no GPU and cannot install SGLang, so the SGLang client is tested against this server:
+real HTTP on 127.0.0.1 (``aiohttp.web``), real generation through treegrpo's embedded
+transformers engine, and the behaviours of the shared ``sglang.md`` contract that treegrpo relies
+on, so that pointing the client at a real SGLang server changes nothing:
+
+- ``POST /generate``: ``input_ids`` as one list or a batch (list of lists; the answer is then a
+  JSON array, prompt-major, ``n`` entries per prompt), ``sampling_params`` (max_new_tokens,
+  temperature, top_p, top_k, stop, stop_token_ids, skip_special_tokens, no_stop_trim, n, ...),
+  ``return_logprob`` (``output_token_logprobs`` as ``[logprob, token_id, null]``), ``rid``.
+  Stop tokens and stop strings stay in ``output_ids``; ``no_stop_trim`` changes ``text`` only.
+  ``finish_reason`` is ``{"type": "stop", "matched": id | str}``, ``{"type": "length",
+  "length": k}`` or ``{"type": "abort", "message": ...}``. With ``n > 1`` the prompt is
+  prefilled alone first and the samples get fresh ids.
+- Errors: HTTP 400 ``{"error": {"message": ...}}`` for bad values, a prompt that does not fit the
+  context, a duplicate in-flight ``rid``; HTTP 500 for an unknown ``sampling_params`` key (SGLang
+  raises an uncaught TypeError). Token ids beyond the vocabulary are not checked by SGLang; here
+  they are an HTTP 500 naming the id (a real server may crash instead).
+- ``POST /abort_request`` aborts every running sample whose id starts with ``rid`` (or all with
+  ``abort_all``); an aborted request answers HTTP 200 with ``finish_reason.type == "abort"`` and
+  its partial output. A client that disconnects aborts its request.
+- ``/pause_generation`` (``abort``: abort everything running; ``retract``/``in_place``: hold it)
+  and ``/continue_generation``; requests sent while paused wait.
+- ``/update_weights_from_disk`` loads an HF checkpoint into the model (waiting for running
+  requests unless paused or ``abort_all_requests``), sets ``weight_version`` and flushes the
+  cache; ``/flush_cache`` (400 unless idle); ``/init_weights_update_group`` and
+  ``/update_weights_from_distributed`` really receive the tensors over a ``gloo`` process group
+  (``nccl`` too where CUDA is present; refused with a clear message otherwise).
+- ``GET /health``, ``/health_generate``, ``/model_info``, ``/server_info``.
+- ``meta_info.cached_tokens`` from a token-trie emulation of the radix cache
+  (:class:`~treegrpo.engine.cache_model.RadixCacheModel`: reuse capped at prompt_len - 1, the
+  prompt inserted after prefill, prompt + output minus the last token at finish, LRU eviction
+  beyond ``--cache-tokens``).
+
+Scheduling mimics SGLang's continuous batching: one scheduler task runs decode steps of
+``decode_chunk`` tokens over every running sample through the embedded engine (on its own
+thread, so the server keeps answering while the model runs); new requests join at the next step,
+aborts and pauses take effect between steps. Not emulated (a 400 rather than silently ignored):
+streaming (``stream: true``), penalties, ``min_p``, ``min_new_tokens``, grammars and logit bias;
+nor LoRA or multimodal inputs. ``--skip-tokenizer-init`` drops ``text`` and stop strings.
+
+Run it::
+
+    python -m treegrpo.testing.sglang_standin --model PATH --port 30000 [--cache-tokens N]
+
+or from a test: ``url, stop = start_standin((model, tokenizer))``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import logging
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from treegrpo.engine.base import GenerateRequest, SamplingParams
+from treegrpo.engine.cache_model import Admission, RadixCacheModel
+
+__all__ = [
+    "SGLangStandin",
+    "join_weight_update_group",
+    "main",
+    "start_standin",
+    "start_standin_server",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_CACHE_TOKENS = 65536
+
+# SGLang's SamplingParams arguments: any other key is a TypeError (HTTP 500) there.
+_SAMPLING_KEYS = frozenset(
+    {
+        "max_new_tokens",
+        "stop",
+        "stop_token_ids",
+        "stop_regex",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "frequency_penalty",
+        "presence_penalty",
+        "repetition_penalty",
+        "min_new_tokens",
+        "n",
+        "json_schema",
+        "regex",
+        "ebnf",
+        "structural_tag",
+        "ignore_eos",
+        "skip_special_tokens",
+        "spaces_between_special_tokens",
+        "no_stop_trim",
+        "custom_params",
+        "stream_interval",
+        "logit_bias",
+        "sampling_seed",
+    }
+)
+
+
+# Keys SGLang takes that the stand-in does not emulate, with their neutral values; any other
+# value is a 400 here rather than silently ignored.
+_NOT_EMULATED: dict[str, Any] = {
+    "stop_regex": None,
+    "min_p": 0.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_new_tokens": 0,
+    "json_schema": None,
+    "regex": None,
+    "ebnf": None,
+    "structural_tag": None,
+    "logit_bias": None,
+    "custom_params": None,
+    "sampling_seed": None,
+}
+
+
+class _BadRequest(Exception):
+    """An HTTP 400 ``{"error": {"message": ...}}``."""
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class _Params:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    stop: tuple[str, ...]
+    stop_token_ids: tuple[int, ...]
+    skip_special_tokens: bool
+    no_stop_trim: bool
+    ignore_eos: bool
+    n: int
+
+
+@dataclass(eq=False)
+class _Sample:
+    """One sequence being generated (one of the ``n`` samples of one prompt)."""
+
+    id: str
+    prompt: list[int]
+    params: _Params
+    return_logprob: bool
+    output: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+    finish: dict[str, Any] | None = None
+    admission: Admission | None = None
+    cached_tokens: int = 0
+    weight_version: str = "default"
+
+
+@dataclass(eq=False)
+class _Job:
+    """One ``/generate`` call: its prompts' rids and their samples, prompt-major."""
+
+    rids: list[str]
+    prompts: list[list[int]]
+    samples: list[_Sample]
+    started: float
+    done: asyncio.Future[None]
+    record: bool = True
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class SGLangStandin:
+    """The stand-in's state and its aiohttp application (:meth:`app`).
+
+    Args:
+        engine: an :class:`~treegrpo.engine.embedded.EmbeddedEngine` over ``model``.
+        model: the transformers model the engine runs (weight updates load into it).
+        tokenizer: its tokenizer (``decode`` for ``text`` and stop strings, ``len`` for the
+            vocabulary check).
+        model_path: reported by ``/model_info`` and ``/server_info``.
+        cache_tokens: the emulated radix cache's capacity (SGLang's ``max_total_num_tokens``).
+        page_size: SGLang's ``--page-size``.
+        context_length: the longest prompt + output (default: the model's
+            ``max_position_embeddings``).
+        decode_chunk: tokens per decode step: between steps new requests join and aborts and
+            pauses take effect.
+        skip_tokenizer_init: answer like ``--skip-tokenizer-init`` (no ``text``; stop strings
+            are not matched).
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        model: Any,
+        tokenizer: Any,
+        *,
+        model_path: str = "",
+        cache_tokens: int = DEFAULT_CACHE_TOKENS,
+        page_size: int = 1,
+        context_length: int | None = None,
+        decode_chunk: int = 4,
+        skip_tokenizer_init: bool = False,
+    ) -> None:
+        if decode_chunk < 1:
+            raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
+        self.engine = engine
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_path = model_path
+        self.page_size = page_size
+        self.cache_tokens = cache_tokens
+        self.cache = RadixCacheModel(cache_tokens, page_size)
+        config = getattr(model, "config", None)
+        self.vocab_size = int(
+            getattr(engine, "vocab_size", 0) or getattr(config, "vocab_size", 0) or len(tokenizer)
+        )
+        self.context_length = int(
+            context_length or getattr(config, "max_position_embeddings", 0) or 4096
+        )
+        self.decode_chunk = decode_chunk
+        self.skip_tokenizer_init = skip_tokenizer_init
+        self.weight_version = "default"
+        self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        eos = getattr(engine, "eos_token_ids", None)
+        self.eos_token_ids = frozenset(eos if eos is not None else [self.eos_token_id])
+        # Scheduler state (touched only on the server's event loop).
+        self._waiting: list[_Job] = []
+        self._running: list[_Job] = []
+        self._rids: set[str] = set()
+        self._paused = False
+        self._updating = 0
+        self._wake: asyncio.Event | None = None
+        self._scheduler: asyncio.Task[None] | None = None
+        self._engine_lock: asyncio.Lock | None = None
+        self._groups: dict[str, Any] = {}
+        # The model runs on its own thread, so the server keeps answering while it computes.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sglang-standin-model")
+        # (sample id, prompt, finish type) of every /generate sample that finished.
+        self.completed: list[tuple[str, list[int], str]] = []
+        self.requests = 0  # /generate calls received
+        self.answered: list[list[int]] = []  # prompts of the /generate answers sent
+
+    # ------------------------------------------------------------------ application
+
+    def app(self) -> web.Application:
+        """The aiohttp application: every SGLang endpoint the contract names."""
+        app = web.Application(client_max_size=64 * 1024**2)
+        routes = [
+            ("POST", "/generate", self._generate),
+            ("POST", "/abort_request", self._abort_request),
+            ("POST", "/pause_generation", self._pause_generation),
+            ("POST", "/continue_generation", self._continue_generation),
+            ("POST", "/update_weights_from_disk", self._update_weights_from_disk),
+            ("POST", "/init_weights_update_group", self._init_weights_update_group),
+            ("POST", "/update_weights_from_distributed", self._update_weights_from_distributed),
+            ("POST", "/flush_cache", self._flush_cache),
+            ("GET", "/flush_cache", self._flush_cache),
+            ("GET", "/health", self._health),
+            ("GET", "/health_generate", self._health_generate),
+            ("GET", "/model_info", self._model_info),
+            ("GET", "/get_model_info", self._model_info),
+            ("GET", "/server_info", self._server_info),
+            ("GET", "/get_server_info", self._server_info),
+        ]
+        for method, path, handler in routes:
+            app.router.add_route(method, path, handler)
+        app.on_startup.append(self._on_startup)
+        app.on_shutdown.append(self._on_shutdown)
+        return app
+
+    async def _on_startup(self, app: web.Application) -> None:
+        self._wake = asyncio.Event()
+        self._engine_lock = asyncio.Lock()
+        self._scheduler = asyncio.create_task(self._schedule())
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        # Like a killed server: no answer for what is running. aiohttp then cancels the waiting
+        # handlers and closes their connections, and clients see a dropped connection.
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler
+
+    def close(self) -> None:
+        """Wait for the model step in progress, then leave the process groups."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        groups, self._groups = self._groups, {}
+        for group in groups.values():
+            with contextlib.suppress(Exception):
+                import torch.distributed as dist
+
+                dist.destroy_process_group(group)
+
+    async def _on_model_thread(self, fn: Callable[[], T]) -> T:
+        """Run the blocking ``fn()`` on the model's thread and wait for it."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    # ------------------------------------------------------------------ /generate
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        """The prompt of every ``/generate`` sample that finished (not aborted), in order."""
+        return [prompt for _, prompt, kind in list(self.completed) if kind != "abort"]
+
+    def in_flight(self) -> dict[str, int]:
+        """Sample id -> tokens generated so far, for every running ``/generate`` sample (read
+        from any thread: a snapshot)."""
+        for _ in range(10):
+            try:
+                return {
+                    s.id: len(s.output)
+                    for job in list(self._running)
+                    if job.record
+                    for s in job.samples
+                    if s.finish is None
+                }
+            except RuntimeError:  # pragma: no cover - changed while we read it
+                continue
+        return {}
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        try:
+            body = await request.json()
+        except ValueError as e:
+            return _error(400, f"body must be JSON ({e})")
+        try:
+            job, single = self._parse_generate(body)
+        except _BadRequest as e:
+            return _error(400, str(e))
+        except TypeError as e:
+            # SGLang builds SamplingParams(**sampling_params): an unknown key is an uncaught
+            # TypeError, which its HTTP server answers with a bare 500.
+            return web.Response(status=500, text=f"Internal Server Error ({e})")
+        except _OutOfVocabulary as e:
+            return web.Response(status=500, text=f"Internal Server Error ({e})")
+        self._rids.update(job.rids)
+        self._waiting.append(job)
+        self._poke()
+        try:
+            await asyncio.shield(job.done)
+        except asyncio.CancelledError:
+            # The client went away: SGLang aborts a request whose connection closed.
+            self._abort_job(job, "client disconnected")
+            raise
+        finally:
+            self._rids.difference_update(job.rids)
+        answers = [self._answer(job, s) for s in job.samples]
+        self.answered.extend(job.prompts)
+        return web.json_response(answers[0] if single else answers)
+
+    def _parse_generate(self, body: Any) -> tuple[_Job, bool]:
+        """Validate a ``/generate`` body into a job (raises _BadRequest / TypeError)."""
+        if not isinstance(body, dict):
+            raise _BadRequest("the body must be a JSON object")
+        if body.get("stream"):
+            raise _BadRequest("the stand-in does not stream: send stream=false")
+        if body.get("input_ids") is None and body.get("text") is None:
+            raise _BadRequest("either text or input_ids should be provided")
+        raw = body.get("input_ids")
+        if raw is None:
+            raw = self._tokenize(body["text"])
+        single = bool(raw) and not isinstance(raw[0], list)
+        prompts = [raw] if single else raw
+        if not isinstance(prompts, list) or not prompts:
+            raise _BadRequest("input_ids must be a non-empty list of token ids or of lists")
+        for prompt in prompts:
+            if not isinstance(prompt, list) or not prompt:
+                raise _BadRequest("every prompt must be a non-empty list of token ids")
+            for token in prompt:
+                if isinstance(token, bool) or not isinstance(token, int):
+                    raise _BadRequest(f"token ids must be integers, got {token!r}")
+                if not 0 <= token < self.vocab_size:
+                    raise _OutOfVocabulary(
+                        f"token id {token} is outside the vocabulary [0, {self.vocab_size}): "
+                        "a real SGLang server does not check this and may crash"
+                    )
+        sampling = body.get("sampling_params") or {}
+        sampling_list = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        if len(sampling_list) != len(prompts):
+            raise _BadRequest(f"{len(sampling_list)} sampling_params for {len(prompts)} prompts")
+        params = [self._sampling(s) for s in sampling_list]
+        for prompt, p in zip(prompts, params, strict=True):
+            if len(prompt) >= self.context_length:
+                raise _BadRequest(
+                    f"The input ({len(prompt)} tokens) is longer than the model's context "
+                    f"length ({self.context_length} tokens)."
+                )
+            if len(prompt) + p.max_new_tokens >= self.context_length:
+                raise _BadRequest(
+                    f"Requested token count exceeds the model's maximum context length of "
+                    f"{self.context_length} tokens: {len(prompt)} input tokens + "
+                    f"{p.max_new_tokens} max_new_tokens. Lower max_new_tokens or shorten the "
+                    "input."
+                )
+        rids = self._rids_of(body.get("rid"), len(prompts), single)
+        for rid in rids:
+            if rid in self._rids:
+                raise _BadRequest(f"Duplicate request ID detected: {rid}")
+        if len(set(rids)) != len(rids):
+            raise _BadRequest("rid holds duplicate request IDs")
+        return_logprob = body.get("return_logprob", False)
+        flags = return_logprob if isinstance(return_logprob, list) else [return_logprob] * len(rids)
+        samples = []
+        for rid, prompt, p, flag in zip(rids, prompts, params, flags, strict=True):
+            for _ in range(p.n):
+                # n > 1: SGLang gives every sample a fresh id, so meta_info.id is not the rid.
+                sid = rid if p.n == 1 else uuid.uuid4().hex
+                samples.append(_Sample(sid, list(prompt), p, bool(flag)))
+        loop = asyncio.get_running_loop()
+        job = _Job(
+            rids, [list(p) for p in prompts], samples, time.monotonic(), loop.create_future()
+        )
+        return job, single and params[0].n == 1
+
+    def _tokenize(self, text: Any) -> list[Any]:
+        if isinstance(text, str):
+            return list(self.tokenizer.encode(text))
+        if isinstance(text, list) and all(isinstance(t, str) for t in text):
+            return [list(self.tokenizer.encode(t)) for t in text]
+        raise _BadRequest("text must be a string or a list of strings")
+
+    @staticmethod
+    def _rids_of(rid: Any, count: int, single: bool) -> list[str]:
+        if rid is None:
+            return [uuid.uuid4().hex for _ in range(count)]
+        if isinstance(rid, str):
+            return [rid] if single else [f"{rid}_{i}" for i in range(count)]
+        if isinstance(rid, list) and all(isinstance(r, str) for r in rid):
+            if len(rid) != count:
+                raise _BadRequest(f"{len(rid)} rids for {count} prompts")
+            return list(rid)
+        raise _BadRequest("rid must be a string or a list of strings")
+
+    def _sampling(self, raw: Any) -> _Params:
+        if not isinstance(raw, dict):
+            raise _BadRequest("sampling_params must be an object (or a list of objects)")
+        unknown = sorted(set(raw) - _SAMPLING_KEYS)
+        if unknown:
+            raise TypeError(
+                f"SamplingParams.__init__() got an unexpected keyword argument {unknown[0]!r}"
+            )
+
+        for key, default in _NOT_EMULATED.items():
+            if raw.get(key, default) != default:
+                raise _BadRequest(
+                    f"the stand-in does not emulate sampling_params.{key} (SGLang does): "
+                    "leave it out in tests"
+                )
+
+        def number(key: str, default: float) -> float:
+            value = raw.get(key, default)
+            if value is None:
+                return default
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise _BadRequest(f"{key} must be a number, got {value!r}")
+            return float(value)
+
+        max_new_tokens = raw.get("max_new_tokens", 128)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise _BadRequest(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+        if max_new_tokens < 0:
+            raise _BadRequest(f"max_new_tokens must be at least 0, got {max_new_tokens}.")
+        temperature = number("temperature", 1.0)
+        if temperature < 0:
+            raise _BadRequest(f"temperature must be non-negative, got {temperature}.")
+        top_p = number("top_p", 1.0)
+        if not 0 < top_p <= 1:
+            raise _BadRequest(f"top_p must be in (0, 1], got {top_p}.")
+        top_k = raw.get("top_k", -1)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or (top_k < 1 and top_k != -1):
+            raise _BadRequest(f"top_k must be -1 (disable) or at least 1, got {top_k}.")
+        n = raw.get("n", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise _BadRequest(f"n must be at least 1, got {n!r}.")
+        stop = raw.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise _BadRequest("stop must be a string or a list of non-empty strings")
+        stop_ids = raw.get("stop_token_ids") or []
+        if not isinstance(stop_ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in stop_ids
+        ):
+            raise _BadRequest("stop_token_ids must be a list of token ids")
+        return _Params(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stop=tuple(stop),
+            stop_token_ids=tuple(stop_ids),
+            skip_special_tokens=bool(raw.get("skip_special_tokens", True)),
+            no_stop_trim=bool(raw.get("no_stop_trim", False)),
+            ignore_eos=bool(raw.get("ignore_eos", False)),
+            n=n,
+        )
+
+    def _answer(self, job: _Job, s: _Sample) -> dict[str, Any]:
+        """One sample's answer, shaped like SGLang's non-streaming ``/generate``."""
+        assert s.finish is not None
+        meta: dict[str, Any] = {
+            "id": s.id,
+            "finish_reason": s.finish,
+            "prompt_tokens": len(s.prompt),
+            "completion_tokens": len(s.output),
+            "cached_tokens": s.cached_tokens,
+            "weight_version": s.weight_version,
+            "e2e_latency": time.monotonic() - job.started,
+        }
+        if s.return_logprob:
+            meta["input_token_logprobs"] = []
+            meta["output_token_logprobs"] = [
+                [lp, t, None] for lp, t in zip(s.log_probs, s.output, strict=True)
+            ]
+        answer: dict[str, Any] = {}
+        if not self.skip_tokenizer_init:
+            answer["text"] = self._text(s)
+        answer["output_ids"] = list(s.output)
+        answer["meta_info"] = meta
+        return answer
+
+    def _text(self, s: _Sample) -> str:
+        """``text``: the output decoded; without ``no_stop_trim`` a matched stop token is
+        dropped and the text is cut where a matched stop string begins."""
+        ids = s.output
+        matched = s.finish.get("matched") if s.finish else None
+        trim = not s.params.no_stop_trim and matched is not None
+        if trim and isinstance(matched, int) and ids:
+            ids = ids[:-1]
+        text = str(self.tokenizer.decode(ids, skip_special_tokens=s.params.skip_special_tokens))
+        if trim and isinstance(matched, str) and matched in text:
+            text = text[: text.find(matched)]
+        return text
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _poke(self) -> None:
+        assert self._wake is not None
+        self._wake.set()
+
+    def _busy(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    async def _schedule(self) -> None:
+        """The scheduler: admit waiting jobs, run decode steps, finish samples."""
+        assert self._wake is not None and self._engine_lock is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._busy() and not self._paused:
+                if not self._updating:
+                    self._admit_waiting()
+                batch = [s for job in self._running for s in job.samples if s.finish is None]
+                if batch:
+                    try:
+                        async with self._engine_lock:
+                            await self._step(batch)
+                    except Exception as e:  # the model failed: fail these samples, keep serving
+                        logger.exception("stand-in decode step failed")
+                        for s in batch:
+                            if s.finish is None:
+                                s.finish = {"type": "abort", "message": f"{type(e).__name__}: {e}"}
+                self._complete_finished()
+                if self._updating and not self._running:
+                    break  # let the weight update in
+                await asyncio.sleep(0)  # let HTTP handlers (aborts, new requests) run
+
+    def _admit_waiting(self) -> None:
+        """Move waiting jobs into the running batch: their prefill, for the cache emulation."""
+        while self._waiting:
+            job = self._waiting.pop(0)
+            position = 0
+            for prompt in job.prompts:
+                n = job.samples[position].params.n
+                group = job.samples[position : position + n]
+                position += n
+                if n > 1:
+                    # SGLang prefills the prompt alone (max_new_tokens 0), then runs the samples.
+                    self.cache.finish(self.cache.admit(prompt), prompt)
+                for s in group:
+                    if s.finish is not None:  # aborted while waiting
+                        continue
+                    s.admission = self.cache.admit(s.prompt)
+                    s.cached_tokens = s.admission.cached_tokens
+                    if s.params.max_new_tokens == 0:
+                        s.finish = {"type": "length", "length": 0}
+            self._running.append(job)
+
+    async def _step(self, batch: list[_Sample]) -> None:
+        """One decode step of up to ``decode_chunk`` tokens for every sample of ``batch``."""
+        requests = [
+            GenerateRequest(
+                input_ids=s.prompt + s.output,
+                sampling=SamplingParams(
+                    max_new_tokens=min(self.decode_chunk, s.params.max_new_tokens - len(s.output)),
+                    temperature=s.params.temperature,
+                    top_p=s.params.top_p,
+                    top_k=s.params.top_k,
+                    stop_token_ids=s.params.stop_token_ids,
+                    n=1,
+                ),
+            )
+            for s in batch
+        ]
+        results = await self._on_model_thread(lambda: self.engine.generate_sync(requests))
+        for s, completions in zip(batch, results, strict=True):
+            if s.finish is not None:
+                continue  # aborted during the step: keep what it had
+            completion = completions[0]
+            for token, log_prob in zip(completion.output_ids, completion.log_probs, strict=True):
+                s.output.append(int(token))
+                s.log_probs.append(float(log_prob))
+                s.finish = self._check_finished(s)
+                if s.finish is not None:
+                    break
+            matched = completion.finish.matched
+            if (
+                s.finish is None
+                and completion.finish.type == "stop"
+                and not (s.params.ignore_eos and matched in self.eos_token_ids)
+            ):
+                # A stop the engine knows that this check does not (it ended the chunk).
+                s.finish = {"type": "stop", "matched": matched}
+            if s.finish is None and completion.finish.type == "abort":
+                s.finish = {"type": "abort", "message": completion.finish.message or "aborted"}
+
+    def _check_finished(self, s: _Sample) -> dict[str, Any] | None:
+        """SGLang's order: length first, then stop tokens (EOS included), then stop strings."""
+        if len(s.output) >= s.params.max_new_tokens:
+            return {"type": "length", "length": s.params.max_new_tokens}
+        last = s.output[-1]
+        if last in s.params.stop_token_ids or (
+            not s.params.ignore_eos and last in self.eos_token_ids
+        ):
+            return {"type": "stop", "matched": last}
+        if s.params.stop and not self.skip_tokenizer_init:
+            width = max(len(stop) for stop in s.params.stop) + 2
+            tail = str(self.tokenizer.decode(s.output[-width:], skip_special_tokens=False))
+            for stop in s.params.stop:
+                if stop in tail:
+                    return {"type": "stop", "matched": stop}
+        return None
+
+    def _complete_finished(self) -> None:
+        for job in list(self._running):
+            if all(s.finish is not None for s in job.samples):
+                self._running.remove(job)
+                self._resolve(job)
+
+    def _resolve(self, job: _Job) -> None:
+        for s in job.samples:
+            if s.admission is not None:
+                self.cache.finish(s.admission, s.prompt, s.output)
+                s.admission = None
+            s.weight_version = self.weight_version
+            if job.record:
+                kind = s.finish["type"] if s.finish is not None else "abort"
+                self.completed.append((s.id, s.prompt, kind))
+        if not job.done.done():
+            job.done.set_result(None)
+
+    def _abort_job(self, job: _Job, message: str) -> None:
+        for s in job.samples:
+            if s.finish is None:
+                s.finish = {"type": "abort", "message": message}
+        if job in self._waiting:
+            self._waiting.remove(job)
+            self._resolve(job)
+        elif job in self._running:
+            self._running.remove(job)
+            self._resolve(job)
+
+    def _abort_matching(self, match: Callable[[_Sample], bool], message: str) -> int:
+        count = 0
+        for job in self._waiting + self._running:
+            for s in job.samples:
+                if s.finish is None and match(s):
+                    s.finish = {"type": "abort", "message": message}
+                    count += 1
+        for job in list(self._waiting):
+            if all(s.finish is not None for s in job.samples):
+                self._waiting.remove(job)
+                self._resolve(job)
+        self._complete_finished()
+        if self._wake is not None:
+            self._wake.set()
+        return count
+
+    async def _wait_drained(self) -> None:
+        """Until no request runs (waiting ones stay queued while ``_updating``)."""
+        self._poke()
+        while self._running:
+            await asyncio.sleep(0.01)
+
+    # ------------------------------------------------------------------ control endpoints
+
+    async def _abort_request(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        rid = body.get("rid", "")
+        if not isinstance(rid, str):
+            return _error(400, "rid must be a string")
+        if body.get("abort_all"):
+            self._abort_matching(lambda s: True, "aborted by /abort_request (abort_all)")
+        elif rid:
+            self._abort_matching(lambda s: s.id.startswith(rid), "aborted by /abort_request")
+        return web.Response(status=200)
+
+    async def _pause_generation(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        mode = body.get("mode", "abort")
+        if mode not in ("abort", "retract", "in_place"):
+            return _control(False, f"mode must be abort, retract or in_place, got {mode!r}")
+        self._paused = True
+        if mode == "abort":
+            self._abort_matching(lambda s: True, "aborted by /pause_generation")
+        return _control(True, f"Generation paused ({mode}).")
+
+    async def _continue_generation(self, request: web.Request) -> web.Response:
+        self._paused = False
+        self._poke()
+        return _control(True, "Generation continued.")
+
+    async def _flush_cache(self, request: web.Request) -> web.Response:
+        if self._busy():
+            return _control(
+                False,
+                "Cache not flushed: requests are running or waiting (flush only when idle).",
+            )
+        self.cache.reset()
+        await self._on_model_thread(self.engine.flush_cache)
+        return _control(True, "Cache flushed.")
+
+    async def _quiesce(self, abort_all: bool) -> None:
+        """What SGLang does before a weight update: abort everything if asked; unless paused,
+        wait for the running requests (the update takes the write lock)."""
+        if abort_all:
+            self._abort_matching(lambda s: True, "aborted for a weight update")
+        if not self._paused:
+            await self._wait_drained()
+
+    def _after_update(self, weight_version: Any, flush_cache: bool) -> None:
+        if isinstance(weight_version, str):
+            self.weight_version = weight_version
+        if flush_cache:
+            self.cache.reset()
+
+    async def _update_weights_from_disk(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        path = body.get("model_path")
+        if not isinstance(path, str) or not path:
+            return _control(False, "model_path is required")
+        assert self._engine_lock is not None
+        self._updating += 1
+        try:
+            await self._quiesce(bool(body.get("abort_all_requests", False)))
+            async with self._engine_lock:
+                try:
+                    await self._on_model_thread(lambda: self._load_checkpoint(path))
+                except Exception as e:
+                    return _control(False, f"Failed to load weights from {path}: {e}")
+                self._after_update(body.get("weight_version"), body.get("flush_cache", True))
+        finally:
+            self._updating -= 1
+            self._poke()
+        return _control(True, f"Succeeded to update model weights from {path}.")
+
+    def _load_checkpoint(self, path: str) -> None:
+        """Copy the weights of the HF checkpoint at ``path`` into the served model."""
+        from transformers import AutoModelForCausalLM
+
+        if not Path(path).exists():
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=self.model.dtype)
+        state = loaded.state_dict()
+        own = self.model.state_dict()
+        missing = sorted(set(own) - set(state))
+        if missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
+        # Under the engine's lock; the bump flushes its KV cache (old weights' KV is stale).
+        with self.engine.exclusive():
+            self.model.load_state_dict(state, strict=False)
+            self.engine.bump_weight_version()
+
+    async def _init_weights_update_group(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        try:
+            address = _field(body, "master_address", str)
+            port = _field(body, "master_port", int)
+            rank_offset = _field(body, "rank_offset", int)
+            world_size = _field(body, "world_size", int)
+            group_name = body.get("group_name", "weight_update_group")
+            backend = body.get("backend", "nccl")
+        except _BadRequest as e:
+            return _control(False, str(e))
+        if not 0 < port < 65536 or world_size < 2 or not 1 <= rank_offset < world_size:
+            return _control(
+                False,
+                f"need 0 < master_port < 65536, world_size >= 2 and 1 <= rank_offset < "
+                f"world_size (the trainer is rank 0); got port {port}, world_size "
+                f"{world_size}, rank_offset {rank_offset}",
+            )
+        if group_name in self._groups:
+            return _control(False, f"process group {group_name!r} already exists")
+        if backend not in ("gloo", "nccl"):
+            return _control(False, f"backend must be nccl or gloo, got {backend!r}")
+        if backend == "nccl" and not _cuda_available():
+            return _control(
+                False,
+                "the stand-in runs on CPU and cannot join an NCCL group: use backend 'gloo' "
+                "with the stand-in (the trainer's side works the same way)",
+            )
+        try:
+            # The stand-in is one rank (a server with one GPU): rank_offset.
+            group = await asyncio.to_thread(
+                join_weight_update_group,
+                backend,
+                address,
+                port,
+                world_size,
+                rank_offset,
+                group_name,
+            )
+        except Exception as e:
+            return _control(False, f"Failed to init group {group_name}: {e}")
+        self._groups[group_name] = group
+        return _control(True, f"Succeeded to initialize group {group_name} ({backend}).")
+
+    async def _update_weights_from_distributed(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
+        if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)):
+            return _control(False, "names, dtypes and shapes must be lists")
+        if not len(names) == len(dtypes) == len(shapes):
+            return _control(False, "names, dtypes and shapes must have the same length")
+        group_name = body.get("group_name", "weight_update_group")
+        group = self._groups.get(group_name)
+        if group is None:
+            return _control(
+                False, f"no process group {group_name!r}: call /init_weights_update_group first"
+            )
+        assert self._engine_lock is not None
+        self._updating += 1
+        try:
+            await self._quiesce(bool(body.get("abort_all_requests", False)))
+            async with self._engine_lock:
+                try:
+                    problems = await self._on_model_thread(
+                        lambda: self._receive(group, names, dtypes, shapes)
+                    )
+                except Exception as e:
+                    return _control(False, f"Failed to receive weights: {e}")
+                if problems:
+                    return _control(False, "; ".join(problems))
+                self._after_update(body.get("weight_version"), body.get("flush_cache", True))
+        finally:
+            self._updating -= 1
+            self._poke()
+        return _control(True, f"Succeeded to update {len(names)} parameters.")
+
+    def _receive(
+        self, group: Any, names: list[Any], dtypes: list[Any], shapes: list[Any]
+    ) -> list[str]:
+        """Receive each broadcast tensor (all of them, so the trainer never hangs) and copy it
+        into the model parameter of its name. Returns what did not fit."""
+        import torch
+        import torch.distributed as dist
+
+        params = dict(self.model.named_parameters())
+        device = "cuda" if _group_backend(group) == "nccl" else "cpu"
+        problems = []
+        with self.engine.exclusive():
+            for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+                kind = getattr(torch, str(dtype), None)
+                if not isinstance(kind, torch.dtype):
+                    raise ValueError(f"{name}: unknown dtype {dtype!r}")
+                tensor = torch.empty([int(d) for d in shape], dtype=kind, device=device)
+                dist.broadcast(tensor, src=0, group=group)
+                target = params.get(name)
+                if target is None:
+                    problems.append(f"unknown parameter {name}")
+                elif tuple(target.shape) != tuple(tensor.shape):
+                    problems.append(f"{name}: shape {list(tensor.shape)} != {list(target.shape)}")
+                else:
+                    with torch.no_grad():
+                        target.copy_(tensor.to(target.device, target.dtype))
+            self.engine.bump_weight_version()
+        return problems
+
+    # ------------------------------------------------------------------ information
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _health_generate(self, request: web.Request) -> web.Response:
+        """Generate one token, as SGLang's health check does."""
+        prompt = [self.eos_token_id if self.eos_token_id is not None else 0]
+        params = self._sampling({"max_new_tokens": 1, "temperature": 0})
+        loop = asyncio.get_running_loop()
+        sample = _Sample(f"health-{uuid.uuid4().hex}", prompt, params, False)
+        job = _Job([sample.id], [prompt], [sample], time.monotonic(), loop.create_future(), False)
+        self._waiting.append(job)
+        self._poke()
+        try:
+            await asyncio.wait_for(asyncio.shield(job.done), timeout=20)
+        except asyncio.TimeoutError:
+            self._abort_job(job, "health check timed out")
+            return web.Response(status=503)
+        return web.Response(status=200)
+
+    async def _model_info(self, request: web.Request) -> web.Response:
+        config = getattr(self.model, "config", None)
+        return web.json_response(
+            {
+                "model_path": self.model_path,
+                "tokenizer_path": self.model_path,
+                "is_generation": True,
+                "preferred_sampling_params": None,
+                "weight_version": self.weight_version,
+                "model_type": getattr(config, "model_type", None),
+                "architectures": getattr(config, "architectures", None),
+            }
+        )
+
+    async def _server_info(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "model_path": self.model_path,
+                "tokenizer_path": self.model_path,
+                "page_size": self.page_size,
+                "schedule_policy": "lpm",
+                "skip_tokenizer_init": self.skip_tokenizer_init,
+                "context_length": self.context_length,
+                "max_total_num_tokens": self.cache_tokens,
+                "weight_version": self.weight_version,
+                "version": "treegrpo-standin",
+            }
+        )
+
+
+class _OutOfVocabulary(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _field(body: dict[str, Any], key: str, kind: type) -> Any:
+    value = body.get(key)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise _BadRequest(f"{key} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"message": message}}, status=status)
+
+
+def _control(success: bool, message: str) -> web.Response:
+    return web.json_response(
+        {"success": success, "message": message}, status=200 if success else 400
+    )
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:  # pragma: no cover - the stand-in needs torch anyway
+        return False
+
+
+def _group_backend(group: Any) -> str:
+    try:
+        import torch.distributed as dist
+
+        return str(dist.get_backend(group))
+    except Exception:
+        return "gloo"
+
+
+def join_weight_update_group(
+    backend: str,
+    master_address: str,
+    master_port: int,
+    world_size: int,
+    rank: int,
+    group_name: str,
+    timeout: float = 60.0,
+) -> Any:
+    """Join (or, as rank 0, create) the process group SGLang's ``/init_weights_update_group``
+    forms: a TCP rendezvous at ``master_address:master_port`` and a group of its own named
+    ``group_name``, apart from any default group. The trainer calls it with ``rank=0`` while
+    the servers join; then it broadcasts each tensor from rank 0 over the returned group.
+
+    This mirrors how SGLang (and the RL frameworks that drive it) build that group, with torch's
+    private ``_new_process_group_helper``, so the same trainer code works against a real server.
+    """
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    wait = datetime.timedelta(seconds=timeout)
+    store, rank, world_size = next(
+        dist.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=wait)
+    )
+    store.set_timeout(wait)
+    name: Any = getattr(c10d, "GroupName", str)(group_name)  # a NewType of str in recent torch
+    group, _ = c10d._new_process_group_helper(
+        world_size, rank, [], backend, store, group_name=name, timeout=wait
+    )
+    c10d._world.pg_group_ranks[group] = {r: r for r in range(world_size)}
+    return group
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _load(model_path: str | Path) -> tuple[Any, Any]:
+    from treegrpo.engine.models import load_policy
+
+    return load_policy(model_path)
+
+
+def _make_engine(model: Any, tokenizer: Any) -> Any:
+    from treegrpo.engine.embedded import EmbeddedEngine
+
+    return EmbeddedEngine(model, tokenizer)
+
+
+def start_standin(
+    model: str | Path | tuple[Any, Any],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    **options: Any,
+) -> tuple[str, Callable[[], None]]:
+    """Serve a stand-in from a background thread (for tests). ``model`` is a checkpoint
+    directory or a ``(model, tokenizer)`` pair; ``port=0`` picks a free port; ``options`` go to
+    :class:`SGLangStandin`. Returns ``(url, stop)``: ``stop()`` shuts the server down at once,
+    as if killed (connections close, running requests are lost to their clients)."""
+    _, url, stop = start_standin_server(model, host=host, port=port, **options)
+    return url, stop
+
+
+def start_standin_server(
+    model: str | Path | tuple[Any, Any], *, host: str = "127.0.0.1", port: int = 0, **options: Any
+) -> tuple[SGLangStandin, str, Callable[[], None]]:
+    """:func:`start_standin`, also returning the :class:`SGLangStandin` (tests inspect it)."""
+    if isinstance(model, (str, Path)):
+        options.setdefault("model_path", str(model))
+        net, tokenizer = _load(model)
+    else:
+        net, tokenizer = model
+    server = SGLangStandin(_make_engine(net, tokenizer), net, tokenizer, **options)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(
+        server.app(), access_log=None, shutdown_timeout=0.05, handler_cancellation=True
+    )
+    state: dict[str, Any] = {}
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(runner.setup())
+            loop.run_until_complete(web.TCPSite(runner, host, port).start())
+            state["port"] = runner.addresses[0][1]
+        except BaseException as e:
+            state["error"] = e
+        else:
+            started.set()
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(runner.cleanup())
+            server.close()  # waits for the model step in progress
+            loop.close()
+            started.set()
+
+    thread = threading.Thread(target=run, name="sglang-standin-http", daemon=True)
+    thread.start()
+    started.wait()
+    if "error" in state:
+        thread.join()
+        raise state["error"]
+
+    def stop() -> None:
+        if thread.is_alive():
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+
+    return server, f"http://{host}:{state['port']}", stop
+
+
+async def _serve(server: SGLangStandin, host: str, port: int) -> None:
+    runner = web.AppRunner(
+        server.app(), access_log=None, handler_cancellation=True, shutdown_timeout=1
+    )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await web.TCPSite(runner, host, port).start()
+        bound = runner.addresses[0][1]
+        print(
+            f"SGLang stand-in serving {server.model_path} on http://{host}:{bound} "
+            f"(cache {server.cache_tokens} tokens, context {server.context_length}); "
+            "Ctrl+C to stop",
+            flush=True,
+        )
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        server.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m treegrpo.testing.sglang_standin --model PATH --port P``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m treegrpo.testing.sglang_standin",
+        description="A CPU stand-in for an SGLang server (its HTTP protocol over a real model "
+        "through treegrpo's embedded engine), for tests.",
+    )
+    parser.add_argument("--model", required=True, help="HF checkpoint directory")
+    parser.add_argument("--port", type=int, default=30000, help="port (default 30000; 0: any)")
+    parser.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    parser.add_argument(
+        "--cache-tokens",
+        type=int,
+        default=DEFAULT_CACHE_TOKENS,
+        help=f"emulated radix cache capacity in tokens (default {DEFAULT_CACHE_TOKENS})",
+    )
+    parser.add_argument("--page-size", type=int, default=1, help="cache page size (default 1)")
+    parser.add_argument("--context-length", type=int, default=None, help="context length")
+    parser.add_argument(
+        "--decode-chunk", type=int, default=4, help="tokens per decode step (default 4)"
+    )
+    parser.add_argument(
+        "--skip-tokenizer-init", action="store_true", help="answer without text, like SGLang's flag"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    net, tokenizer = _load(args.model)
+    server = SGLangStandin(
+        _make_engine(net, tokenizer),
+        net,
+        tokenizer,
+        model_path=args.model,
+        cache_tokens=args.cache_tokens,
+        page_size=args.page_size,
+        context_length=args.context_length,
+        decode_chunk=args.decode_chunk,
+        skip_tokenizer_init=args.skip_tokenizer_init,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(server, args.host, args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
