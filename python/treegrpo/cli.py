@@ -54,10 +54,13 @@ def _column(table: object, name: str) -> list[float]:
 
 def _subcommands() -> list[Callable[[Any], Any]]:
     """Each module that owns a command registers it (its parser and its `run`)."""
+    from treegrpo.engine.sglang_client import add_subcommand as sglang
     from treegrpo.env.retrievers.server import add_subcommand as serve_retriever
     from treegrpo.env.synth import add_subcommand as data
+    from treegrpo.sft import add_subcommand as sft
+    from treegrpo.train import add_subcommand as train
 
-    return [data, serve_retriever]
+    return [train, sft, data, serve_retriever, sglang]
 
 
 def main(argv: list[str] | None = None) -> int:

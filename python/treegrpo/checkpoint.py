@@ -1,0 +1,106 @@
+"""Checkpoints: the policy in Hugging Face format (safetensors) plus everything needed to
+continue exactly: optimizer, learner schedule position, RNG states, data cursor and step.
+
+Layout: ``<run_dir>/checkpoints/step_000003/`` holding ``model.safetensors`` (+ config and
+tokenizer files), ``trainer_state.pt`` and ``COMPLETE``. A checkpoint is written into a
+temporary directory and renamed into place, and the marker is written last, so a process
+killed at any moment leaves either the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["latest", "load", "save"]
+
+MARKER = "COMPLETE"
+
+
+def _dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save(
+    run_dir: Path, step: int, model: Any, tokenizer: Any, learner: Any, state: dict[str, Any]
+) -> Path:
+    """Write the checkpoint of `step` atomically; older checkpoints but the previous one go."""
+    import numpy as np
+    import torch
+
+    root = _dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save(
+            {
+                **state,
+                "optimizer": learner.optimizer.state_dict(),
+                "learner_steps": learner.steps,
+                "learner_updates": learner.updates,
+                "rng": {
+                    "python": random.getstate(),
+                    "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state(),
+                },
+            },
+            tmp / "trainer_state.pt",
+        )
+        (tmp / MARKER).write_text(str(step))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in _complete(run_dir)[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _complete(run_dir: Path) -> list[Path]:
+    root = _dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if (p / MARKER).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = _complete(run_dir)
+    return found[-1] if found else None
+
+
+def load(path: Path, model: Any, learner: Any) -> dict[str, Any]:
+    """Load weights, optimizer and RNG states from `path` into `model`/`learner`; returns the
+    trainer state saved with it (step, data cursor, ...)."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    weights: dict[str, Any] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        weights.update(load_file(str(file), device=str(next(model.parameters()).device)))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # tied embeddings are saved once: only tied keys may be missing
+    tied = {k for k in missing if "lm_head" in k}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(
+            f"checkpoint {path} does not match the model: missing {sorted(set(missing) - tied)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    learner.optimizer.load_state_dict(state.pop("optimizer"))
+    learner.steps = state.pop("learner_steps")
+    learner.updates = state.pop("learner_updates")
+    rng = state.pop("rng")
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    return state

