@@ -49,7 +49,7 @@ pytest: develop
 test: test-rust lint pytest
 
 quickstart: develop
-	$(PY) -m treegrpo demo
+	$(PY) -m treegrpo train
 
 bench: develop
 	$(PY) bench/core.py
