@@ -8,18 +8,19 @@ import random
 
 import numpy as np
 import pytest
-import torch
 import treegrpo
 from treegrpo import Forest
-from treegrpo.learner import (
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from treegrpo.learner import (  # noqa: E402
     Learner,
     LearnerConfig,
     NonFiniteLossError,
     token_log_probs,
     tree_attention_mask,
 )
-
-transformers = pytest.importorskip("transformers")
 
 AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 VOCAB = 97

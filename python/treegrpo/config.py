@@ -162,7 +162,6 @@ class TrainerConfig:
     - ``save_every``: checkpoint every N steps (and always after the last).
     - ``resume``: ``auto`` (continue from the last complete checkpoint in run_dir), ``never``.
     - ``logger``: any of ``console``, ``jsonl``, ``tensorboard``, ``wandb``.
-    - ``max_bad_steps``: non-finite losses in a row before the run stops.
     - ``seed``: everything random in the run.
     """
 
@@ -173,7 +172,6 @@ class TrainerConfig:
     save_every: int = 1
     resume: Literal["auto", "never"] = "auto"
     logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])
-    max_bad_steps: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -294,7 +294,8 @@ def token_log_probs(
     grad = torch.is_grad_enabled() and (
         hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters())
     )
-    log_probs, entropies = [], []
+    log_probs: list[torch.Tensor] = []
+    entropies: list[torch.Tensor] = []
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
         args = (lm_head, temperature, with_entropy, h, t)
@@ -305,7 +306,8 @@ def token_log_probs(
         else:
             lp, ent = _chunk_log_probs(*args)
         log_probs.append(lp)
-        entropies.append(ent)
+        if ent is not None:
+            entropies.append(ent)
     if not log_probs:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, (empty if with_entropy else None)
@@ -413,11 +415,10 @@ class MicroBatch:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         assert self.loss_mask is not None and self.advantages is not None
         assert self.loss_index is not None and self.old_log_probs is not None
-        mask, mode = self.loss_mask, cfg.loss_agg_mode
+        mask, mode, index = self.loss_mask, cfg.loss_agg_mode, self.loss_index
 
         def grid(values: torch.Tensor) -> torch.Tensor:  # (N,) -> (R, T), zero off the loss
-            zeros = values.new_zeros(mask.numel())
-            return zeros.index_copy(0, self.loss_index, values).view(mask.shape)
+            return values.new_zeros(mask.numel()).index_copy(0, index, values).view(mask.shape)
 
         log_prob, old = grid(log_probs), grid(self.old_log_probs)
         pg_losses, clipped, clipped_lower = _verl_policy_loss(old, log_prob, self.advantages, cfg)
@@ -584,10 +585,10 @@ class Learner:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Any,
         config: LearnerConfig,
         *,
-        ref_model: nn.Module | None = None,
+        ref_model: Any | None = None,
         on_step: Callable[[], Any] | None = None,
         hold: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     ) -> None:
@@ -609,7 +610,7 @@ class Learner:
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        self.ref_model: nn.Module | None = None
+        self.ref_model: Any | None = None
         if config.kl_coef > 0:
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
             self.ref_model.requires_grad_(False).eval()
@@ -780,7 +781,7 @@ class Learner:
         return contextlib.nullcontext()
 
     def _log_probs(
-        self, model: nn.Module, mb: MicroBatch, *, with_entropy: bool = False
+        self, model: Any, mb: MicroBatch, *, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs (and entropies) (N,) of a micro-batch's loss tokens under ``model``."""
         if mb.segment_ids is not None:

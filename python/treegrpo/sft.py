@@ -108,7 +108,7 @@ def warm_start(
             targets = torch.tensor(m[1:], device=device)  # token t is predicted at t - 1
             hidden = body(input_ids=ids).last_hidden_state[0, :-1]  # (T - 1, d)
             log_probs, _ = token_log_probs(
-                hidden[targets], head, ids[0, 1:][targets], chunk_tokens=1024
+                hidden[targets], head, ids[0, 1:][targets], chunk_tokens=1024, with_entropy=False
             )
             loss = -log_probs.sum() / n_tokens
             loss.backward()

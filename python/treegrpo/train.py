@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import random
 import sys
 import time
@@ -45,7 +44,6 @@ class Trainer:
         self.run_dir = Path(cfg.trainer.run_dir)
         self.step = 0
         self.cursor = 0  # index into the shuffled training prompts
-        self.bad_steps = 0
         # One event loop for the run: HTTP sessions (SGLang, retrievers) live on it.
         self.loop = asyncio.new_event_loop()
 
@@ -193,15 +191,8 @@ class Trainer:
         t = time.perf_counter()
         actor = self.learner.step(result.forest)
         timing["timing_s/update_actor"] = time.perf_counter() - t
-        if not all(math.isfinite(v) for k, v in actor.items() if k.startswith("actor/")):
-            self.bad_steps += 1
-            if self.bad_steps >= cfg.trainer.max_bad_steps:
-                raise RuntimeError(
-                    f"{self.bad_steps} steps in a row had a non-finite loss: stopping "
-                    "(lower learner.lr or check the rewards)"
-                )
-        else:
-            self.bad_steps = 0
+        # A non-finite loss skips its update inside the learner (warned, counted in
+        # actor/skipped_updates); learner.max_nonfinite_updates in a row stop the run.
         t = time.perf_counter()
         self._sync_weights(self.step + 1)
         timing["timing_s/weight_sync"] = time.perf_counter() - t
@@ -270,7 +261,7 @@ class Trainer:
         return save(self.run_dir, self.step, self.model, self.tokenizer, self.learner, self.state())
 
     def state(self) -> dict[str, Any]:
-        return {"step": self.step, "cursor": self.cursor, "bad_steps": self.bad_steps}
+        return {"step": self.step, "cursor": self.cursor}
 
     def _resume(self) -> None:
         if self.cfg.trainer.resume != "auto":
@@ -281,7 +272,7 @@ class Trainer:
         if ckpt is None:
             return
         state = load(ckpt, self.model, self.learner)
-        self.step, self.cursor, self.bad_steps = state["step"], state["cursor"], state["bad_steps"]
+        self.step, self.cursor = state["step"], state["cursor"]
         if hasattr(self.engine, "bump_weight_version"):
             self.engine.bump_weight_version()  # weights changed under the engine's cache
         print(f"resumed from {ckpt} (step {self.step})")
