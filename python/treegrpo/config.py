@@ -32,6 +32,8 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "TrainerConfig",
+    "add_config_arguments",
+    "config_from_args",
     "load_config",
 ]
 
@@ -253,6 +255,21 @@ def load_config(
         steps = raw.get("trainer", {}).get("total_steps", TrainerConfig.total_steps)
         raw.setdefault("learner", {}).setdefault("total_steps", steps)
     return _build(TrainConfig, raw, "")
+
+
+def add_config_arguments(parser: Any, example: str) -> None:
+    """``--config FILE`` and positional dotted overrides, for a command that reads a config."""
+    parser.add_argument("--config", type=Path, default=None, help="TOML or YAML config file")
+    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+
+
+def config_from_args(args: Any, command: str) -> TrainConfig | None:
+    """The config of a command's arguments, or None after printing the error (exit code 2)."""
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"treegrpo {command}: config error: {e}", file=sys.stderr)
+        return None
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -15,7 +15,6 @@ import hashlib
 import json
 import random
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -151,20 +150,19 @@ def add_subcommand(commands: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", type=Path, default=None, help="TOML or YAML config file")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.sft_steps=20")
+    from treegrpo.config import add_config_arguments
+
+    add_config_arguments(p, "model.sft_steps=20")
     p.set_defaults(run=_run_cli)
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    from treegrpo.config import ConfigError, load_config
+    from treegrpo.config import config_from_args
     from treegrpo.data import prepare
     from treegrpo.engine.models import DEFAULT_POLICY
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"treegrpo sft: config error: {e}", file=sys.stderr)
+    cfg = config_from_args(args, "sft")
+    if cfg is None:
         return 2
     data = prepare(cfg.data, seed=cfg.trainer.seed)
     if data.sft is None:

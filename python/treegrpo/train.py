@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from treegrpo.config import ConfigError, TrainConfig, load_config
+from treegrpo.config import TrainConfig, add_config_arguments, config_from_args
 
 __all__ = ["Trainer", "add_subcommand", "main"]
 
@@ -363,17 +363,14 @@ def add_subcommand(commands: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", type=Path, default=None, help="TOML or YAML config file")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tree.m=2 learner.lr=1e-6")
+    add_config_arguments(p, "tree.m=2 learner.lr=1e-6")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_cli)
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"treegrpo train: config error: {e}", file=sys.stderr)
+    cfg = config_from_args(args, "train")
+    if cfg is None:
         return 2
     trainer = Trainer(cfg, progress=not args.no_progress)
     try:
