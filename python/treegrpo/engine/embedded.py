@@ -7,8 +7,8 @@ thread, so the event loop keeps serving tool calls):
 1. Validate every request (token ids in the vocabulary, the prompt within the context).
    Requests with the same ``input_ids`` share one prefill, so ``n`` siblings (or identical
    requests) prefill their prompt once; each sample then gets its own row.
-2. Lay the call out in one KV *slab* per layer, ``(rows, kv_heads, columns, head_dim)``: every
-   prompt right-aligned at column ``P`` (the longest prompt), generated tokens after ``P``.
+2. Lay the call out in one KV *slab*, ``(layers, K/V, rows, kv_heads, columns, head_dim)``:
+   every prompt right-aligned at column ``P`` (the longest prompt), generated tokens after it.
    Rows of different lengths are left-padded; attention uses an explicit 4-D additive mask and
    explicit per-row ``position_ids``, so the RoPE positions baked into cached keys stay right.
 3. Prefill in chunks of at most ``max_batch_tokens`` padded new tokens. A chunk first asks the
