@@ -51,8 +51,13 @@ test: test-rust lint pytest
 quickstart: develop
 	$(PY) -m treegrpo train
 
+# Every benchmark (tens of minutes on 2 cores; engines.py and learner.py dominate).
 bench: develop
 	$(PY) bench/core.py
+	$(PY) bench/radix_pack.py
+	$(PY) bench/env.py
+	$(PY) bench/engines.py
+	$(PY) bench/learner.py
 
 clean:
 	rm -rf $(VENV) target
