@@ -15,14 +15,9 @@ no JSON unless ``--out`` is given).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
-import json
-import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,10 +31,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import treegrpo
+from common import LOADAVG_AT_START, fmt_seconds, markdown_table, target, write_results
 from pure_python_forest import PyForest
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_OUT = HERE / "results" / "core.json"
+TITLE = "Core: the Rust forest against pure Python"
+ISSUE = 2
 
 TREES_PER_GROUP = 4  # M
 MAX_DEPTH = 6  # steps below the root
@@ -53,6 +49,8 @@ TOLERANCE = 1e-9
 
 TARGET_RATIO, TARGET_RATIO_SIZE = 50.0, 100_000
 TARGET_SECONDS, TARGET_SECONDS_SIZE = 0.2, 1_000_000
+SELECT_ADVANTAGES = "select + advantages"  # the operations that have a target
+ADVANTAGES_EXPORT = "advantages + Arrow export"
 
 
 # --------------------------------------------------------------------------- forest shape
@@ -384,11 +382,11 @@ def run_size(size: int, repeats: int, pool: np.ndarray, python_build_max: int) -
         Row(size, n, "build (add_root/add_step + set_rewards)", t_rust_build, py_build),
         row("select (N=2 per tree)", "select"),
         row("advantages (tree)", "advantages"),
-        row("select + advantages", "select", "advantages"),
+        row(SELECT_ADVANTAGES, "select", "advantages"),
         row("Arrow export (nodes + advantages -> pyarrow)", "export"),
         row("Parquet write (both tables)", "parquet"),
         row("Arrow export + Parquet write", "export", "parquet"),
-        row("advantages + Arrow export", "advantages", "export"),
+        row(ADVANTAGES_EXPORT, "advantages", "export"),
         row("polars.DataFrame of both tables", "polars", python=False),
     ]
     rows[0].note = "timed once"
@@ -407,66 +405,32 @@ def run_size(size: int, repeats: int, pool: np.ndarray, python_build_max: int) -
     }
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gb = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem_gb = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    git: dict[str, Any] = {}
-    for key, cmd in (("commit", ["rev-parse", "HEAD"]), ("dirty", ["status", "--porcelain"])):
-        try:
-            res = subprocess.run(
-                ["git", *cmd], cwd=HERE, capture_output=True, text=True, check=True
-            )
-            text = res.stdout.strip()
-            git[key] = text if key == "commit" else bool(text)
-        except (OSError, subprocess.CalledProcessError):
-            git[key] = None
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_gb": mem_gb,
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "treegrpo": treegrpo.__version__,
-        "build_profile": treegrpo._core.BUILD_PROFILE,
-        "numpy": np.__version__,
-        "pyarrow": pa.__version__,
-        "polars": pl.__version__,
-        "git": git,
-        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-def fmt_s(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.4f}" if x >= 0.01 else f"{x:.2e}"
-
-
 def table(rows: list[Row]) -> str:
     head = ["size", "operation", "rust_s", "python_s", "ratio", "target", "pass"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = []
     for r in rows:
         ratio = f"{r.ratio:.1f}x" if r.ratio is not None else "-"
         ok = "" if r.passed is None else ("yes" if r.passed else "NO")
         op = r.operation + (f" ({r.note})" if r.note else "")
-        cells = [f"{r.size:,}", op, fmt_s(r.rust_s), fmt_s(r.python_s), ratio, r.target, ok]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells.append(
+            [f"{r.size:,}", op, fmt_seconds(r.rust_s), fmt_seconds(r.python_s), ratio, r.target, ok]
+        )
+    return markdown_table(head, cells)
+
+
+def core_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 2's targets (schema: bench/common.py) from the "results" rows of the sizes they
+    name; a target whose size was not run is left out."""
+    out = []
+    for r in results:
+        if r["size"] == TARGET_RATIO_SIZE and r["operation"] == SELECT_ADVANTAGES:
+            times = f"Rust {r['rust_s']:.3g} s, Python {r['python_s']:.3g} s"
+            name = f"select + advantages, {r['size']:,} nodes: speedup over pure Python"
+            out.append(target(name, r["ratio"], ">=", TARGET_RATIO, "x", note=times))
+        if r["size"] == TARGET_SECONDS_SIZE and r["operation"] == ADVANTAGES_EXPORT:
+            name = f"advantages + Arrow export, {r['size']:,} nodes: Rust time"
+            out.append(target(name, r["rust_s"], "<", TARGET_SECONDS, "s"))
+    return out
 
 
 NOTES = [
@@ -494,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="10^4 nodes, 1 repeat (smoke test)")
-    ap.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT})")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default results/core.json)")
     ap.add_argument(
         "--python-build-max",
         type=int,
@@ -505,14 +469,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats = [10_000], 1
-    out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     if treegrpo._core.BUILD_PROFILE != "release":
         print("warning: treegrpo is a debug build; run `make develop` first", file=sys.stderr)
 
     started = time.perf_counter()
-    load_at_start = [round(x, 2) for x in os.getloadavg()]
-    if load_at_start[0] > 0.5:
-        print(f"note: 1-min load average {load_at_start[0]} before start: timings may be noisy")
+    if LOADAVG_AT_START[0] > 0.5:
+        print(f"note: 1-min load average {LOADAVG_AT_START[0]} before start: timings may be noisy")
     pool = np.random.default_rng(0).integers(0, VOCAB, size=POOL, dtype=np.uint32)
     results = [run_size(size, args.repeats, pool, args.python_build_max) for size in args.sizes]
     rows = [r for res in results for r in res["rows"]]
@@ -525,37 +487,13 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     print(f"\n(total {elapsed:.0f} s)")
 
-    def target(size: int, op_index: int) -> dict[str, Any] | None:
-        for res in results:
-            r = res["rows"][op_index]
-            if r.size == size:
-                return {
-                    "operation": r.operation,
-                    "measured_ratio": r.ratio,
-                    "measured_rust_s": r.rust_s,
-                    "pass": r.passed,
-                }
-        return None
-
-    targets = {
-        "select_advantages_speedup": {
-            "size": TARGET_RATIO_SIZE,
-            "min_ratio": TARGET_RATIO,
-            "result": target(TARGET_RATIO_SIZE, 3),
-        },
-        "advantages_export_seconds": {
-            "size": TARGET_SECONDS_SIZE,
-            "max_rust_s": TARGET_SECONDS,
-            "result": target(TARGET_SECONDS_SIZE, 7),
-        },
-    }
-    if out is not None:
+    if not args.quick or args.out is not None:
         by_size = dict(zip(map(str, args.sizes), results, strict=True))
-        doc = {
-            "benchmark": "core",
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "machine": {**machine(), "loadavg_at_start": load_at_start},
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        results_json = [r.as_json() for r in rows]
+        payload = {
+            "title": TITLE,
+            "issue": ISSUE,
+            "targets": core_targets(results_json),
             "repeats": args.repeats,
             "shape": {
                 "trees_per_group": TREES_PER_GROUP,
@@ -572,15 +510,12 @@ def main(argv: list[str] | None = None) -> int:
             "agreement_max_abs_diff": {
                 s: res["agreement_max_abs_diff"] for s, res in by_size.items()
             },
-            "results": [r.as_json() for r in rows],
-            "targets": targets,
+            "results": results_json,
             "raw_times_s": {s: res["raw_times_s"] for s, res in by_size.items()},
             "notes": NOTES,
             "elapsed_s": round(elapsed, 1),
         }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"wrote {out}")
+        print(f"wrote {write_results('core', payload, args.out)}")
     missed = [r for r in rows if r.passed is False]
     if missed:
         print("missed targets:", ", ".join(f"{r.operation} at {r.size:,}" for r in missed))

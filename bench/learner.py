@@ -33,8 +33,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, markdown_table, write_results
+from common import RESULTS, markdown_table, target, write_results
 
+TITLE = "Learner: tree packing speedup and the memory of one update"
+ISSUE = 7
 MEMORY_TARGET_GB = 8.0
 SPEEDUP_FRACTION = 0.8
 VOCAB = 49_152
@@ -314,6 +316,49 @@ def bench_memory(layers: int, cases: list[tuple[str, dict]]) -> list[dict]:
 # ------------------------------------------------------------------------------ main
 
 
+def learner_targets(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 7's targets (schema: bench/common.py) from the payload's throughput and memory
+    rows; the memory target is for the default LearnerConfig only (flat and packed)."""
+    carried = payload.get("carried_over", {})
+
+    def note(*parts: str, section: str) -> str:
+        when = f"carried over from the result of {carried[section]}" if section in carried else ""
+        return "; ".join(part for part in (*parts, when) if part)
+
+    out = []
+    for r in payload.get("throughput", []):
+        if r["mode"] == "packed":
+            out.append(
+                target(
+                    f"Learner.step speedup, packed over flat, {r['trajectories']} tree "
+                    f"trajectories, {r['layers']} layers",
+                    r["speedup"],
+                    ">=",
+                    SPEEDUP_FRACTION * r["sharing_ratio"],
+                    "x",
+                    note=note(
+                        f"target {SPEEDUP_FRACTION:g} x sharing ratio {r['sharing_ratio']:.2f}",
+                        f"median wall time of {len(r['all_wall_s'])} runs",
+                        f"CPU-time speedup {r['cpu_speedup']:.2f}x",
+                        section="throughput",
+                    ),
+                )
+            )
+    for r in payload.get("memory", []):
+        if set(r["config"]) <= {"packed"}:
+            out.append(
+                target(
+                    f"peak RSS of one update, 16 x 512 tokens, {r['case']}, {r['layers']} layers",
+                    r.get("peak_rss_gb"),
+                    "<=",
+                    MEMORY_TARGET_GB,
+                    "GB",
+                    note=note(str(r.get("error", "")), section="memory"),
+                )
+            )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=30, help="decoder layers (default 30)")
@@ -446,6 +491,7 @@ def main() -> None:
                 if section not in payload and section in previous:
                     payload[section] = previous[section]
                     payload.setdefault("carried_over", {})[section] = previous["date"]
+        payload.update(title=TITLE, issue=ISSUE, targets=learner_targets(payload))
         path = write_results("learner", payload, out)
         print(f"wrote {path}")
 

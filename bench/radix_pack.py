@@ -21,11 +21,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import treegrpo
-from common import fmt_seconds, markdown_table, median_time, write_results
+from common import fmt_seconds, markdown_table, median_time, target, write_results
 from pure_python_radix import PyRadix
 
+TITLE = "Radix index and tree packing"
+ISSUE = 3
 RADIX_TARGET = 30.0
 PACK_TARGET_S = 0.100
+RADIX_TARGET_OP = "match_prefix + insert per call"  # insert_many has no target of its own
 
 
 def tree_sequences(n_seqs: int, length: int, seed: int) -> list[np.ndarray]:
@@ -79,7 +82,7 @@ def bench_radix(n_seqs: int, length: int, repeats: int) -> list[dict]:
     rows = []
     total = sum(len(s) for s in seqs)
     for name, r_fn, p_fn in (
-        ("match_prefix + insert per call", rust, python),
+        (RADIX_TARGET_OP, rust, python),
         ("insert_many (cached prefix per sequence)", rust_batch, python_batch),
     ):
         rust_s, rust_times, rust_out = median_time(r_fn, repeats)
@@ -157,6 +160,21 @@ def bench_pack(prompts: int, length: int, repeats: int) -> list[dict]:
     return rows
 
 
+def radix_pack_targets(rows: list[dict]) -> list[dict]:
+    """Issue 3's targets (schema: bench/common.py) from the "results" rows."""
+    out = []
+    for r in rows:
+        if r["operation"].startswith(RADIX_TARGET_OP):
+            name = f"RadixIndex {r['operation']}: speedup over pure Python"
+            times = f"Rust {r['rust_s']:.3g} s, Python {r['python_s']:.3g} s"
+            out.append(target(name, r["ratio"], ">=", RADIX_TARGET, "x", note=times))
+        elif r["operation"].startswith("pack "):
+            tokens = f"{r['total_tokens']:,} tokens, sharing {r['sharing_ratio']:.2f}x"
+            ms, target_ms = r["rust_s"] * 1e3, PACK_TARGET_S * 1e3
+            out.append(target(f"Forest.{r['operation']}", ms, "<", target_ms, "ms", note=tokens))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
@@ -183,7 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     if not args.quick or args.out:
-        path = write_results("radix_pack", {"repeats": repeats, "results": rows}, args.out)
+        payload = {
+            "title": TITLE,
+            "issue": ISSUE,
+            "targets": radix_pack_targets(rows),
+            "repeats": repeats,
+            "results": rows,
+        }
+        path = write_results("radix_pack", payload, args.out)
         print(f"wrote {path}")
     return 0
 
