@@ -14,6 +14,8 @@ __all__ = [
     "RetrieverTimeoutError",
     "RetrieverUnavailableError",
     "RewardError",
+    "RunFormatError",
+    "RunNotFoundError",
     "StaleHandleError",
     "SynthesisError",
     "TreeGRPOError",
@@ -95,3 +97,17 @@ class MissingDependencyError(TreeGRPOError, ImportError):
 
 class SynthesisError(TreeGRPOError, RuntimeError):
     """The synthetic world could not be built as promised (e.g. a gold hop's page not retrieved)."""
+
+
+# ---- rollout logs
+
+
+class RunNotFoundError(TreeGRPOError, FileNotFoundError):
+    """A run directory, or a table of it (``nodes/``, ``trajectories/``), that does not exist or
+    holds no log files. The message names the missing path."""
+
+
+class RunFormatError(TreeGRPOError, ValueError):
+    """Rollout logs that are not what treegrpo writes: an unreadable Parquet file, a table
+    without the columns the analysis needs, a metrics line that is not JSON. The message names
+    the file and what is wrong."""

@@ -6,10 +6,14 @@ A run directory holds::
     trajectories/step=000012/part-0.parquet   one row per kept leaf (advantages + lengths)
 
 read with ``polars.scan_parquet(run / "nodes" / "**" / "*.parquet", hive_partitioning=True)``
-(the ``step`` column comes from the directory name). Each file carries the key-value metadata
-``treegrpo.schema_version`` and ``treegrpo.table``. A file appears under its final name only
+(the ``step`` column comes from the directory name). A data-parallel run (torchrun, K > 1
+processes) writes one part per rank, ``part-{rank}.parquet``, each with a ``rank`` column:
+node and tree ids are per rank, so ``(step, rank, node)`` identifies a node; group ids are
+global. Each file carries the key-value metadata ``treegrpo.schema_version`` and
+``treegrpo.table``. A file appears under its final name only
 once complete (written to a temporary name in the same directory, then renamed), so a crash
-mid-write leaves nothing a reader picks up. The columns are documented in docs/architecture.md.
+mid-write leaves nothing a reader picks up. The columns are documented in docs/architecture.md;
+:mod:`treegrpo.logs.analysis` reads them back (docs/analysis.md).
 """
 
 from __future__ import annotations
@@ -57,10 +61,17 @@ def write_table_atomic(table: pa.Table, path: Path, *, name: str) -> Path:
 
 
 def write_rollout(
-    run_dir: str | Path, step: int, result: RolloutResult, advantages: Table
+    run_dir: str | Path,
+    step: int,
+    result: RolloutResult,
+    advantages: Table,
+    *,
+    rank: int | None = None,
 ) -> dict[str, Path]:
     """Write one step's nodes and trajectories tables. Call after ``forest.advantages(...)`` so
-    the nodes table carries V, kept leaves and summed advantage; `advantages` is its result."""
+    the nodes table carries V, kept leaves and summed advantage; `advantages` is its result.
+    ``rank``: this process's rank in a data-parallel run (part ``part-{rank}.parquet`` and a
+    ``rank`` column); None = a single process (``part-0.parquet``, no ``rank`` column)."""
     forest = result.forest
     nodes = pa.table(forest.nodes())
     ids = nodes.column("node").to_pylist()
@@ -99,11 +110,13 @@ def write_rollout(
         "response",
         pa.array([result.response_text(leaf) for leaf in traj.column("leaf").to_pylist()]),
     )
+    part = f"part-{rank or 0}.parquet"
+    if rank is not None:
+        nodes = nodes.append_column("rank", pa.array([rank] * len(nodes), pa.int32()))
+        traj = traj.append_column("rank", pa.array([rank] * len(traj), pa.int32()))
     return {
-        "nodes": write_table_atomic(
-            nodes, partition(run_dir, "nodes", step) / "part-0.parquet", name="nodes"
-        ),
+        "nodes": write_table_atomic(nodes, partition(run_dir, "nodes", step) / part, name="nodes"),
         "trajectories": write_table_atomic(
-            traj, partition(run_dir, "trajectories", step) / "part-0.parquet", name="trajectories"
+            traj, partition(run_dir, "trajectories", step) / part, name="trajectories"
         ),
     }
