@@ -42,6 +42,7 @@ import torch
 import torch.utils.checkpoint
 
 from treegrpo._core import Forest, Pack
+from treegrpo.distributed import all_reduce_grads, all_reduce_sum, world
 from treegrpo.exceptions import InvalidArgumentError, InvalidOptionError, TreeGRPOError
 
 if TYPE_CHECKING:
@@ -66,6 +67,9 @@ Autocast = Literal["bfloat16", "none"]
 # Attention implementations that can run the packed layout, and how each gets its mask.
 _DENSE_MASK_IMPLS = ("sdpa", "eager")
 _PACKED_IMPLS = (*_DENSE_MASK_IMPLS, "flex_attention")
+
+# The metric sums of a micro-batch's loss (MicroBatch.loss), reduced over ranks when data parallel.
+_STAT_KEYS = ("pg_loss", "entropy", "kl_loss", "clipped", "clipped_lower", "approx_kl", "tokens")
 
 
 class NonFiniteLossError(TreeGRPOError, FloatingPointError):
@@ -543,11 +547,14 @@ class _Layout:
     def num_trees(self) -> int:
         return len(self.tree_segments) - 1
 
+    def size(self, rows: np.ndarray, mode: str) -> float:
+        """What a set of trajectories adds to the aggregation normaliser: its loss tokens
+        (token-mean) or its trajectories (seq-mean-*)."""
+        return float(self.loss_tokens[rows].sum()) if mode == "token-mean" else float(len(rows))
+
     def norm(self, rows: np.ndarray, mode: str) -> float:
-        """The aggregation normaliser of a set of trajectories: loss tokens or trajectories."""
-        if mode == "token-mean":
-            return float(max(int(self.loss_tokens[rows].sum()), 1))
-        return float(max(len(rows), 1))
+        """The aggregation normaliser of a set of trajectories (an empty one counts as 1)."""
+        return max(self.size(rows, mode), 1.0)
 
 
 def _greedy(sizes: list[int], budget: int | None, *, padded: bool = True) -> list[list[int]]:
@@ -581,6 +588,11 @@ class Learner:
     optimizer update (e.g. the embedded engine's ``bump_weight_version``). ``hold``: a
     context-manager factory entered around each optimizer update and ``on_step`` (e.g.
     ``engine.exclusive``), so generation never sees half-updated weights.
+    ``data_parallel``: this process is one rank of a torch.distributed group and ``step`` gets
+    this rank's share of the batch; losses are normalised over the union of the shares and
+    gradients summed over ranks, so the update equals one over the union batch
+    (docs/architecture.md, "Data parallel"). Every rank must call ``step`` with the same
+    number of trees.
     """
 
     def __init__(
@@ -591,9 +603,16 @@ class Learner:
         ref_model: Any | None = None,
         on_step: Callable[[], Any] | None = None,
         hold: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+        data_parallel: bool = False,
     ) -> None:
         self.model, self.config = model, config
         self.on_step, self.hold = on_step, hold
+        if data_parallel and not torch.distributed.is_initialized():
+            raise InvalidArgumentError(
+                "data_parallel=True needs an initialised torch.distributed process group: start "
+                "the run with torchrun (treegrpo.distributed.init_from_env)"
+            )
+        self.data_parallel = data_parallel and world().parallel
         self.device = next(model.parameters()).device
         self.attn_implementation = getattr(model.config, "_attn_implementation", None) or "eager"
         if config.packed and self.attn_implementation not in _PACKED_IMPLS:
@@ -720,11 +739,18 @@ class Learner:
             value = float(loss.detach())
             total += value
             if not math.isfinite(value):
-                return value, sums
+                break  # its backward is not run
             if backward and loss.requires_grad:  # not when the micro-batch has no loss token
                 loss.backward()
             for key, v in stats.items():
                 sums[key] = sums.get(key, 0.0) + v
+        if self.data_parallel:
+            # The union's loss and metric sums (every share is already normalised by the
+            # union's normaliser); a non-finite loss on any rank is seen by every rank.
+            reduced = all_reduce_sum([total, *(sums.get(k, 0.0) for k in _STAT_KEYS)])
+            total, sums = reduced[0], dict(zip(_STAT_KEYS, reduced[1:], strict=True))
+        if not math.isfinite(total):
+            return total, sums
         tokens = max(sums.get("tokens", 0.0), 1.0)
         metrics = {
             "actor/pg_loss": sums.get("pg_loss", 0.0),
@@ -744,6 +770,8 @@ class Learner:
         loss, metrics = self.mini_batch_loss(mini, backward=True)
         grad_norm = float("nan")
         if math.isfinite(loss):
+            if self.data_parallel:
+                all_reduce_grads(self.params)  # the union batch's gradient, on every rank
             max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -827,10 +855,16 @@ class Learner:
             )
         full_rows = np.arange(lay.rows)
         full_norm = lay.norm(full_rows, cfg.loss_agg_mode)
+        splits = np.array_split(np.arange(lay.num_trees), cfg.mini_batches)
+        rows_of = [np.flatnonzero(np.isin(lay.row_tree, trees)) for trees in splits]
+        sizes = [lay.size(rows, cfg.loss_agg_mode) for rows in rows_of]
+        if self.data_parallel:
+            # Each rank's share of mini-batch i is normalised by the normaliser of the union of
+            # every rank's i-th mini-batch; the gradients are then summed over ranks.
+            sizes = all_reduce_sum(sizes)
         minis = []
-        for trees in np.array_split(np.arange(lay.num_trees), cfg.mini_batches):
-            rows = np.flatnonzero(np.isin(lay.row_tree, trees))
-            mini_norm = lay.norm(rows, cfg.loss_agg_mode)
+        for trees, rows, size in zip(splits, rows_of, sizes, strict=True):
+            mini_norm = max(size, 1.0)
             if cfg.packed:
                 minis.append(self._packed_micro_batches(lay, trees, full_norm / mini_norm))
             else:

@@ -7,7 +7,8 @@ For a batch of prompts (algorithm.md section 2):
    replacement over the root and the open nodes, the reference rule; or weighted by the
    surprisal of a step's action tokens) and each is continued to a leaf from "prompt + steps up
    to and including the node's observation". Draws of the same node become siblings sampled
-   from one prompt with ``n``.
+   from one prompt with ``n`` (so do the M roots of one prompt, and any branches whose contexts
+   are equal).
 3. K leaves kept per tree; outcome rewards on the leaves.
 
 Chain GRPO is the same code with N = 0 (M independent chains per prompt).
@@ -216,11 +217,26 @@ class Rollout:
         self.engine, self.env, self.reward_fn, self.config = engine, env, reward_fn, config
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
+        self._bar: Any = None  # the progress bar of the run in progress
 
     # ------------------------------------------------------------------ the procedure
 
-    async def run(self, prompts: Sequence[Prompt], *, step: int = 0) -> RolloutResult:
-        """Roll out every prompt; `step` varies the selection seed between training steps."""
+    async def run(
+        self, prompts: Sequence[Prompt], *, step: int = 0, progress: str | None = None
+    ) -> RolloutResult:
+        """Roll out every prompt; `step` varies the selection seed between training steps.
+        ``progress``: the label of a progress bar over the leaves reached (None = no bar)."""
+        from tqdm import tqdm
+
+        total = len(prompts) * self.config.m * self.config.leaves_per_tree
+        with tqdm(total=total, desc=progress, unit="leaf", disable=progress is None) as bar:
+            self._bar = bar
+            try:
+                return await self._run(prompts, step)
+            finally:
+                self._bar = None
+
+    async def _run(self, prompts: Sequence[Prompt], step: int) -> RolloutResult:
         groups = [p.group for p in prompts]
         if len(set(groups)) != len(groups):
             raise ValueError("prompt groups must be unique: one group id per question")
@@ -262,12 +278,14 @@ class Rollout:
 
     async def _step(self, branches: list[_Branch], result: RolloutResult) -> list[_Branch]:
         cfg = self.config
-        # Branches at the same node are siblings: one request with n samples.
-        by_node: dict[int, list[_Branch]] = defaultdict(list)
+        # Branches with the same context are siblings: one request with n samples. That is the
+        # draws of one node, and also the M roots of one prompt, whose prompt is then prefilled
+        # (and counted in the budget) once rather than M times.
+        by_context: dict[tuple[int, tuple[int, ...]], list[_Branch]] = defaultdict(list)
         for b in branches:
-            by_node[b.node].append(b)
+            by_context[(b.turn, tuple(b.context))].append(b)
         requests, owners = [], []
-        for same in by_node.values():
+        for same in by_context.values():
             b = same[0]
             sampling = SamplingParams(
                 max_new_tokens=cfg.max_action_tokens,
@@ -278,7 +296,9 @@ class Rollout:
                 stop_token_ids=self.eos_token_ids,
                 n=len(same),
             )
-            requests.append(GenerateRequest(b.context, sampling, key=f"tree-{b.tree}"))
+            # Routed by prompt: the trees of a prompt share it, and one request may serve
+            # several of them (their roots), so all of them use one server's prefix cache.
+            requests.append(GenerateRequest(b.context, sampling, key=f"group-{b.group}"))
             owners.append(same)
         completions = await self.engine.generate(requests)
         if len(completions) != len(requests):
@@ -328,6 +348,8 @@ class Rollout:
             budget.tool_calls += s.tool is not None
             if s.is_leaf:
                 budget.leaves += 1
+                if self._bar is not None:
+                    self._bar.update()
             else:
                 nxt.append(
                     _Branch(node, b.tree, b.group, b.context + action + observation, b.turn + 1)

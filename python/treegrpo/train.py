@@ -15,7 +15,9 @@ The choices this loop makes, in order (algorithm.md):
 
 Run with no arguments for the embedded quickstart (SmolLM2-135M-Instruct warm-started on the
 synthetic world's gold episodes, local BM25, tree (2, 2, 1)); ``--config FILE`` and dotted
-overrides (``tree.m=2 learner.lr=1e-6``) for anything else.
+overrides (``tree.m=2 learner.lr=1e-6``) for anything else. Data parallel:
+``torchrun --nproc-per-node K -m treegrpo.train ...`` (each rank rolls out 1/K of a step's
+prompts; the update equals a single-process one on the whole batch; see treegrpo.distributed).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from treegrpo import distributed
 from treegrpo.config import TrainConfig, add_config_arguments, config_from_args
+from treegrpo.exceptions import InvalidArgumentError
 
 __all__ = ["Trainer", "add_subcommand", "main"]
 
@@ -40,7 +44,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, progress: bool = True) -> None:
         self.cfg = cfg
-        self.progress = progress
+        # this process's rank in a torchrun run (rank 0 of 1 otherwise): rank 0 writes metrics
+        # and checkpoints and prints; every rank rolls out its share of the prompts
+        self.world = distributed.world()
+        self.progress = progress and self.world.is_main
         self.run_dir = Path(cfg.trainer.run_dir)
         self.step = 0
         self.cursor = 0  # index into the shuffled training prompts
@@ -75,17 +82,28 @@ class Trainer:
         from treegrpo.learner import Learner
         from treegrpo.rollout import Rollout
 
-        cfg = self.cfg
+        cfg, world = self.cfg, self.world
+        if cfg.data.train_batch_size % world.size:
+            raise InvalidArgumentError(
+                f"data.train_batch_size={cfg.data.train_batch_size} is not a multiple of the "
+                f"{world.size} data-parallel processes: every rank rolls out the same number "
+                "of prompts"
+            )
         torch.manual_seed(cfg.trainer.seed)
         random.seed(cfg.trainer.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        if world.is_main:
+            text = json.dumps(cfg.to_dict(), indent=2, default=str)
+            (self.run_dir / "config.json").write_text(text)
 
         from treegrpo import data as data_module
 
-        self.data = data_module.prepare(cfg.data, seed=cfg.trainer.seed)
-        self.model, self.tokenizer = self._load_policy()
-        self.retriever = data_module.retriever(cfg.env, self.data.corpus)
+        # rank 0 first: it fills the caches (synthetic world, converted model, warm start,
+        # retriever index) that the other ranks then read
+        with distributed.main_first():
+            self.data = data_module.prepare(cfg.data, seed=cfg.trainer.seed)
+            self.model, self.tokenizer = self._load_policy()
+            self.retriever = data_module.retriever(cfg.env, self.data.corpus)
         self.reward_fn = data_module.reward_function(cfg.env)
         self.env = SearchEnv(
             self.tokenizer,
@@ -99,7 +117,7 @@ class Trainer:
                 self.model,
                 self.tokenizer,
                 kv_budget_tokens=cfg.engine.kv_budget_tokens,
-                seed=cfg.trainer.seed,
+                seed=cfg.trainer.seed + world.rank,  # ranks sample independently
             )
             on_step, hold = self.engine.bump_weight_version, self.engine.exclusive
         else:
@@ -109,11 +127,12 @@ class Trainer:
             self._await(self.engine.start())
             on_step, hold = None, None
         eos = sorted(getattr(self.engine, "eos_token_ids", ()) or ())
+        tree = replace(cfg.tree, seed=cfg.tree.seed + world.rank) if world.parallel else cfg.tree
         self.rollout = Rollout(
             self.engine,
             self.env,
             self.reward_fn,
-            cfg.tree,
+            tree,
             tokenizer=self.tokenizer,
             eos_token_ids=eos,
         )
@@ -123,7 +142,9 @@ class Trainer:
             total_steps=cfg.learner.total_steps or max(cfg.trainer.total_steps, 1),
             temperature=cfg.tree.temperature or 1.0,
         )
-        self.learner = Learner(self.model, learner_cfg, on_step=on_step, hold=hold)
+        self.learner = Learner(
+            self.model, learner_cfg, on_step=on_step, hold=hold, data_parallel=world.parallel
+        )
         self._resume()
         # SGLang servers start from their own copy of the weights: push the (warm-started or
         # resumed) policy before the first rollout.
@@ -139,6 +160,8 @@ class Trainer:
         device = (
             ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
         )
+        if device == "cuda" and self.world.parallel:
+            device = f"cuda:{self.world.local_rank}"  # one GPU per rank
         dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
         path = DEFAULT_POLICY if cfg.path == "default" else cfg.path
         if cfg.sft_steps > 0 and self.data.sft is not None:
@@ -159,7 +182,8 @@ class Trainer:
         """Validate, train ``trainer.total_steps`` steps (resuming if asked), validate."""
         cfg = self.cfg.trainer
         final: dict[str, float] = {}
-        with Logger(self.run_dir, cfg.logger, resume_step=self.step) as log:
+        sinks = cfg.logger if self.world.is_main else []  # other ranks: a null logger
+        with Logger(self.run_dir, sinks, resume_step=self.step) as log:
             self.log = log
             if cfg.val_before and self.step == 0:
                 log.write(0, self.validate("before"))
@@ -168,7 +192,8 @@ class Trainer:
                 self.step += 1
                 log.write(self.step, metrics)
                 if self.step % cfg.save_every == 0 or self.step == cfg.total_steps:
-                    self.checkpoint()
+                    if self.world.is_main:  # replicas are identical: one checkpoint
+                        self.checkpoint()
             if cfg.val_after:
                 final = self.validate("after")
                 log.write(self.step, final)
@@ -181,7 +206,8 @@ class Trainer:
         prompts = self._next_prompts()
         # 1-2. rollout: select + expand (Rust), generate, tool calls, rewards
         t = time.perf_counter()
-        result = self._await(self.rollout.run(prompts, step=self.step))
+        bar = f"step {self.step + 1} rollout" if self.progress else None
+        result = self._await(self.rollout.run(prompts, step=self.step, progress=bar))
         timing["timing_s/gen"] = time.perf_counter() - t
         # 3. advantages (Rust)
         adv = result.forest.advantages(
@@ -196,20 +222,26 @@ class Trainer:
         t = time.perf_counter()
         self._sync_weights(self.step + 1)
         timing["timing_s/weight_sync"] = time.perf_counter() - t
-        # 6. log: Parquet rollouts for this step, metrics
-        write_rollout(self.run_dir, self.step + 1, result, adv)
-        return {**rollout_metrics(result, adv), **actor, **timing}
+        # 6. log: Parquet rollouts for this step (one part per rank), metrics over ranks
+        rank = self.world.rank if self.world.parallel else None
+        write_rollout(self.run_dir, self.step + 1, result, adv, rank=rank)
+        return distributed.reduce_metrics({**rollout_metrics(result, adv), **actor, **timing})
 
     def _sync_weights(self, version: int) -> None:
         """Push the policy to SGLang servers (the embedded engine shares it already)."""
         if self.cfg.engine.kind != "sglang":
             return  # the embedded engine shares the weights: bumped by the learner's on_step
-        sync = Path(self.cfg.engine.sync_dir or self.run_dir / "weights")
-        self.model.save_pretrained(sync, safe_serialization=True)
-        self.tokenizer.save_pretrained(sync)
-        self._await(self.engine.update_weights_from_disk(str(sync), weight_version=str(version)))
+        if self.world.is_main:  # replicas are identical: rank 0 pushes to every server
+            sync = Path(self.cfg.engine.sync_dir or self.run_dir / "weights")
+            self.model.save_pretrained(sync, safe_serialization=True)
+            self.tokenizer.save_pretrained(sync)
+            update = self.engine.update_weights_from_disk(str(sync), weight_version=str(version))
+            self._await(update)
+        distributed.barrier()  # no rank rolls out before the servers hold the new weights
 
     def _next_prompts(self) -> list[Any]:
+        """This rank's share of the step's prompts; every rank advances the cursor over the
+        whole step, so the cursor is the same on every rank (and in the checkpoint)."""
         n = self.cfg.data.train_batch_size
         pool = self.data.train
         order = self.data.order
@@ -217,7 +249,7 @@ class Trainer:
         for _ in range(n):
             out.append(pool[order[self.cursor % len(order)]])
             self.cursor += 1
-        return [self.data.prompt(x, self.tokenizer) for x in out]
+        return [self.data.prompt(x, self.tokenizer) for x in distributed.shard(out, self.world)]
 
     # ------------------------------------------------------------------ validation
 
@@ -235,22 +267,42 @@ class Trainer:
             tokenizer=self.tokenizer,
             eos_token_ids=sorted(getattr(self.engine, "eos_token_ids", ()) or ()),
         )
-        prompts = [self.data.prompt(x, self.tokenizer) for x in self.data.val]
+        # each rank validates its share of the questions; rewards are summed over ranks
+        val = distributed.shard(self.data.val, self.world)
+        prompts = [self.data.prompt(x, self.tokenizer) for x in val]
         t = time.perf_counter()
-        result = self._await(exact.run(prompts))
-        import polars as pl
+        sums: dict[str, tuple[float, int]] = {}  # data source -> (reward sum, leaves)
+        if prompts:
+            import polars as pl
 
-        leaves = pl.DataFrame(result.forest.leaves()).select("group", "reward")
-        sources = pl.DataFrame(
-            {"group": [p.group for p in prompts], "data_source": [p.data_source for p in prompts]}
-        )
-        per = leaves.join(sources, on="group").group_by("data_source").agg(pl.col("reward").mean())
-        metrics = {f"val-core/{ds}/acc/mean@1": float(r) for ds, r in per.iter_rows()}
-        metrics["val-core/all/acc/mean@1"] = float(leaves["reward"].mean() or 0.0)
+            result = self._await(
+                exact.run(prompts, progress=f"validate ({tag})" if self.progress else None)
+            )
+            leaves = pl.DataFrame(result.forest.leaves()).select("group", "reward")
+            sources = pl.DataFrame(
+                {
+                    "group": [p.group for p in prompts],
+                    "data_source": [p.data_source for p in prompts],
+                }
+            )
+            per = (
+                leaves.join(sources, on="group")
+                .group_by("data_source")
+                .agg(pl.col("reward").sum().alias("sum"), pl.len().alias("n"))
+            )
+            sums = {ds: (float(s), int(n)) for ds, s, n in per.iter_rows()}
+        total: dict[str, list[float]] = {}
+        for part in distributed.gather_objects(sums):
+            for ds, (s, n) in part.items():
+                acc = total.setdefault(ds, [0.0, 0])
+                acc[0], acc[1] = acc[0] + s, acc[1] + n
+        metrics = {f"val-core/{ds}/acc/mean@1": s / max(n, 1) for ds, (s, n) in total.items()}
+        everything = sum(s for s, _ in total.values()), sum(n for _, n in total.values())
+        metrics["val-core/all/acc/mean@1"] = everything[0] / max(everything[1], 1)
         metrics["timing_s/validate"] = time.perf_counter() - t
-        print(
-            f"validation ({tag}): " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items()))
-        )
+        if self.world.is_main:
+            shown = ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items()))
+            print(f"validation ({tag}): {shown}")
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
@@ -275,7 +327,8 @@ class Trainer:
         self.step, self.cursor = state["step"], state["cursor"]
         if hasattr(self.engine, "bump_weight_version"):
             self.engine.bump_weight_version()  # weights changed under the engine's cache
-        print(f"resumed from {ckpt} (step {self.step})")
+        if self.world.is_main:
+            print(f"resumed from {ckpt} (step {self.step})")
 
 
 def rollout_metrics(result: Any, adv: Any) -> dict[str, float]:
@@ -372,12 +425,14 @@ def _run_cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, "train")
     if cfg is None:
         return 2
+    distributed.init_from_env()  # torchrun's process group, if started by torchrun
     trainer = Trainer(cfg, progress=not args.no_progress)
     try:
         trainer.setup()
         trainer.run()
     finally:
         trainer.close()
+        distributed.shutdown()
     return 0
 
 
