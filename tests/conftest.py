@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -9,3 +12,29 @@ settings.register_profile(
 )
 settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+def _imported_from() -> list[Path]:
+    import treegrpo
+    import treegrpo._core
+
+    return [Path(str(m.__file__)).resolve() for m in (treegrpo, treegrpo._core)]
+
+
+def pytest_report_header() -> str:
+    return "treegrpo: " + ", ".join(map(str, _imported_from()))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `make pytest-wheel` sets TREEGRPO_EXPECT_INSTALLED=1: the tests must then exercise the wheel
+    # installed in the running interpreter's environment, never the source tree under python/.
+    if os.environ.get("TREEGRPO_EXPECT_INSTALLED") != "1":
+        return
+    prefix = Path(sys.prefix).resolve()
+    source = Path(__file__).resolve().parents[1] / "python"
+    for where in _imported_from():
+        if not where.is_relative_to(prefix) or where.is_relative_to(source):
+            raise pytest.UsageError(
+                f"TREEGRPO_EXPECT_INSTALLED=1 but treegrpo was imported from {where}, not from "
+                f"the installed wheel under {prefix}: something puts python/ on sys.path"
+            )

@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import treegrpo
+from packaging.version import Version
 from treegrpo.cli import main
 
 
@@ -16,8 +21,38 @@ def test_demo_prints_the_worked_example(capsys):
 
 
 def test_version_from_the_installed_command():
-    done = subprocess.run(
-        [sys.executable, "-m", "treegrpo", "--version"], capture_output=True, text=True, check=True
-    )
-    assert done.stdout.strip() == f"treegrpo {treegrpo.__version__}"
+    # The console script the package installs (not only `python -m treegrpo`): a wheel without
+    # the [project.scripts] entry fails here.
+    scripts = Path(sysconfig.get_path("scripts"))
+    command = next(p for p in (scripts / "treegrpo", scripts / "treegrpo.exe") if p.exists())
+    for argv in ([str(command)], [sys.executable, "-m", "treegrpo"]):
+        done = subprocess.run([*argv, "--version"], capture_output=True, text=True, check=True)
+        assert done.stdout.strip() == f"treegrpo {treegrpo.__version__}"
     assert treegrpo._core.BUILD_PROFILE == "release"
+
+
+def test_version_comes_from_cargo_toml():
+    # Cargo.toml's package version is the one place the version is written: maturin puts it in
+    # the distribution's metadata (PEP 440 form), and the extension was built from the same one.
+    manifest = (Path(__file__).parents[1] / "Cargo.toml").read_text()
+    cargo = re.search(r'^version = "([^"]+)"', manifest, re.MULTILINE)
+    assert cargo is not None
+    assert treegrpo.__version__ == importlib.metadata.version("treegrpo")
+    assert treegrpo.__version__ == str(Version(cargo.group(1)))
+    assert treegrpo._core.__version__ == cargo.group(1), "stale extension: rebuild it"
+
+
+def test_the_cli_runs_without_the_optional_dependencies():
+    # `pip install treegrpo` without extras has no torch, transformers or matplotlib: the command
+    # must still start (every subcommand registers) and run what needs only the core.
+    hide = "import sys; sys.modules.update(dict.fromkeys(['torch', 'transformers', 'matplotlib']))"
+    run = "from treegrpo.cli import main; sys.exit(main(sys.argv[1:]))"
+    for argv in (["--version"], ["demo"], ["train"]):
+        done = subprocess.run(
+            [sys.executable, "-c", f"{hide}; {run}", *argv], capture_output=True, text=True
+        )
+        if argv == ["train"]:  # listed, and says what to install
+            assert "MissingDependencyError" in done.stderr, done.stderr
+            assert "pip install 'treegrpo[train]'" in done.stderr
+        else:
+            assert done.returncode == 0, done.stderr

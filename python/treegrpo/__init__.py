@@ -7,6 +7,7 @@ rewards propagated through the tree give step-level signals. The rollout-tree sc
 
 from __future__ import annotations
 
+import importlib.metadata
 import warnings
 
 from treegrpo import _core
@@ -28,7 +29,12 @@ from treegrpo.exceptions import (
     UnknownNodeError,
 )
 
-__version__: str = _core.__version__
+try:
+    # The installed distribution's version: Cargo.toml's package version, which maturin writes
+    # into the wheel's metadata in PEP 440 form (`0.2.0-rc.1` -> `0.2.0rc1`).
+    __version__: str = importlib.metadata.version("treegrpo")
+except importlib.metadata.PackageNotFoundError:  # imported from a tree that was never installed
+    __version__ = _core.__version__
 
 if _core.BUILD_PROFILE != "release":
     warnings.warn(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from treegrpo import __version__
+from treegrpo.exceptions import MissingDependencyError
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -52,15 +54,58 @@ def _column(table: object, name: str) -> list[float]:
     return pa.table(table).column(name).to_pylist()
 
 
-def _subcommands() -> list[Callable[[Any], Any]]:
-    """Each module that owns a command registers it (its parser and its `run`)."""
-    from treegrpo.engine.sglang_client import add_subcommand as sglang
-    from treegrpo.env.retrievers.server import add_subcommand as serve_retriever
-    from treegrpo.env.synth import add_subcommand as data
-    from treegrpo.sft import add_subcommand as sft
-    from treegrpo.train import add_subcommand as train
+# The commands other modules own, in help order: (name, the module whose `add_subcommand`
+# registers its parser and its `run`, the extra it needs beyond the core dependencies or "",
+# the one-line help). Only the module of the command being run is imported: `treegrpo logs`
+# and `treegrpo --help` start without loading torch.
+_COMMANDS = [
+    (
+        "train",
+        "treegrpo.train",
+        "train",
+        "Tree-GRPO training (no arguments: the embedded quickstart)",
+    ),
+    (
+        "sft",
+        "treegrpo.sft",
+        "train",
+        "supervised warm start on the synthetic world's gold episodes",
+    ),
+    ("data", "treegrpo.env.synth", "", "build datasets (the synthetic multi-hop QA world)"),
+    ("serve-retriever", "treegrpo.env.retrievers.server", "", "serve a corpus over /retrieve"),
+    ("sglang", "treegrpo.engine.sglang_client", "", "SGLang rollout servers: how to launch them"),
+    ("logs", "treegrpo.logs.cli", "", "analyse rollout logs: summary, plots, tree viewer, compare"),
+]
+# The packages whose absence means an extra is not installed (pyproject.toml lists the rest).
+_EXTRA_PROBES = {"train": ("torch", "transformers")}
 
-    return [train, sft, data, serve_retriever, sglang]
+
+def _register(commands: Any, argv: list[str]) -> None:
+    """Register every command: the one named in ``argv`` by its own module (its full parser),
+    the others as one-line entries of the help. A command whose extra is not installed is still
+    listed and says what to install, without importing its module: `pip install treegrpo` alone
+    keeps every other command, and `--version`."""
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, module, extra, help_ in _COMMANDS:
+        if name != chosen:
+            commands.add_parser(name, help=help_, add_help=False)
+            continue
+        missing = [m for m in _EXTRA_PROBES.get(extra, ()) if importlib.util.find_spec(m) is None]
+        if missing:
+            _needs_extra(name, extra, missing, commands)
+        else:
+            importlib.import_module(module).add_subcommand(commands)
+
+
+def _needs_extra(name: str, extra: str, missing: list[str], commands: Any) -> None:
+    needs = f"needs {', '.join(missing)}: pip install 'treegrpo[{extra}]'"
+    p = commands.add_parser(name, help=f"({needs})")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    def run(args: argparse.Namespace) -> int:
+        raise MissingDependencyError(f"`treegrpo {name}` {needs}")
+
+    p.set_defaults(run=run)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="build a small forest and print its advantages")
     demo.add_argument("--seed", type=int, default=0, help="selection seed")
     demo.set_defaults(run=_demo)
-    for register in _subcommands():
-        register(commands)
+    argv = sys.argv[1:] if argv is None else argv
+    _register(commands, argv)
     args = parser.parse_args(argv)
     return int(args.run(args))
 
