@@ -93,6 +93,7 @@ quickstart: develop
 # bench-report only regenerates docs/benchmarks.md (seconds).
 .PHONY: bench-report
 bench: develop
+	$(PY) -m pip install --quiet trl  # the bench extra: bench/trl_compare.py (pinned)
 	$(PY) bench/run_all.py $(BENCH)
 
 bench-report: venv
