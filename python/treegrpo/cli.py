@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from typing import Any
 
@@ -116,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0, help="selection seed")
     demo.set_defaults(run=_demo)
     argv = sys.argv[1:] if argv is None else argv
+    # torch's OpenMP threads spin-wait between ops by default; on a shared CPU with a busy core
+    # that made forward + backward ~3x slower (measured: bench/learning.py's docstring). Set
+    # before torch is imported; an explicit setting in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _register(commands, argv)
     args = parser.parse_args(argv)
     return int(args.run(args))
