@@ -232,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{shape['tree_nodes']} nodes ({shape['parquet_mb']} MB of Parquet, every column "
         "write_rollout writes); depths 0-4, two trees per group, 80% of leaves kept.",
         f"Medians of {args.repeats} runs. The command's time includes Python's start and the "
-        "imports of every treegrpo subcommand (the CLI registers them all at start, torch "
-        "included). CPU is user + system seconds of the last run, all threads: on a shared "
+        "imports of the CLI and of the logs command's module only (the CLI imports the module "
+        "of the command it runs; torch is not loaded). CPU is user + system seconds of the last run, all threads: on a shared "
         "machine it moves far less with the load than wall time does.",
     ]
     for note in notes:
