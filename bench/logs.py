@@ -233,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         "write_rollout writes); depths 0-4, two trees per group, 80% of leaves kept.",
         f"Medians of {args.repeats} runs. The command's time includes Python's start and the "
         "imports of the CLI and of the logs command's module only (the CLI imports the module "
-        "of the command it runs; torch is not loaded). CPU is user + system seconds of the last run, all threads: on a shared "
-        "machine it moves far less with the load than wall time does.",
+        "of the command it runs; torch is not loaded). CPU is user + system seconds of the last "
+        "run, all threads: on a shared machine it moves far less with the load than wall time "
+        "does.",
     ]
     for note in notes:
         print("-", note)

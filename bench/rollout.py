@@ -71,6 +71,7 @@ COLUMNS = (
     ("mean steps / leaf", "mean_leaf_depth", "{:.2f}"),
     ("answer leaves %", "answer_pct", "{:.0f}"),
     ("mean reward", "mean_reward", "{:.3f}"),
+    ("peak RSS GB", "peak_rss_gb", "{:.1f}"),
 )
 
 
@@ -115,6 +116,26 @@ def pick_prompts(data: RunData, tokenizer: Any, n: int) -> list[Prompt]:
 # --------------------------------------------------------------------------- one run
 
 
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS count of this process (Linux); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_gb() -> float:
+    """Peak RSS since the last reset (Linux), else since the process started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def run_once(
     model: Any,
     tokenizer: Any,
@@ -136,6 +157,7 @@ def run_once(
         tokenizer=tokenizer,
         eos_token_ids=sorted(engine.eos_token_ids),
     )
+    reset_peak_rss()
     wall, cpu = time.perf_counter(), time.process_time()
     result = asyncio.run(runner.run(prompts))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -154,6 +176,7 @@ def run_once(
         "wall_s": wall,
         "cpu_s": cpu,
         "wall_s_per_leaf": wall / max(1, budget["leaves"]),
+        "peak_rss_gb": peak_rss_gb(),
         "engine_prefill_s": stats.prefill_seconds,
         "engine_decode_s": stats.decode_seconds,
         "engine_prefill_tokens": stats.prefill_tokens,
@@ -274,8 +297,7 @@ def main() -> None:
         f"{predicted:.2f}x at chain depth {depth:.2f}"
     )
     print(f"wall time per leaf, chain / tree: {leaf_speedup:.2f}x")
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"total {time.perf_counter() - started:.0f} s, peak RSS {peak_gb:.1f} GB")
+    print(f"total {time.perf_counter() - started:.0f} s")
 
     payload = {
         "title": TITLE,
@@ -318,7 +340,6 @@ def main() -> None:
         "predicted_ratio_from_depth": predicted,
         "wall_per_leaf_chain_over_tree": leaf_speedup,
         "torch_threads": torch.get_num_threads(),
-        "peak_rss_gb": peak_gb,
     }
     if not args.quick or args.out is not None:  # a smoke run keeps the full run's file
         out = write_results("rollout", payload, None if args.out is None else Path(args.out))

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import operator
 import threading
 import time
@@ -157,11 +158,20 @@ class _Slab:
 
 def _slab_cache(slab: _Slab, layers: int) -> Any:
     """A transformers ``Cache`` whose ``update`` writes into (and reads from) ``slab``."""
+    return _slab_cache_class()(slab, layers)
+
+
+@functools.cache
+def _slab_cache_class() -> type:
+    # One class for every call, holding its slab as an attribute. (A class made per call, with
+    # the slab in a closure, kept each call's slab alive until the cyclic garbage collector ran,
+    # since a class is part of reference cycles: several GB per call piled up in a rollout.)
     from transformers.cache_utils import Cache, DynamicLayer
 
     class _SlabCache(Cache):
-        def __init__(self) -> None:
+        def __init__(self, slab: _Slab, layers: int) -> None:
             super().__init__(layers=[DynamicLayer() for _ in range(layers)])
+            self.slab = slab
 
         def update(
             self,
@@ -171,12 +181,12 @@ def _slab_cache(slab: _Slab, layers: int) -> Any:
             *a: Any,
             **k: Any,
         ) -> tuple[torch.Tensor, torch.Tensor]:
-            return slab.write(layer_idx, key_states, value_states)
+            return self.slab.write(layer_idx, key_states, value_states)
 
         def get_seq_length(self, layer_idx: int = 0) -> int:
-            return slab.read[1] - slab.read[0]
+            return self.slab.read[1] - self.slab.read[0]
 
-    return _SlabCache()
+    return _SlabCache
 
 
 # --------------------------------------------------------------------------- the prefix cache
