@@ -175,6 +175,24 @@ def test_budget_counts_what_was_spent():
     )
 
 
+@pytest.mark.parametrize("selection", ["uniform", "surprisal"])
+def test_root_excluded_expands_open_steps_and_falls_back_to_a_lone_root(selection):
+    # Prompt 0's chains answer at once (no open step); prompt 1's search twice first.
+    def policy(context: str, i: int) -> tuple[str, str]:
+        return search_then_answer(answer_at=0 if "Q0?" in context else 2)(context, i)
+
+    cfg = RolloutConfig(m=2, n=2, l=1, include_root=False, selection=selection, seed=7)
+    result, _, _ = run(policy, cfg)
+    assert set(leaf_counts(result).values()) == {3}
+    nodes = pl.DataFrame(result.forest.nodes())
+    roots = nodes.filter(pl.col("parent").is_null())
+    children = roots.select("group", "num_children").sort("group")["num_children"].to_list()
+    assert children == [3, 3, 1, 1]  # group 0: 1 chain + 2 from the root; group 1: chain only
+    # group 1's expansions hang under steps 1 and 2 (depth 1 or 2), never under its roots
+    expanded = nodes.filter((pl.col("group") == 1) & (pl.col("num_children") > 1))
+    assert expanded.height >= 1 and expanded["depth"].is_between(1, 2).all()
+
+
 def test_surprisal_selection_draws_open_nodes_and_prefers_uncertain_ones():
     def policy(context: str, i: int) -> tuple[str, str]:
         return search_then_answer()(context, i)

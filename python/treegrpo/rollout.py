@@ -48,6 +48,8 @@ class RolloutConfig:
       tokens, divided by 1 + ``overexpand_penalty`` x its children; the root weighs the mean of
       its tree's candidates; TreeRL/ARPO-style uncertainty-guided branching).
     - ``replace``: draw with replacement (reference) or without.
+    - ``include_root``: the root is a candidate (reference). False draws only open steps, so an
+      expansion never re-generates a whole chain (a tree with no open step then gets no draw).
     - ``max_turns``: search-enabled turns before the forced final turn (leaf whatever it says).
     - ``max_action_tokens``: tokens per generated step. ``max_obs_tokens`` is the environment's.
     - ``temperature``/``top_p``/``top_k``: sampling (reference: 1.0, 0.95, -1).
@@ -60,6 +62,7 @@ class RolloutConfig:
     k: int | None = None
     selection: Selection = "uniform"
     replace: bool = True
+    include_root: bool = True
     overexpand_penalty: float = 1.0
     max_turns: int = 3
     max_action_tokens: int = 500
@@ -259,7 +262,7 @@ class Rollout:
         if not cfg.chain:
             for round_ in range(cfg.l):
                 seed = _mix(cfg.seed, step, round_)
-                picks = self._select(result, seed)
+                picks = self._root_fallback(result.forest, self._select(result, seed))
                 branches = self._branches_at(result, picks)
                 await self._to_leaves(branches, result)
 
@@ -361,7 +364,9 @@ class Rollout:
     def _select(self, result: RolloutResult, seed: int) -> list[int]:
         cfg, forest = self.config, result.forest
         if cfg.selection == "uniform":
-            return forest.select(cfg.n, seed=seed, replace=cfg.replace)
+            return forest.select(
+                cfg.n, seed=seed, replace=cfg.replace, include_root=cfg.include_root
+            )
         import pyarrow as pa
 
         nodes = pa.table(forest.nodes())
@@ -379,7 +384,29 @@ class Rollout:
                 seen = by_tree.get(trees[node], [])
                 weights[node] = sum(seen) / len(seen) if seen else 0.0
                 weights[node] /= 1.0 + cfg.overexpand_penalty * (children[node] - 1)
-        return forest.select_weighted(cfg.n, weights, seed=seed, replace=cfg.replace)
+        return forest.select_weighted(
+            cfg.n, weights, seed=seed, replace=cfg.replace, include_root=cfg.include_root
+        )
+
+    def _root_fallback(self, forest: Forest, picks: list[int]) -> list[int]:
+        """With the root excluded, a tree without an open step (its chain answered at once)
+        has no candidate: it is expanded from its root instead, so every tree still gets its
+        draws (and the prompt its 1 + L*N leaves per tree)."""
+        cfg = self.config
+        if cfg.include_root:
+            return picks
+        import pyarrow as pa
+
+        nodes = pa.table(forest.nodes()).select(["tree", "parent"]).to_pydict()
+        trees = nodes["tree"]
+        drawn = {trees[p] for p in picks}
+        extra = [
+            node
+            for node, parent in enumerate(nodes["parent"])
+            if parent is None and trees[node] not in drawn
+            for _ in range(cfg.n if cfg.replace else 1)
+        ]
+        return sorted(picks + extra, key=lambda p: trees[p]) if extra else picks
 
     def _branches_at(self, result: RolloutResult, picks: list[int]) -> list[_Branch]:
         """A branch continuing from each drawn node: its context is prompt + every step through
