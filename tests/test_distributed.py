@@ -93,12 +93,24 @@ def union_groups() -> list[int]:
 CASES = [
     *({"mode": m, "packed": p, "optimizer": "sgd"} for m in AGG_MODES for p in (True, False)),
     *({"mode": m, "packed": True, "optimizer": "adamw"} for m in AGG_MODES),
+    # FSDP2: parameters, gradients and optimizer state sharded over the two ranks. With these
+    # micro-batch sizes one rank has fewer micro-batches than the other in the last two cases
+    # (flat 40: 5+4 vs 5+5; packed 80: 2+1 vs 2+2) and pads them with empty passes.
+    *({"mode": m, "packed": True, "optimizer": "sgd", "strategy": "fsdp2"} for m in AGG_MODES),
+    *(
+        {"mode": m, "packed": p, "optimizer": o, "strategy": "fsdp2", "micro_batch_tokens": t}
+        for m, p, o, t in (
+            ("seq-mean-token-mean", False, "sgd", 40),
+            ("token-mean", True, "adamw", 80),
+        )
+    ),
 ]
 
 
 def one_step(case: dict[str, Any], groups: list[int], data_parallel: bool) -> tuple[Any, dict]:
     """One learner step (MINI_BATCHES updates) from tiny_model(seed=0) on ``groups``: the
-    parameters after it, and its metrics."""
+    (full) parameters after it, and its metrics (plus ``empty_micro_batches``, the passes an
+    FSDP2 rank added to match the busiest rank's count)."""
     model = tiny_model(seed=0)
     cfg = LearnerConfig(
         lr=1e-3 if case["optimizer"] == "adamw" else 1.0,
@@ -106,17 +118,23 @@ def one_step(case: dict[str, Any], groups: list[int], data_parallel: bool) -> tu
         loss_agg_mode=case["mode"],
         packed=case["packed"],
         mini_batches=MINI_BATCHES,
-        micro_batch_tokens=60,  # several micro-batches: gradient accumulation
+        micro_batch_tokens=case.get("micro_batch_tokens", 60),  # several: gradient accumulation
         logprob_chunk_tokens=16,
         kl_coef=0.1,
         entropy_coeff=0.01,
         grad_clip=1.0 if case["optimizer"] == "adamw" else None,
+        strategy=case.get("strategy", "ddp"),
     )
     learner = Learner(model, cfg, data_parallel=data_parallel)
     if case["optimizer"] == "sgd":
         learner.optimizer = torch.optim.SGD(learner.params, lr=cfg.lr)
-    metrics = learner.step(group_forest(groups))
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
+    batch = learner.prepare(group_forest(groups))
+    metrics = learner.update(batch)
+    metrics["empty_micro_batches"] = sum(
+        mb.num_tokens == 0 for mini in batch.mini_batches for mb in mini
+    )
+    params = learner.model_state_dict(every_rank=True)
+    return {k: v.detach().clone() for k, v in params.items()}, metrics
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -165,6 +183,7 @@ def test_two_rank_update_equals_the_single_process_update(tmp_path: Path) -> Non
     start = tiny_model(seed=0).state_dict()
     for i, case in enumerate(CASES):
         expect, expect_metrics = one_step(case, union_groups(), False)
+        assert expect_metrics["empty_micro_batches"] == 0
         (params, metrics), (params1, _) = ranks[0][i], ranks[1][i]
         for name, p in params.items():
             assert torch.equal(p, params1[name]), f"{case}: replicas differ at {name}"
@@ -180,6 +199,9 @@ def test_two_rank_update_equals_the_single_process_update(tmp_path: Path) -> Non
                 assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (case, key)
     # the second update of each step saw ratios off 1: clipping was exercised
     assert any(r[1]["actor/pg_clipfrac"] > 0 for r in ranks[0])
+    # FSDP2 ranks with fewer micro-batches than the other padded them with empty passes
+    fsdp = [i for i, case in enumerate(CASES) if case.get("strategy") == "fsdp2"]
+    assert any(ranks[r][i][1]["empty_micro_batches"] > 0 for i in fsdp for r in range(WORLD))
 
 
 def test_learner_refuses_data_parallel_without_a_process_group() -> None:
@@ -199,7 +221,8 @@ def test_shard_and_metric_reduction_outside_torchrun() -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_torchrun_two_processes_end_to_end(tmp_path: Path, strategy: str) -> None:
     from treegrpo.testing.tiny import tiny_policy
 
     model, tokenizer = tiny_policy(seed=0)
@@ -222,6 +245,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path: Path) -> None:
         "trainer.run_dir": str(run),
         "trainer.logger": "[jsonl]",
         "engine.kv_budget_tokens": "4096",
+        "learner.strategy": strategy,
     }
     env = {**os.environ, "TREEGRPO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [

@@ -296,6 +296,7 @@ def test_non_finite_loss_skips_the_update_and_raises_when_it_persists() -> None:
         ({"logprob_chunk_tokens": 0}, "LearnerConfig.logprob_chunk_tokens"),
         ({"kl_coef": -0.1}, "LearnerConfig.kl_coef"),
         ({"temperature": 0.0}, "LearnerConfig.temperature"),
+        ({"strategy": "fsdp"}, "strategy must be one of 'ddp', 'fsdp2'"),
     ],
 )
 def test_config_errors_name_the_field_and_the_valid_values(kwargs: dict, match: str) -> None:
@@ -308,6 +309,19 @@ def test_config_needs_total_steps_for_a_warmup_ratio() -> None:
         LearnerConfig()
     assert LearnerConfig(warmup_steps=10).num_warmup_steps == 10
     assert LearnerConfig(total_steps=180).num_warmup_steps == 51  # int(0.285 * 180)
+
+
+def test_step_progress_bar_counts_every_forward_pass(capsys: pytest.CaptureFixture) -> None:
+    cfg = config(warmup_steps=0, ppo_epochs=2, mini_batches=2, micro_batch_tokens=40)
+    learner = Learner(tiny_model(), cfg)
+    passes = sum(len(m) for m in learner.prepare(tree_forest(prompts=2)).mini_batches)
+    assert passes > 2  # several micro-batches per mini-batch
+    learner.step(tree_forest(prompts=2), progress="step 1 update")
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    # old log-probs: one pass per micro-batch; then one per micro-batch and epoch
+    assert bar.startswith("step 1 update: 100%") and f"{3 * passes}/{3 * passes}" in bar, bar
+    learner.step(tree_forest(prompts=2))  # no label: no bar
+    assert capsys.readouterr().err == ""
 
 
 def test_an_update_lowers_the_loss_on_a_fixed_batch() -> None:

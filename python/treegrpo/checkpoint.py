@@ -5,6 +5,11 @@ Layout: ``<run_dir>/checkpoints/step_000003/`` holding ``model.safetensors`` (+ 
 tokenizer files), ``trainer_state.pt`` and ``COMPLETE``. A checkpoint is written into a
 temporary directory and renamed into place, and the marker is written last, so a process
 killed at any moment leaves either the previous checkpoint or the new one, never half of one.
+
+The weights are the full model and the optimizer state is keyed by parameter name, whatever
+the data-parallel strategy: under FSDP2 every rank calls :func:`save` (the shards are gathered)
+and rank 0 writes; :func:`load` gives every rank the full state and each keeps its shard. A
+checkpoint therefore resumes under another strategy or number of processes.
 """
 
 from __future__ import annotations
@@ -26,22 +31,29 @@ def _dir(run_dir: Path) -> Path:
 
 def save(
     run_dir: Path, step: int, model: Any, tokenizer: Any, learner: Any, state: dict[str, Any]
-) -> Path:
-    """Write the checkpoint of `step` atomically; older checkpoints but the previous one go."""
+) -> Path | None:
+    """Write the checkpoint of `step` atomically; older checkpoints but the previous one go.
+    Every rank calls it; rank 0 writes and returns the path (the others return None)."""
     import numpy as np
     import torch
 
+    from treegrpo.distributed import world
+
+    model_state = learner.model_state_dict()  # FSDP2: gathered onto rank 0
+    optimizer_state = learner.optimizer_state_dict()
+    if not world().is_main:
+        return None
     root = _dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
         tokenizer.save_pretrained(tmp)
         torch.save(
             {
                 **state,
-                "optimizer": learner.optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "learner_steps": learner.steps,
                 "learner_updates": learner.updates,
                 "rng": {
@@ -78,8 +90,9 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def load(path: Path, model: Any, learner: Any) -> dict[str, Any]:
-    """Load weights, optimizer and RNG states from `path` into `model`/`learner`; returns the
-    trainer state saved with it (step, data cursor, ...)."""
+    """Load weights, optimizer and RNG states from `path` into `model`/`learner` (the
+    learner's model; sharded or not); returns the trainer state saved with it (step, data
+    cursor, ...)."""
     import numpy as np
     import torch
     from safetensors.torch import load_file
@@ -87,16 +100,17 @@ def load(path: Path, model: Any, learner: Any) -> dict[str, Any]:
     weights: dict[str, Any] = {}
     for file in sorted(path.glob("*.safetensors")):
         weights.update(load_file(str(file), device=str(next(model.parameters()).device)))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
     # tied embeddings are saved once: only tied keys may be missing
-    tied = {k for k in missing if "lm_head" in k}
-    if set(missing) - tied or unexpected:
+    expected = set(model.state_dict())
+    missing = {k for k in expected - set(weights) if "lm_head" not in k}
+    unexpected = set(weights) - expected
+    if missing or unexpected:
         raise RuntimeError(
-            f"checkpoint {path} does not match the model: missing {sorted(set(missing) - tied)}, "
+            f"checkpoint {path} does not match the model: missing {sorted(missing)}, "
             f"unexpected {sorted(unexpected)}"
         )
     state = torch.load(path / "trainer_state.pt", weights_only=False)
-    learner.optimizer.load_state_dict(state.pop("optimizer"))
+    learner.load_state_dicts(weights, state.pop("optimizer"))
     learner.steps = state.pop("learner_steps")
     learner.updates = state.pop("learner_updates")
     rng = state.pop("rng")

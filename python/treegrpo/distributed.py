@@ -6,9 +6,10 @@ the trainer and the learner need.
 joins one default process group (gloo on CPU, NCCL on CUDA, one GPU per local rank). What runs
 where (docs/architecture.md, "Data parallel"):
 
-1. Every rank holds a full replica of the policy and its own embedded engine; a step's prompts
-   are cut into K contiguous shares of the same seeded order (the data cursor stays the same on
-   every rank), and each rank rolls out its share.
+1. Every rank holds a full replica of the policy (or, with ``learner.strategy=fsdp2``, a 1/K
+   shard of it, the engine then holding its own replica) and its own embedded engine; a step's
+   prompts are cut into K contiguous shares of the same seeded order (the data cursor stays the
+   same on every rank), and each rank rolls out its share.
 2. Advantages are computed per prompt group, so splitting by prompt leaves them unchanged.
 3. The learner normalises every rank's loss by the GLOBAL normaliser of the mini-batch (loss
    tokens or trajectories, summed over ranks) and sums the gradients over ranks before
@@ -34,6 +35,7 @@ import torch.distributed as dist
 __all__ = [
     "World",
     "all_reduce_grads",
+    "all_reduce_max",
     "all_reduce_sum",
     "barrier",
     "gather_objects",
@@ -154,10 +156,19 @@ def _device() -> torch.device:
 
 def all_reduce_sum(values: Sequence[float]) -> list[float]:
     """Element-wise sums of ``values`` over ranks (float64; the same length on every rank)."""
+    return _all_reduce(values, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(values: Sequence[float]) -> list[float]:
+    """Element-wise maxima of ``values`` over ranks (float64; the same length on every rank)."""
+    return _all_reduce(values, dist.ReduceOp.MAX)
+
+
+def _all_reduce(values: Sequence[float], op: Any) -> list[float]:
     if not world().parallel:
         return [float(v) for v in values]
     t = torch.tensor(list(values), dtype=torch.float64, device=_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return t.cpu().tolist()
 
 

@@ -42,7 +42,7 @@ import torch
 import torch.utils.checkpoint
 
 from treegrpo._core import Forest, Pack
-from treegrpo.distributed import all_reduce_grads, all_reduce_sum, world
+from treegrpo.distributed import all_reduce_grads, all_reduce_max, all_reduce_sum, world
 from treegrpo.exceptions import InvalidArgumentError, InvalidOptionError, TreeGRPOError
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ __all__ = [
 LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 KLType = Literal["low_var_kl", "kl", "abs", "mse"]
 Autocast = Literal["bfloat16", "none"]
+Strategy = Literal["ddp", "fsdp2"]
 
 # Attention implementations that can run the packed layout, and how each gets its mask.
 _DENSE_MASK_IMPLS = ("sdpa", "eager")
@@ -140,6 +141,11 @@ class LearnerConfig:
     """Recompute each decoder layer in backward (less activation memory, ~30% more time)."""
     max_nonfinite_updates: int = 5
     """Raise :class:`NonFiniteLossError` after this many skipped updates in a row."""
+    strategy: Strategy = "ddp"
+    """Data parallelism under torchrun (ignored in one process): "ddp" (every rank holds the
+    whole model and optimizer state; gradients are summed over ranks) or "fsdp2" (torch's
+    ``fully_shard``: each rank holds 1/K of the parameters, gradients and AdamW state, every
+    decoder layer one unit gathered for its forward and backward). Both make the same update."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "temperature"):
@@ -176,6 +182,7 @@ class LearnerConfig:
             ("loss_agg_mode", LossAggMode),
             ("kl_type", KLType),
             ("autocast", Autocast),
+            ("strategy", Strategy),
         ):
             valid = get_args(kind)
             if getattr(self, name) not in valid:
@@ -312,8 +319,8 @@ def token_log_probs(
         log_probs.append(lp)
         if ent is not None:
             entropies.append(ent)
-    if not log_probs:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
+    if not log_probs:  # no loss token: still part of the graph, so backward runs through it
+        empty = hidden[:0].sum(-1).float()
         return empty, (empty if with_entropy else None)
     return torch.cat(log_probs), (torch.cat(entropies) if with_entropy else None)
 
@@ -580,6 +587,63 @@ def _greedy(sizes: list[int], budget: int | None, *, padded: bool = True) -> lis
 # The learner
 
 
+class _TokenLogProbs(torch.nn.Module):
+    """A causal LM's log-probs (and entropies) of given target tokens: the transformers body
+    to hidden states, then lm_head + log-softmax chunk by chunk (:func:`token_log_probs`)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Any,
+        position_ids: torch.Tensor,
+        pred_index: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        chunk_tokens: int,
+        temperature: float,
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.model.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        hidden = out.last_hidden_state  # (R, T, d)
+        hidden = hidden.reshape(-1, hidden.shape[-1])[pred_index]  # (N, d)
+        return token_log_probs(
+            hidden,
+            self.model.get_output_embeddings(),
+            targets,
+            chunk_tokens=chunk_tokens,
+            temperature=temperature,
+            with_entropy=with_entropy,
+        )
+
+
+def _fully_shard(policy: _TokenLogProbs) -> None:
+    """FSDP2 over the default process group: one unit per decoder layer, the rest (embeddings,
+    tied lm_head, final norm) in the root unit. Gradients are summed over ranks, not averaged:
+    each rank's loss is already normalised by the union batch's normaliser."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(policy.model.base_model, "layers", None)
+    if layers is None:
+        raise InvalidOptionError(
+            f"strategy='fsdp2' shards each decoder layer of model.base_model.layers, which "
+            f"{type(policy.model).__name__} does not have: use strategy='ddp'"
+        )
+    units = [fully_shard(layer) for layer in layers]
+    units.append(fully_shard(policy))
+    for unit in units:  # a plain SUM (gloo has no pre-multiplied sum)
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
+
+
 class Learner:
     """Updates ``model`` (a transformers causal LM) from packed rollouts.
 
@@ -592,7 +656,10 @@ class Learner:
     this rank's share of the batch; losses are normalised over the union of the shares and
     gradients summed over ranks, so the update equals one over the union batch
     (docs/architecture.md, "Data parallel"). Every rank must call ``step`` with the same
-    number of trees.
+    number of trees. With ``config.strategy == "fsdp2"`` the model is sharded in place
+    (``fully_shard``): its parameters become DTensors, so nothing else may run it (an engine
+    needs its own copy, kept current with :meth:`model_state_dict`), and :meth:`step`,
+    :meth:`model_state_dict`, :meth:`optimizer_state_dict` are collectives every rank calls.
     """
 
     def __init__(
@@ -630,13 +697,21 @@ class Learner:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.ref_model: Any | None = None
-        if config.kl_coef > 0:
+        if config.kl_coef > 0:  # copied before any sharding: the reference stays whole
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
             self.ref_model.requires_grad_(False).eval()
+        # Every forward pass of the policy goes through this module, so that under FSDP2 its
+        # hooks gather the embedding/lm_head/norm parameters (the root unit) for the whole
+        # pass: lm_head runs outside the transformers body, chunk by chunk.
+        self.policy = _TokenLogProbs(model)
+        self.fsdp = self.data_parallel and config.strategy == "fsdp2"
+        if self.fsdp:
+            _fully_shard(self.policy)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
         )
+        self._bar: Any = None  # step()'s progress bar while it runs
         self.steps = 0  # learner steps taken: the LR schedule's position
         self.updates = 0  # optimizer updates applied
         self.skipped_updates = 0
@@ -651,11 +726,19 @@ class Learner:
 
     # -- one step ------------------------------------------------------------------------------
 
-    def step(self, data: Forest | Pack) -> dict[str, float]:
+    def step(self, data: Forest | Pack, *, progress: str | None = None) -> dict[str, float]:
         """One learner step on a rollout batch (a Forest after ``advantages()``, or its Pack):
         recompute old log-probs, then ``ppo_epochs`` x ``mini_batches`` optimizer updates.
-        Returns the step's metrics (verl names; means over the updates)."""
-        return self.update(self.prepare(data))
+        Returns the step's metrics (verl names; means over the updates). ``progress``: the
+        label of a progress bar over the step's forward passes (None: no bar)."""
+        from tqdm import tqdm
+
+        with tqdm(desc=progress, unit="pass", disable=progress is None) as bar:
+            self._bar = bar
+            try:
+                return self.update(self.prepare(data))
+            finally:
+                self._bar = None
 
     def prepare(self, data: Forest | Pack) -> StepBatch:
         """Plan the step's mini- and micro-batches and compute their old (and reference)
@@ -675,6 +758,10 @@ class Learner:
         else:
             raise TypeError(f"step() takes a treegrpo.Forest or Pack, got {type(data).__name__}")
         batch = self._plan(pack)
+        if self._bar is not None:  # one pass per micro-batch here, and per epoch in update()
+            passes = sum(len(mini) for mini in batch.mini_batches)
+            self._bar.total = passes * (1 + cfg.ppo_epochs)
+            self._bar.refresh()
         was_training = self.model.training
         self.model.eval()
         try:
@@ -683,6 +770,8 @@ class Learner:
                     mb.old_log_probs = self._log_probs(self.model, mb)[0]
                     if self.ref_model is not None:
                         mb.ref_log_probs = self._log_probs(self.ref_model, mb)[0]
+                    if self._bar is not None:
+                        self._bar.update()
         finally:
             self.model.train(was_training)
         batch.prepare_s = time.perf_counter() - start
@@ -738,10 +827,12 @@ class Learner:
                 loss, stats = mb.loss(log_probs, entropy, self.config)
             value = float(loss.detach())
             total += value
-            if not math.isfinite(value):
-                break  # its backward is not run
+            if not math.isfinite(value) and not self.fsdp:
+                break  # its backward is not run (FSDP2: every rank runs every pass, see _plan)
             if backward and loss.requires_grad:  # not when the micro-batch has no loss token
                 loss.backward()
+            if self._bar is not None:
+                self._bar.update()
             for key, v in stats.items():
                 sums[key] = sums.get(key, 0.0) + v
         if self.data_parallel:
@@ -770,10 +861,13 @@ class Learner:
         loss, metrics = self.mini_batch_loss(mini, backward=True)
         grad_norm = float("nan")
         if math.isfinite(loss):
-            if self.data_parallel:
+            if self.data_parallel and not self.fsdp:  # (FSDP2 reduce-scatters in backward)
                 all_reduce_grads(self.params)  # the union batch's gradient, on every rank
             max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: already the global norm
+                norm = norm.full_tensor()
+            grad_norm = float(norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_updates += 1
@@ -811,7 +905,8 @@ class Learner:
     def _log_probs(
         self, model: Any, mb: MicroBatch, *, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs (and entropies) (N,) of a micro-batch's loss tokens under ``model``."""
+        """Log-probs (and entropies) (N,) of a micro-batch's loss tokens under ``model`` (the
+        policy or the reference)."""
         if mb.segment_ids is not None:
             assert mb.subtree_end is not None
             mask = tree_attention_mask(
@@ -822,22 +917,65 @@ class Learner:
             )
         else:
             mask = mb.attention_mask
+        run = self.policy if model is self.model else _TokenLogProbs(model)
         with self._autocast():
-            out = model.base_model(
-                input_ids=mb.input_ids,
-                attention_mask=mask,
-                position_ids=mb.position_ids,
-                use_cache=False,
-            )
-            hidden = out.last_hidden_state  # (R, T, d)
-            hidden = hidden.reshape(-1, hidden.shape[-1])[mb.pred_index]  # (N, d)
-            return token_log_probs(
-                hidden,
-                model.get_output_embeddings(),
+            return run(
+                mb.input_ids,
+                mask,
+                mb.position_ids,
+                mb.pred_index,
                 mb.targets,
                 chunk_tokens=self.config.logprob_chunk_tokens,
                 temperature=self.config.temperature,
                 with_entropy=with_entropy,
+            )
+
+    # -- state for checkpoints and weight sync -------------------------------------------------
+
+    def model_state_dict(self, *, every_rank: bool = False) -> dict[str, torch.Tensor]:
+        """The policy's full (unsharded) weights, keyed as ``model.state_dict()``. Under FSDP2
+        this gathers the shards (every rank must call it): on CPU, on rank 0 only (the other
+        ranks get ``{}``) unless ``every_rank``, which gives every rank the full tensors on the
+        model's device. Without sharding it is ``model.state_dict()`` (no copy)."""
+        if not self.fsdp:
+            return dict(self.model.state_dict())
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
+        return dict(get_model_state_dict(self.model, options=options))
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        """AdamW's full state keyed by parameter name (the same layout for every strategy, so
+        a checkpoint resumes under another one). Under FSDP2 a collective: rank 0 gets it
+        (on CPU), the other ranks ``{}``."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=self.fsdp)
+        return dict(get_optimizer_state_dict(self.model, self.optimizer, options=options))
+
+    def load_state_dicts(
+        self, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any] | None
+    ) -> None:
+        """Load full weights (and optimizer state, as :meth:`optimizer_state_dict` gives it)
+        into this learner's (possibly sharded) model and optimizer. Under FSDP2 every rank
+        calls it with the full state dicts."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(self.model, model_state, options=options)
+        if optimizer_state is not None:
+            set_optimizer_state_dict(
+                self.model, self.optimizer, optim_state_dict=optimizer_state, options=options
             )
 
     # -- planning ------------------------------------------------------------------------------
@@ -869,11 +1007,37 @@ class Learner:
                 minis.append(self._packed_micro_batches(lay, trees, full_norm / mini_norm))
             else:
                 minis.append(self._flat_micro_batches(lay, rows, mini_norm))
+        if self.fsdp:
+            # Every forward and backward of a sharded model is a collective: each rank must run
+            # as many micro-batches as the busiest one, so the others add empty ones.
+            most = all_reduce_max([len(m) for m in minis])
+            for mini, n in zip(minis, most, strict=True):
+                mini.extend(self._empty_micro_batch() for _ in range(int(n) - len(mini)))
         return StepBatch(
             pack=pack,
             mini_batches=minis,
             total_tokens=pack.total_tokens,
             unique_tokens=pack.unique_tokens,
+        )
+
+    def _empty_micro_batch(self) -> MicroBatch:
+        """A one-token pass whose one predicted token has loss weight 0: its loss is 0 and its
+        gradient zero, but it runs every parameter (and, under FSDP2, every collective) like
+        any other micro-batch."""
+        zeros = np.zeros((1, 1), np.int64)
+        one = np.zeros(1, np.int64)
+        return MicroBatch(
+            input_ids=self._tensor(zeros, torch.long),
+            position_ids=self._tensor(zeros, torch.long),
+            attention_mask=self._tensor(zeros + 1, torch.long),
+            pred_index=self._tensor(one, torch.long),
+            targets=self._tensor(one, torch.long),
+            pack_index=one,
+            loss_index=self._tensor(one, torch.long),
+            loss_mask=self._tensor(zeros, torch.float32),
+            advantages=self._tensor(zeros, torch.float32),
+            scale=0.0,
+            num_tokens=0,
         )
 
     def _flat_micro_batches(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import random
 import sys
@@ -112,14 +113,19 @@ class Trainer:
             max_turns=cfg.tree.max_turns,
             max_obs_tokens=cfg.env.max_obs_tokens,
         )
+        # FSDP2 shards the learner's model in place (parameters become DTensors), so an
+        # embedded engine then generates from its own whole replica, refreshed after each step.
+        fsdp = world.parallel and cfg.learner.strategy == "fsdp2"
         if cfg.engine.kind == "embedded":
             self.engine: Any = EmbeddedEngine(
-                self.model,
+                copy.deepcopy(self.model) if fsdp else self.model,
                 self.tokenizer,
                 kv_budget_tokens=cfg.engine.kv_budget_tokens,
                 seed=cfg.trainer.seed + world.rank,  # ranks sample independently
             )
             on_step, hold = self.engine.bump_weight_version, self.engine.exclusive
+            if fsdp:
+                on_step, hold = None, None  # _sync_weights copies the weights after the step
         else:
             from treegrpo.engine.sglang_client import SGLangClient
 
@@ -192,8 +198,7 @@ class Trainer:
                 self.step += 1
                 log.write(self.step, metrics)
                 if self.step % cfg.save_every == 0 or self.step == cfg.total_steps:
-                    if self.world.is_main:  # replicas are identical: one checkpoint
-                        self.checkpoint()
+                    self.checkpoint()  # every rank (FSDP2 gathers shards); rank 0 writes
             if cfg.val_after:
                 final = self.validate("after")
                 log.write(self.step, final)
@@ -215,7 +220,8 @@ class Trainer:
         )
         # 4. policy update; 5. weight sync (embedded: version bump inside the learner's step)
         t = time.perf_counter()
-        actor = self.learner.step(result.forest)
+        bar = f"step {self.step + 1} update" if self.progress else None
+        actor = self.learner.step(result.forest, progress=bar)
         timing["timing_s/update_actor"] = time.perf_counter() - t
         # A non-finite loss skips its update inside the learner (warned, counted in
         # actor/skipped_updates); learner.max_nonfinite_updates in a row stop the run.
@@ -228,12 +234,20 @@ class Trainer:
         return distributed.reduce_metrics({**rollout_metrics(result, adv), **actor, **timing})
 
     def _sync_weights(self, version: int) -> None:
-        """Push the policy to SGLang servers (the embedded engine shares it already)."""
+        """Push the policy to SGLang servers, or to the embedded engine's replica under FSDP2
+        (otherwise the embedded engine shares the learner's weights already)."""
+        fsdp = self.learner.fsdp
         if self.cfg.engine.kind != "sglang":
-            return  # the embedded engine shares the weights: bumped by the learner's on_step
+            if fsdp:  # every rank gathers the shards into its engine's replica
+                state = self.learner.model_state_dict(every_rank=True)
+                with self.engine.exclusive():
+                    self.engine.model.load_state_dict(state, strict=False)
+                    self.engine.bump_weight_version()
+            return  # no FSDP2: the learner's on_step bumped the shared weights' version
+        state = self.learner.model_state_dict() if fsdp else None  # a collective under FSDP2
         if self.world.is_main:  # replicas are identical: rank 0 pushes to every server
             sync = Path(self.cfg.engine.sync_dir or self.run_dir / "weights")
-            self.model.save_pretrained(sync, safe_serialization=True)
+            self.model.save_pretrained(sync, safe_serialization=True, state_dict=state)
             self.tokenizer.save_pretrained(sync)
             update = self.engine.update_weights_from_disk(str(sync), weight_version=str(version))
             self._await(update)
@@ -307,7 +321,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def checkpoint(self) -> Path:
+    def checkpoint(self) -> Path | None:
+        """Every rank calls it (under FSDP2 the shards are gathered); rank 0 writes."""
         from treegrpo.checkpoint import save
 
         return save(self.run_dir, self.step, self.model, self.tokenizer, self.learner, self.state())
@@ -325,8 +340,9 @@ class Trainer:
             return
         state = load(ckpt, self.model, self.learner)
         self.step, self.cursor = state["step"], state["cursor"]
-        if hasattr(self.engine, "bump_weight_version"):
+        if hasattr(self.engine, "bump_weight_version") and not self.learner.fsdp:
             self.engine.bump_weight_version()  # weights changed under the engine's cache
+        # (FSDP2: setup's _sync_weights refreshes the engine's replica next)
         if self.world.is_main:
             print(f"resumed from {ckpt} (step {self.step})")
 
