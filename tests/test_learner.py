@@ -324,6 +324,26 @@ def test_step_progress_bar_counts_every_forward_pass(capsys: pytest.CaptureFixtu
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+def test_one_update_steps_skip_the_old_log_prob_pass_with_the_same_update(kl_coef: float) -> None:
+    forest = tree_forest(prompts=2)
+    params, metrics, passes = [], [], []
+    for reuse in (False, True):
+        model = tiny_model()
+        cfg = config(lr=1e-2, warmup_steps=0, kl_coef=kl_coef, reuse_on_policy_log_probs=reuse)
+        learner = Learner(model, cfg)
+        calls = []
+        learner.policy.register_forward_hook(lambda *_: calls.append(1))  # noqa: B023
+        metrics.append(learner.step(forest))
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        passes.append(len(calls))
+    micro = len(list(Learner(tiny_model(), config()).prepare(forest).micro_batches))
+    assert passes == [2 * micro, micro]  # old log-probs + update, then the update alone
+    assert rel(params[1], params[0]) < 1e-6
+    for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "actor/ppo_kl"):
+        assert metrics[1][key] == pytest.approx(metrics[0][key], rel=1e-5, abs=1e-7), key
+
+
 def test_an_update_lowers_the_loss_on_a_fixed_batch() -> None:
     forest = tree_forest(prompts=2)
     model = tiny_model()

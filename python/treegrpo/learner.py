@@ -9,7 +9,8 @@ What one :meth:`Learner.step` does (docs/algorithm.md, section 4):
 1. Split the trajectories into ``mini_batches`` of whole trees, and each mini-batch into
    micro-batches of at most ``micro_batch_tokens`` padded tokens (gradient accumulation).
 2. Recompute ``old_log_probs`` with the current weights (eval mode, no grad), and the frozen
-   reference model's log-probs when ``kl_coef > 0``.
+   reference model's log-probs when ``kl_coef > 0``. A step that makes a single update skips
+   the old pass: its own log-probs, detached, are the old ones (``reuse_on_policy_log_probs``).
 3. For ``ppo_epochs`` x each mini-batch: per micro-batch, run the model body to hidden states,
    then lm_head + log-softmax chunk by chunk (``logprob_chunk_tokens``; recomputed in backward,
    so neither pass holds a (tokens x vocab) tensor for the batch); the loss is verl's dual-clip
@@ -141,6 +142,11 @@ class LearnerConfig:
     """Recompute each decoder layer in backward (less activation memory, ~30% more time)."""
     max_nonfinite_updates: int = 5
     """Raise :class:`NonFiniteLossError` after this many skipped updates in a row."""
+    reuse_on_policy_log_probs: bool = True
+    """When a step makes one update (``ppo_epochs == mini_batches == 1``) the weights being
+    updated are those that computed the old log-probs, so :meth:`Learner.step` skips that
+    forward pass and uses the update's own log-probs, detached (ratio 1, the same loss and
+    gradient). False always runs it."""
     strategy: Strategy = "ddp"
     """Data parallelism under torchrun (ignored in one process): "ddp" (every rank holds the
     whole model and optimizer state; gradients are summed over ranks) or "fsdp2" (torch's
@@ -416,22 +422,28 @@ class MicroBatch:
         self, log_probs: torch.Tensor, entropy: torch.Tensor, cfg: LearnerConfig
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """This micro-batch's share of the mini-batch loss, and its metric sums."""
-        assert self.old_log_probs is not None, "old_log_probs are computed by Learner.prepare"
+        old = self.old_log_probs
+        if old is None:  # on-policy: Learner.prepare without old_log_probs
+            old = log_probs.detach()
         if self.packed:
-            return self._packed_loss(log_probs, entropy, cfg)
-        return self._flat_loss(log_probs, entropy, cfg)
+            return self._packed_loss(log_probs, old, entropy, cfg)
+        return self._flat_loss(log_probs, old, entropy, cfg)
 
     def _flat_loss(
-        self, log_probs: torch.Tensor, entropy: torch.Tensor, cfg: LearnerConfig
+        self,
+        log_probs: torch.Tensor,
+        old_log_probs: torch.Tensor,
+        entropy: torch.Tensor,
+        cfg: LearnerConfig,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         assert self.loss_mask is not None and self.advantages is not None
-        assert self.loss_index is not None and self.old_log_probs is not None
+        assert self.loss_index is not None
         mask, mode, index = self.loss_mask, cfg.loss_agg_mode, self.loss_index
 
         def grid(values: torch.Tensor) -> torch.Tensor:  # (N,) -> (R, T), zero off the loss
             return values.new_zeros(mask.numel()).index_copy(0, index, values).view(mask.shape)
 
-        log_prob, old = grid(log_probs), grid(self.old_log_probs)
+        log_prob, old = grid(log_probs), grid(old_log_probs)
         pg_losses, clipped, clipped_lower = _verl_policy_loss(old, log_prob, self.advantages, cfg)
         pg_loss = agg_loss(pg_losses, mask, mode)
         ent = agg_loss(grid(entropy), mask, mode)
@@ -453,13 +465,17 @@ class MicroBatch:
         return loss * self.scale, stats
 
     def _packed_loss(
-        self, log_probs: torch.Tensor, entropy: torch.Tensor, cfg: LearnerConfig
+        self,
+        log_probs: torch.Tensor,
+        old: torch.Tensor,
+        entropy: torch.Tensor,
+        cfg: LearnerConfig,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         assert self.adv_pos is not None and self.adv_neg is not None
-        assert self.token_weight is not None and self.old_log_probs is not None
+        assert self.token_weight is not None
         assert self.count is not None and self.count_pos is not None
         assert self.count_neg is not None
-        old, weight = self.old_log_probs, self.token_weight
+        weight = self.token_weight
         ratio = _ratio(log_probs, old)
         # sum over the trajectories i through the token of w_i * dual-clip loss(r, A_i):
         # linear in A on each side of 0 (rust/pack.rs)
@@ -733,16 +749,21 @@ class Learner:
         label of a progress bar over the step's forward passes (None: no bar)."""
         from tqdm import tqdm
 
+        cfg = self.config
+        one_update = cfg.ppo_epochs == 1 and cfg.mini_batches == 1
+        old = not (one_update and cfg.reuse_on_policy_log_probs)
         with tqdm(desc=progress, unit="pass", disable=progress is None) as bar:
             self._bar = bar
             try:
-                return self.update(self.prepare(data))
+                return self.update(self.prepare(data, old_log_probs=old))
             finally:
                 self._bar = None
 
-    def prepare(self, data: Forest | Pack) -> StepBatch:
+    def prepare(self, data: Forest | Pack, *, old_log_probs: bool = True) -> StepBatch:
         """Plan the step's mini- and micro-batches and compute their old (and reference)
-        log-probs with the current weights, in eval mode."""
+        log-probs with the current weights, in eval mode. Without ``old_log_probs`` the loss
+        uses each pass's own log-probs, detached: right only for the first update after this
+        call (what :meth:`step` does when it makes one update)."""
         start = time.perf_counter()
         cfg = self.config
         if isinstance(data, Forest):
@@ -758,16 +779,18 @@ class Learner:
         else:
             raise TypeError(f"step() takes a treegrpo.Forest or Pack, got {type(data).__name__}")
         batch = self._plan(pack)
-        if self._bar is not None:  # one pass per micro-batch here, and per epoch in update()
+        here = old_log_probs or self.ref_model is not None  # a pass per micro-batch here?
+        if self._bar is not None:  # and one per micro-batch and epoch in update()
             passes = sum(len(mini) for mini in batch.mini_batches)
-            self._bar.total = passes * (1 + cfg.ppo_epochs)
+            self._bar.total = passes * (int(here) + cfg.ppo_epochs)
             self._bar.refresh()
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                for mb in batch.micro_batches:
-                    mb.old_log_probs = self._log_probs(self.model, mb)[0]
+                for mb in batch.micro_batches if here else ():
+                    if old_log_probs:
+                        mb.old_log_probs = self._log_probs(self.model, mb)[0]
                     if self.ref_model is not None:
                         mb.ref_log_probs = self._log_probs(self.ref_model, mb)[0]
                     if self._bar is not None:
