@@ -12,7 +12,6 @@ import statistics
 import subprocess
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 from fake_tokenizer import ChunkTokenizer
 from polars.testing import assert_frame_equal
+from scripted import FixedRetriever, ScriptedEngine
 from treegrpo.cli import main
-from treegrpo.engine.base import Completion, FinishReason, GenerateRequest
-from treegrpo.env import Document, SearchEnv
+from treegrpo.env import SearchEnv
 from treegrpo.env.rewards import compute_score
 from treegrpo.exceptions import InvalidArgumentError, RunFormatError, RunNotFoundError
 from treegrpo.logs import (
@@ -53,54 +52,19 @@ SOURCES = ("nq", "hotpotqa")
 # ---------------------------------------------------------------------- a small run
 
 
-class HashPolicyEngine:
+def hash_policy(context: str, i: int) -> tuple[str, str]:
     """A deterministic 'policy' whose action depends on a hash of the context and the sample
     index: searches, right and wrong answers, invalid actions and truncations all occur."""
-
-    def __init__(self, tokenizer: ChunkTokenizer) -> None:
-        self.tokenizer = tokenizer
-
-    def act(self, context: str, i: int) -> tuple[str, str]:
-        r = zlib.crc32(f"{context}|{i}".encode()) % 100
-        if r < 40:
-            return f"<think>t</think> <search> q{r} </search>", "stop"
-        if r < 62:
-            return "<think>ok</think> <answer> Paris </answer>", "stop"
-        if r < 80:
-            return "<think>hm</think> <answer> Rome </answer>", "stop"
-        if r < 92:
-            return "I am not sure what to do", "stop"
-        return "rambling on and on", "length"
-
-    async def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Completion]]:
-        out = []
-        for r in requests:
-            context = self.tokenizer.decode(list(r.input_ids))
-            samples = []
-            for i in range(r.sampling.n):
-                text, finish = self.act(context, i)
-                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
-                matched = next((s for s in r.sampling.stop if text.endswith(s)), None)
-                samples.append(
-                    Completion(
-                        output_ids=ids,
-                        log_probs=tuple(-0.3 for _ in ids),
-                        finish=FinishReason(finish, matched=matched if finish == "stop" else None),
-                        cached_tokens=0,
-                        prompt_tokens=len(r.input_ids),
-                        weight_version="0",
-                    )
-                )
-            out.append(samples)
-        return out
-
-    async def close(self) -> None:
-        pass
-
-
-class FixedRetriever:
-    def retrieve(self, queries: Sequence[str], topk: int = 3) -> list[list[Document]]:
-        return [[Document("1", f'"Page"\nabout {q}')] for q in queries]
+    r = zlib.crc32(f"{context}|{i}".encode()) % 100
+    if r < 40:
+        return f"<think>t</think> <search> q{r} </search>", "stop"
+    if r < 62:
+        return "<think>ok</think> <answer> Paris </answer>", "stop"
+    if r < 80:
+        return "<think>hm</think> <answer> Rome </answer>", "stop"
+    if r < 92:
+        return "I am not sure what to do", "stop"
+    return "rambling on and on", "length"
 
 
 def shaped(data_source: str, solution: str, ground_truth: Any, extra: Any = None) -> float:
@@ -146,7 +110,7 @@ def make_run(path: Path, config: RolloutConfig, *, ranks: int = 1) -> Logged:
         share = len(prompts) // ranks
         for rank in range(ranks):
             mine = prompts[rank * share : (rank + 1) * share]
-            engine = HashPolicyEngine(tok)
+            engine = ScriptedEngine(tok, hash_policy, log_prob=lambda i: -0.3)
             result = asyncio.run(
                 rollout(engine, env, shaped, mine, config, tokenizer=tok, step=step)
             )

@@ -4,62 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Sequence
 
 import polars as pl
 import pyarrow as pa
 import pytest
 from fake_tokenizer import ChunkTokenizer
-from treegrpo.engine.base import Completion, FinishReason, GenerateRequest
-from treegrpo.env import Document, SearchEnv
+from scripted import FixedRetriever, Policy, ScriptedEngine
+from treegrpo.env import SearchEnv
 from treegrpo.env.rewards import compute_score
 from treegrpo.logs import write_rollout
 from treegrpo.rollout import Prompt, RolloutConfig, rollout
-
-Policy = Callable[[str, int], tuple[str, str]]  # (context text, sample index) -> (text, finish)
-
-
-class ScriptedEngine:
-    """Deterministic 'policy': the action depends on the context's turn count. Records requests."""
-
-    def __init__(self, tokenizer: ChunkTokenizer, policy: Policy) -> None:
-        self.tokenizer, self.policy = tokenizer, policy
-        self.requests: list[GenerateRequest] = []
-
-    @property
-    def weight_version(self) -> str:
-        return "0"
-
-    async def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Completion]]:
-        self.requests.extend(requests)
-        out = []
-        for r in requests:
-            context = self.tokenizer.decode(list(r.input_ids))
-            samples = []
-            for i in range(r.sampling.n):
-                text, finish = self.policy(context, i)
-                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
-                matched = next((s for s in r.sampling.stop if text.endswith(s)), None)
-                samples.append(
-                    Completion(
-                        output_ids=ids,
-                        log_probs=tuple(-0.5 - 0.1 * i for _ in ids),
-                        finish=FinishReason(finish, matched=matched if finish == "stop" else None),
-                        cached_tokens=0,
-                        prompt_tokens=len(r.input_ids),
-                        weight_version="0",
-                    )
-                )
-            out.append(samples)
-        return out
-
-    async def close(self) -> None:
-        pass
-
-
-class FixedRetriever:
-    def retrieve(self, queries: Sequence[str], topk: int = 3) -> list[list[Document]]:
-        return [[Document("1", f'"Page"\nabout {q}')] for q in queries]
 
 
 def turns(context: str) -> int:

@@ -27,10 +27,11 @@ pytest.importorskip("transformers")
 
 from reference import RefNode, node_stats
 from reference import advantages as reference_advantages
+from scripted import FixedRetriever
 from treegrpo.engine.base import Completion, GenerateRequest
 from treegrpo.engine.embedded import EmbeddedEngine
 from treegrpo.engine.sglang_client import SGLangClient
-from treegrpo.env import INVALID_ACTION, Document, SearchEnv
+from treegrpo.env import INVALID_ACTION, SearchEnv
 from treegrpo.env.prompt import PromptBuilder
 from treegrpo.logs import write_rollout
 from treegrpo.rollout import Prompt, Rollout, RolloutConfig, RolloutResult
@@ -66,11 +67,6 @@ NODE_COLUMNS = [
     "value",
     "advantage_sum",
 ]
-
-
-class FixedRetriever:
-    def retrieve(self, queries: Sequence[str], topk: int = 3) -> list[list[Document]]:
-        return [[Document("1", f'"Page"\nabout {q}')] for q in queries]
 
 
 def text_reward(
