@@ -56,7 +56,6 @@ import datetime
 import logging
 import signal
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -69,6 +68,7 @@ from aiohttp import web
 
 from treegrpo.engine.base import GenerateRequest, SamplingParams
 from treegrpo.engine.cache_model import Admission, RadixCacheModel
+from treegrpo.env.retrievers.server import start_app_in_thread
 
 __all__ = [
     "SGLangStandin",
@@ -1078,43 +1078,16 @@ def start_standin_server(
     else:
         net, tokenizer = model
     server = SGLangStandin(_make_engine(net, tokenizer), net, tokenizer, **options)
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(
-        server.app(), access_log=None, shutdown_timeout=0.05, handler_cancellation=True
+    url, stop = start_app_in_thread(
+        server.app(),
+        host,
+        port,
+        shutdown_timeout=0.05,
+        handler_cancellation=True,
+        on_cleanup=server.close,  # waits for the model step in progress
+        name="sglang-standin-http",
     )
-    state: dict[str, Any] = {}
-    started = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(runner.setup())
-            loop.run_until_complete(web.TCPSite(runner, host, port).start())
-            state["port"] = runner.addresses[0][1]
-        except BaseException as e:
-            state["error"] = e
-        else:
-            started.set()
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(runner.cleanup())
-            server.close()  # waits for the model step in progress
-            loop.close()
-            started.set()
-
-    thread = threading.Thread(target=run, name="sglang-standin-http", daemon=True)
-    thread.start()
-    started.wait()
-    if "error" in state:
-        thread.join()
-        raise state["error"]
-
-    def stop() -> None:
-        if thread.is_alive():
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-
-    return server, f"http://{host}:{state['port']}", stop
+    return server, url, stop
 
 
 async def _serve(server: SGLangStandin, host: str, port: int) -> None:

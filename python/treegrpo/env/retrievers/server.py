@@ -227,13 +227,26 @@ def start_server_in_thread(
 
 
 def start_app_in_thread(
-    app: web.Application, host: str = "127.0.0.1", port: int = 0, *, shutdown_timeout: float = 5
+    app: web.Application,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    shutdown_timeout: float = 5,
+    handler_cancellation: bool = False,
+    on_cleanup: Callable[[], None] | None = None,
+    name: str = "treegrpo-http-server",
 ) -> tuple[str, Callable[[], None]]:
     """Run any aiohttp ``app`` on its own event loop in a daemon thread (tests use it for fake
     servers). Returns ``(base url, stop)``; ``stop`` waits at most ``shutdown_timeout`` seconds
-    for requests in flight, then closes everything."""
+    for requests in flight, then closes everything and calls ``on_cleanup`` (also when the
+    server fails to start, before the error is raised here)."""
     loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=shutdown_timeout,
+        handler_cancellation=handler_cancellation,
+    )
     started = threading.Event()
     state: dict[str, Any] = {}
 
@@ -245,18 +258,17 @@ def start_app_in_thread(
             state["port"] = runner.addresses[0][1]
         except BaseException as e:
             state["error"] = e
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
+        else:
             started.set()
-            return
-        started.set()
-        try:
             loop.run_forever()
         finally:
             loop.run_until_complete(runner.cleanup())
+            if on_cleanup is not None:
+                on_cleanup()
             loop.close()
+            started.set()
 
-    thread = threading.Thread(target=run, name="treegrpo-http-server", daemon=True)
+    thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     started.wait()
     if "error" in state:
