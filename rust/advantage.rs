@@ -5,8 +5,10 @@
 //!   A(i) = A_inter(i) + A_intra(i).
 //! std is the unbiased sample std; a singleton uses mean 0 and std 1; equal rewards give 0.
 
+use arrow_buffer::ScalarBuffer;
+
 use crate::error::{parse_option, Result, TreeError};
-use crate::forest::{Forest, NO_PARENT};
+use crate::forest::Forest;
 
 pub const EPS: f64 = 1e-6;
 
@@ -55,22 +57,29 @@ impl Estimator {
 }
 
 /// Per kept leaf (in leaf-id order) and per node results of one `advantages` call.
+///
+/// The columns are Arrow buffers (each derefs to a slice), so the Arrow export shares them
+/// instead of copying.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdvantageStats {
     pub estimator: Estimator,
     pub scale_std: bool,
     /// Kept leaves, ascending id.
-    pub leaves: Vec<u32>,
-    pub reward: Vec<f64>,
-    pub a_inter: Vec<f64>,
-    pub a_intra: Vec<f64>,
-    pub advantage: Vec<f64>,
+    pub leaves: ScalarBuffer<u32>,
+    /// Per kept leaf: its tree.
+    pub tree: ScalarBuffer<u32>,
+    /// Per kept leaf: the caller's key of its group.
+    pub group: ScalarBuffer<i64>,
+    pub reward: ScalarBuffer<f64>,
+    pub a_inter: ScalarBuffer<f64>,
+    pub a_intra: ScalarBuffer<f64>,
+    pub advantage: ScalarBuffer<f64>,
     /// Per node (indexed by node id): kept leaves below (a kept leaf counts itself).
-    pub kept_below: Vec<u32>,
+    pub kept_below: ScalarBuffer<u32>,
     /// Per node: mean reward of the kept leaves below (V(s)); NaN where there are none.
-    pub value: Vec<f64>,
+    pub value: ScalarBuffer<f64>,
     /// Per node: summed advantage of the kept leaves below, the weight the loss puts on its tokens.
-    pub advantage_sum: Vec<f64>,
+    pub advantage_sum: ScalarBuffer<f64>,
 }
 
 impl AdvantageStats {
@@ -80,49 +89,75 @@ impl AdvantageStats {
     }
 }
 
-/// The (mean, denominator) that turn a set's rewards into z-scores with the reference numerics,
-/// or None when every reward is equal (each term is then exactly 0).
-/// `rewards` is called twice (two passes: mean, then squared deviations).
-fn normaliser<I: Iterator<Item = f64>>(rewards: impl Fn() -> I, scale_std: bool) -> Option<(f64, f64)> {
-    let (mut n, mut sum) = (0usize, 0.0);
-    let mut first = None;
-    let mut all_equal = true;
-    for r in rewards() {
-        n += 1;
-        sum += r;
-        match first {
-            None => first = Some(r),
-            Some(f) => all_equal &= r == f,
-        }
-    }
-    if n == 1 {
-        // A one-member set: mean 0 and std 1, so the term is the raw reward.
-        return Some((0.0, if scale_std { 1.0 + EPS } else { 1.0 }));
-    }
-    if n == 0 || all_equal {
-        // std 0: exactly 0 (no rounding residue of the mean through the 1e-6 denominator).
-        return None;
-    }
-    let mean = sum / n as f64;
-    let denom = if scale_std {
-        let var = rewards().map(|r| (r - mean) * (r - mean)).sum::<f64>() / (n - 1) as f64;
-        var.sqrt() + EPS
-    } else {
-        1.0
-    };
-    Some((mean, denom))
+/// The rewards of one set (a tree's or a group's kept leaves), accumulated one at a time, and
+/// the (mean, denominator) that turn them into z-scores with the reference numerics.
+#[derive(Clone, Copy, Debug, Default)]
+struct Moments {
+    n: u32,
+    all_equal: bool,
+    first: f64,
+    /// The sum of the rewards, then (`finish_mean`) their mean.
+    mean: f64,
+    /// Summed squared deviations from the mean (second pass).
+    squares: f64,
+    denom: f64,
 }
 
-/// z-scores of `rewards` (a test helper over [`normaliser`]).
+impl Moments {
+    fn push(&mut self, r: f64) {
+        if self.n == 0 {
+            self.first = r;
+            self.all_equal = true;
+        } else {
+            self.all_equal &= r == self.first;
+        }
+        self.n += 1;
+        self.mean += r;
+    }
+
+    /// After every `push`: the mean, and the denominator unless it needs the squared deviations.
+    fn finish_mean(&mut self, scale_std: bool) {
+        (self.mean, self.denom) = if self.n == 1 {
+            // A one-member set: mean 0 and std 1, so the term is the raw reward.
+            (0.0, if scale_std { 1.0 + EPS } else { 1.0 })
+        } else if self.n == 0 || self.all_equal {
+            // std 0: exactly 0 (r - mean is +0.0 for every member, with no rounding residue of
+            // the mean through the 1e-6 denominator).
+            (self.first, 1.0)
+        } else {
+            (self.mean / self.n as f64, 1.0)
+        };
+    }
+
+    /// Second pass (scale_std only): one member's squared deviation from the mean.
+    fn push_square(&mut self, r: f64) {
+        self.squares += (r - self.mean) * (r - self.mean);
+    }
+
+    /// After every `push_square`: the unbiased std + EPS, for sets of distinct rewards.
+    fn finish_std(&mut self) {
+        if self.n > 1 && !self.all_equal {
+            self.denom = (self.squares / (self.n - 1) as f64).sqrt() + EPS;
+        }
+    }
+
+    fn z(&self, r: f64) -> f64 {
+        (r - self.mean) / self.denom
+    }
+}
+
+/// z-scores of `rewards` (a test helper over [`Moments`]).
 #[cfg(test)]
 fn z_scores(rewards: &[f64], scale_std: bool, out: &mut Vec<f64>) {
+    let mut m = Moments::default();
+    rewards.iter().for_each(|&r| m.push(r));
+    m.finish_mean(scale_std);
+    if scale_std {
+        rewards.iter().for_each(|&r| m.push_square(r));
+        m.finish_std();
+    }
     out.clear();
-    let norm = normaliser(|| rewards.iter().copied(), scale_std);
-    out.extend(
-        rewards
-            .iter()
-            .map(|r| norm.map_or(0.0, |(mean, denom)| (r - mean) / denom)),
-    );
+    out.extend(rewards.iter().map(|&r| m.z(r)));
 }
 
 impl Forest {
@@ -133,104 +168,110 @@ impl Forest {
         Ok(self.stats.insert(stats))
     }
 
+    /// Three passes over the kept leaves (sums, squared deviations, z-scores) into per-tree and
+    /// per-group accumulators, then one bottom-up sweep over the nodes.
     fn compute_advantages(&self, estimator: Estimator, scale_std: bool) -> Result<AdvantageStats> {
         let n_nodes = self.nodes.len();
-        let mut leaves = Vec::new();
-        let mut missing = Vec::new();
-        for (id, (leaf, &kept)) in self.leaf.iter().zip(&self.kept).enumerate() {
-            if leaf.is_some() && kept {
-                if self.reward[id].is_nan() {
-                    missing.push(id as u32);
-                }
-                leaves.push(id as u32);
-            }
+        // Kept leaves, ascending: written unconditionally, the end advanced only when kept
+        // (no unpredictable branch when K of the leaves are kept).
+        let mut leaves = vec![0u32; self.leaf_ids.len()];
+        let mut n = 0;
+        for &id in &self.leaf_ids {
+            leaves[n] = id;
+            n += usize::from(self.kept[id as usize]);
         }
-        if !missing.is_empty() {
-            let count = missing.len();
-            missing.truncate(5);
+        leaves.truncate(n);
+        let reward: Vec<f64> = leaves.iter().map(|&id| self.reward[id as usize]).collect();
+        if reward.iter().any(|r| r.is_nan()) {
+            let missing: Vec<u32> = leaves
+                .iter()
+                .zip(&reward)
+                .filter(|(_, r)| r.is_nan())
+                .map(|(&id, _)| id)
+                .collect();
             return Err(TreeError::MissingReward {
-                count,
-                first: missing,
+                count: missing.len(),
+                first: missing.into_iter().take(5).collect(),
             });
         }
-        let reward: Vec<f64> = leaves.iter().map(|&id| self.reward[id as usize]).collect();
-
-        // Counting sort of the kept leaves by tree (stable: id order within a tree), so each
-        // tree's leaves are one contiguous run `by_tree[tree_start[t]..tree_start[t + 1]]`.
-        let n_trees = self.trees.len();
-        let mut tree_start = vec![0usize; n_trees + 1];
-        for &id in &leaves {
-            tree_start[self.tree_of[id as usize] as usize + 1] += 1;
-        }
-        for t in 0..n_trees {
-            tree_start[t + 1] += tree_start[t];
-        }
-        let mut fill = tree_start.clone();
-        let mut by_tree = vec![0usize; leaves.len()];
-        for (i, &id) in leaves.iter().enumerate() {
-            let t = self.tree_of[id as usize] as usize;
-            by_tree[fill[t]] = i;
-            fill[t] += 1;
-        }
-        let run = |t: u32| &by_tree[tree_start[t as usize]..tree_start[t as usize + 1]];
-
-        let mut a_inter = vec![0.0; leaves.len()];
-        let mut a_intra = vec![0.0; leaves.len()];
-        for group in &self.groups {
-            for &t in &group.trees {
-                if let Some((mean, denom)) = normaliser(|| run(t).iter().map(|&i| reward[i]), scale_std) {
-                    for &i in run(t) {
-                        a_intra[i] = (reward[i] - mean) / denom;
-                    }
-                }
-            }
-            let members = || group.trees.iter().flat_map(|&t| run(t).iter().copied());
-            if let Some((mean, denom)) = normaliser(|| members().map(|i| reward[i]), scale_std) {
-                for i in members() {
-                    a_inter[i] = (reward[i] - mean) / denom;
-                }
-            }
-        }
-        let advantage: Vec<f64> = a_inter
+        let tree: Vec<u32> = leaves.iter().map(|&id| self.tree_of[id as usize]).collect();
+        let tree_group: Vec<u32> = self.trees.iter().map(|t| t.group).collect();
+        let group: Vec<i64> = tree
             .iter()
-            .zip(&a_intra)
-            .map(|(&e, &a)| estimator.combine(e, a))
+            .map(|&t| self.groups[tree_group[t as usize] as usize].key)
             .collect();
+
+        // z-scores within each tree (intra) and each group (inter). Accumulating in leaf-id
+        // order sums a tree's rewards in the same order as the reference; a group's in the same
+        // order when its trees' nodes are contiguous (and within rounding otherwise).
+        let mut per_tree = vec![Moments::default(); self.trees.len()];
+        let mut per_group = vec![Moments::default(); self.groups.len()];
+        for (&t, &r) in tree.iter().zip(&reward) {
+            per_tree[t as usize].push(r);
+            per_group[tree_group[t as usize] as usize].push(r);
+        }
+        for m in per_tree.iter_mut().chain(per_group.iter_mut()) {
+            m.finish_mean(scale_std);
+        }
+        if scale_std {
+            for (&t, &r) in tree.iter().zip(&reward) {
+                per_tree[t as usize].push_square(r);
+                per_group[tree_group[t as usize] as usize].push_square(r);
+            }
+            for m in per_tree.iter_mut().chain(per_group.iter_mut()) {
+                m.finish_std();
+            }
+        }
+
+        // Per kept leaf: the terms and their combination, seeded into the node sweep's arrays.
+        // The sweep's arrays have one extra slot, n_nodes, that roots add into (no branch).
+        let mut kept_below = vec![0u32; n_nodes + 1];
+        let mut reward_sum = vec![0.0f64; n_nodes + 1];
+        let mut advantage_sum = vec![0.0f64; n_nodes + 1];
+        let mut a_inter = Vec::with_capacity(n);
+        let mut a_intra = Vec::with_capacity(n);
+        let mut advantage = Vec::with_capacity(n);
+        for ((&id, &t), &r) in leaves.iter().zip(&tree).zip(&reward) {
+            let inter = per_group[tree_group[t as usize] as usize].z(r);
+            let intra = per_tree[t as usize].z(r);
+            let a = estimator.combine(inter, intra);
+            a_inter.push(inter);
+            a_intra.push(intra);
+            advantage.push(a);
+            kept_below[id as usize] = 1;
+            reward_sum[id as usize] = r;
+            advantage_sum[id as usize] = a;
+        }
 
         // Bottom-up sweep: children have larger ids than their parents.
-        let mut kept_below = vec![0u32; n_nodes];
-        let mut reward_sum = vec![0.0f64; n_nodes];
-        let mut advantage_sum = vec![0.0f64; n_nodes];
-        for (i, &id) in leaves.iter().enumerate() {
-            kept_below[id as usize] = 1;
-            reward_sum[id as usize] = reward[i];
-            advantage_sum[id as usize] = advantage[i];
-        }
         for id in (0..n_nodes).rev() {
-            let parent = self.parent[id];
-            if parent != NO_PARENT {
-                let p = parent as usize;
-                kept_below[p] += kept_below[id];
-                reward_sum[p] += reward_sum[id];
-                advantage_sum[p] += advantage_sum[id];
-            }
+            let p = (self.parent[id] as usize).min(n_nodes);
+            kept_below[p] += kept_below[id];
+            reward_sum[p] += reward_sum[id];
+            advantage_sum[p] += advantage_sum[id];
         }
-        let value = reward_sum
-            .iter()
-            .zip(&kept_below)
-            .map(|(&s, &k)| if k == 0 { f64::NAN } else { s / k as f64 })
-            .collect();
+        kept_below.truncate(n_nodes);
+        advantage_sum.truncate(n_nodes);
+        // V(s) in place of the reward sums.
+        let mut value = reward_sum;
+        value.truncate(n_nodes);
+        // A node without kept leaves below has the sum 0.0, and 0.0 / 0 is NaN.
+        for (v, &k) in value.iter_mut().zip(&kept_below) {
+            *v /= f64::from(k);
+        }
         Ok(AdvantageStats {
             estimator,
             scale_std,
-            leaves,
-            reward,
-            a_inter,
-            a_intra,
-            advantage,
-            kept_below,
-            value,
-            advantage_sum,
+            leaves: leaves.into(),
+            tree: tree.into(),
+            group: group.into(),
+            reward: reward.into(),
+            a_inter: a_inter.into(),
+            a_intra: a_intra.into(),
+            advantage: advantage.into(),
+            kept_below: kept_below.into(),
+            value: value.into(),
+            advantage_sum: advantage_sum.into(),
         })
     }
 

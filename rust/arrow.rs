@@ -8,7 +8,7 @@ use arrow_array::{
     ArrayRef, BooleanArray, DictionaryArray, Float64Array, Int64Array, Int8Array, RecordBatch, StringArray,
     UInt32Array,
 };
-use arrow_buffer::NullBuffer;
+use arrow_buffer::{NullBuffer, ScalarBuffer};
 use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef};
 
 use crate::forest::{Forest, LeafReason, NO_PARENT};
@@ -79,9 +79,9 @@ fn reasons(values: impl Iterator<Item = Option<LeafReason>>) -> ArrayRef {
 }
 
 /// A float column, null where the value is NaN (a node without kept leaves has no V).
-fn f64s_nan_null(values: Vec<f64>) -> ArrayRef {
+fn f64s_nan_null(values: ScalarBuffer<f64>) -> ArrayRef {
     let valid = NullBuffer::from_iter(values.iter().map(|v| !v.is_nan()));
-    Arc::new(Float64Array::new(values.into(), Some(valid)))
+    Arc::new(Float64Array::new(values, Some(valid)))
 }
 
 impl Forest {
@@ -95,9 +95,9 @@ impl Forest {
         let tree_keys: Vec<i64> = (0..self.trees.len() as u32).map(|t| self.group_key(t)).collect();
         let (kept_leaves, value, advantage_sum): (ArrayRef, ArrayRef, ArrayRef) = match self.last_stats() {
             Some(s) => (
-                Arc::new(UInt32Array::from(s.kept_below.clone())),
+                Arc::new(UInt32Array::new(s.kept_below.clone(), None)),
                 f64s_nan_null(s.value.clone()),
-                Arc::new(Float64Array::from(s.advantage_sum.clone())),
+                Arc::new(Float64Array::new(s.advantage_sum.clone(), None)),
             ),
             None => (
                 arrow_array::new_null_array(&DataType::UInt32, n.len()),
@@ -130,7 +130,7 @@ impl Forest {
             )),
             reasons(self.leaf.iter().copied()),
             Arc::new(BooleanArray::from(self.kept.clone())),
-            f64s_nan_null(self.reward.clone()),
+            f64s_nan_null(self.reward.clone().into()),
             kept_leaves,
             value,
             advantage_sum,
@@ -140,11 +140,9 @@ impl Forest {
 
     /// Every leaf, kept or not.
     pub fn leaves_batch(&self) -> Result<RecordBatch, ArrowError> {
-        let ids: Vec<u32> = (0..self.nodes.len() as u32)
-            .filter(|&i| self.leaf[i as usize].is_some())
-            .collect();
+        let ids = &self.leaf_ids;
         let (mut length, mut action) = (Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len()));
-        for &id in &ids {
+        for &id in ids {
             let (mut total, mut trained) = (0u32, 0u32);
             let mut cur = id;
             while cur != NO_PARENT {
@@ -180,21 +178,16 @@ impl Forest {
     }
 
     /// The kept leaves' advantages from the last `advantages` call (empty before one).
+    /// The columns share the statistics' buffers: no copy.
     pub fn advantages_batch(&self) -> Result<RecordBatch, ArrowError> {
         let Some(s) = self.last_stats() else {
             return Ok(RecordBatch::new_empty(advantages_schema()));
         };
-        let tree = |i: &u32| self.tree_of[*i as usize];
-        let f64s = |v: &[f64]| -> ArrayRef { Arc::new(Float64Array::from(v.to_vec())) };
+        let f64s = |v: &ScalarBuffer<f64>| -> ArrayRef { Arc::new(Float64Array::new(v.clone(), None)) };
         let columns: Vec<ArrayRef> = vec![
-            u32s(s.leaves.iter().copied()),
-            u32s(s.leaves.iter().map(tree)),
-            Arc::new(
-                s.leaves
-                    .iter()
-                    .map(|i| self.group_key(tree(i)))
-                    .collect::<Int64Array>(),
-            ),
+            Arc::new(UInt32Array::new(s.leaves.clone(), None)),
+            Arc::new(UInt32Array::new(s.tree.clone(), None)),
+            Arc::new(Int64Array::new(s.group.clone(), None)),
             f64s(&s.reward),
             f64s(&s.a_inter),
             f64s(&s.a_intra),

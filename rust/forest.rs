@@ -92,8 +92,11 @@ pub struct Tree {
     /// Index into `Forest::groups`.
     pub group: u32,
     pub root: u32,
-    /// Every node of the tree, in creation order (so parents before children).
-    pub nodes: Vec<u32>,
+    /// The tree's open steps (neither root nor leaf), ascending id: with the root, the
+    /// candidates for expansion. A node's kind is fixed at its creation, so this only grows.
+    pub open: Vec<u32>,
+    /// The tree's leaves, ascending id.
+    pub leaves: Vec<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -117,6 +120,8 @@ pub struct Forest {
     pub kept: Vec<bool>,
     /// Per node: the outcome reward of a leaf, NaN while unset (set rewards are finite).
     pub reward: Vec<f64>,
+    /// Every leaf's id, ascending (a node is a leaf from its creation on).
+    pub leaf_ids: Vec<u32>,
     pub tokens: Vec<u32>,
     pub trees: Vec<Tree>,
     pub groups: Vec<Group>,
@@ -131,7 +136,7 @@ impl Forest {
     }
 
     pub fn num_leaves(&self) -> usize {
-        self.leaf.iter().filter(|l| l.is_some()).count()
+        self.leaf_ids.len()
     }
 
     pub fn is_root(&self, id: u32) -> bool {
@@ -179,7 +184,13 @@ impl Forest {
             .ok_or_else(|| TreeError::InvalidArgument("a forest holds at most 2^32 - 1 nodes".into()))?;
         self.tokens.extend_from_slice(action);
         self.tokens.extend_from_slice(context);
-        self.trees[tree as usize].nodes.push(id);
+        let t = &mut self.trees[tree as usize];
+        if leaf.is_some() {
+            t.leaves.push(id);
+            self.leaf_ids.push(id);
+        } else if parent != NO_PARENT {
+            t.open.push(id);
+        }
         self.nodes.push(node);
         self.parent.push(parent);
         self.tree_of.push(tree);
@@ -206,7 +217,8 @@ impl Forest {
         self.trees.push(Tree {
             group: g,
             root: self.nodes.len() as u32,
-            nodes: Vec::new(),
+            open: Vec::new(),
+            leaves: Vec::new(),
         });
         let node = Node {
             depth: 0,

@@ -7,6 +7,7 @@ pub mod advantage;
 pub mod arrow;
 pub mod error;
 pub mod forest;
+mod memory;
 pub mod pack;
 pub mod radix;
 pub mod select;

@@ -17,6 +17,7 @@
 
 use crate::error::{parse_option, Result, TreeError};
 use crate::forest::{Forest, NO_PARENT};
+use crate::memory::huge_vec;
 
 /// How per-token losses are reduced over a batch (verl's `loss_agg_mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,25 +61,27 @@ impl AggMode {
 }
 
 /// One row per trajectory, right-padded to the longest (row-major `(rows, cols)` arrays).
+/// Token ids are uint32 (as stored), positions and packed indices int32 (a pack checks that
+/// they fit): half the bytes of int64, and a pack writes hundreds of MB.
 #[derive(Clone, Debug, Default)]
 pub struct FlatBatch {
     pub rows: usize,
     pub cols: usize,
-    pub input_ids: Vec<i64>,
+    pub input_ids: Vec<u32>,
     pub attention_mask: Vec<bool>,
     pub loss_mask: Vec<bool>,
     pub advantages: Vec<f32>,
-    pub position_ids: Vec<i64>,
+    pub position_ids: Vec<i32>,
     /// Index of each flat position in the packed layout; -1 on padding.
-    pub packed_index: Vec<i64>,
+    pub packed_index: Vec<i32>,
 }
 
 /// Every distinct node once, depth-first (trees in id order, children in id order).
 #[derive(Clone, Debug, Default)]
 pub struct PackedBatch {
-    pub input_ids: Vec<i64>,
+    pub input_ids: Vec<u32>,
     /// Position of each token in its own trajectory.
-    pub position_ids: Vec<i64>,
+    pub position_ids: Vec<i32>,
     pub loss_mask: Vec<bool>,
     /// Per token: its segment (index into the `segment_*` arrays, depth-first order).
     pub segment_ids: Vec<i32>,
@@ -274,7 +277,7 @@ struct Segments {
     len: Vec<i64>,
     parent: Vec<i32>,
     /// First position of the node within its trajectory.
-    offset: Vec<i64>,
+    offset: Vec<i32>,
     /// One past the last segment of the node's subtree.
     end: Vec<i32>,
 }
@@ -284,33 +287,37 @@ impl Forest {
     /// weight and the weighted positive / negative advantage sums of each node.
     fn packed_tokens(&self, seg: &Segments, unique: usize, per_node: [&[f64]; 3]) -> PackedBatch {
         let mut p = PackedBatch {
-            input_ids: Vec::with_capacity(unique),
-            position_ids: Vec::with_capacity(unique),
-            loss_mask: Vec::with_capacity(unique),
-            segment_ids: Vec::with_capacity(unique),
-            subtree_end: Vec::with_capacity(unique),
-            token_weight: Vec::with_capacity(unique),
-            adv_pos: Vec::with_capacity(unique),
-            adv_neg: Vec::with_capacity(unique),
+            input_ids: huge_vec(unique),
+            position_ids: huge_vec(unique),
+            loss_mask: huge_vec(unique),
+            segment_ids: huge_vec(unique),
+            subtree_end: huge_vec(unique),
+            token_weight: huge_vec(unique),
+            adv_pos: huge_vec(unique),
+            adv_neg: huge_vec(unique),
             ..PackedBatch::default()
         };
         let [weight, pos, neg] = per_node;
         for (s, &id) in seg.node.iter().enumerate() {
             let (action, context) = self.node_tokens(id);
             let (n_action, len) = (action.len(), action.len() + context.len());
-            let masked = |value: f64| {
-                let v = value as f32;
-                std::iter::repeat_n(v, n_action).chain(std::iter::repeat_n(0.0, len - n_action))
+            let end = p.input_ids.len() + len;
+            // A node's value on its action tokens, 0 on the rest.
+            let masked = |column: &mut Vec<f32>, value: f64| {
+                column.resize(column.len() + n_action, value as f32);
+                column.resize(end, 0.0);
             };
-            p.input_ids
-                .extend(action.iter().chain(context).map(|&t| t as i64));
-            p.position_ids.extend((0..len as i64).map(|k| seg.offset[s] + k));
-            p.loss_mask.extend((0..len).map(|k| k < n_action));
-            p.segment_ids.extend(std::iter::repeat_n(s as i32, len));
-            p.subtree_end.extend(std::iter::repeat_n(seg.end[s], len));
-            p.token_weight.extend(masked(weight[id as usize]));
-            p.adv_pos.extend(masked(pos[id as usize]));
-            p.adv_neg.extend(masked(neg[id as usize]));
+            p.input_ids.extend_from_slice(action);
+            p.input_ids.extend_from_slice(context);
+            let offset = seg.offset[s];
+            p.position_ids.extend((0..len as i32).map(|k| offset + k));
+            p.loss_mask.resize(p.loss_mask.len() + n_action, true);
+            p.loss_mask.resize(end, false);
+            p.segment_ids.resize(end, s as i32);
+            p.subtree_end.resize(end, seg.end[s]);
+            masked(&mut p.token_weight, weight[id as usize]);
+            masked(&mut p.adv_pos, pos[id as usize]);
+            masked(&mut p.adv_neg, neg[id as usize]);
         }
         p.segment_node = seg.node.clone();
         p.segment_start = seg.start.clone();
@@ -335,33 +342,35 @@ impl Forest {
         let mut f = FlatBatch {
             rows: paths.len(),
             cols,
-            input_ids: Vec::with_capacity(size),
-            attention_mask: Vec::with_capacity(size),
-            loss_mask: Vec::with_capacity(size),
-            advantages: Vec::with_capacity(size),
-            position_ids: Vec::with_capacity(size),
-            packed_index: Vec::with_capacity(size),
+            input_ids: huge_vec(size),
+            attention_mask: huge_vec(size),
+            loss_mask: huge_vec(size),
+            advantages: huge_vec(size),
+            position_ids: huge_vec(size),
+            packed_index: huge_vec(size),
         };
         for (i, path) in paths.iter().enumerate() {
             for &id in path {
                 let (action, context) = self.node_tokens(id);
                 let start = seg.start[node_segment[id as usize] as usize];
                 let len = action.len() + context.len();
-                f.input_ids
-                    .extend(action.iter().chain(context).map(|&t| t as i64));
-                f.loss_mask.extend((0..len).map(|k| k < action.len()));
-                f.packed_index.extend(start..start + len as i64);
+                f.input_ids.extend_from_slice(action);
+                f.input_ids.extend_from_slice(context);
+                f.loss_mask.resize(f.loss_mask.len() + action.len(), true);
+                f.loss_mask.resize(f.loss_mask.len() + context.len(), false);
+                let start = start as i32;
+                f.packed_index.extend(start..start + len as i32);
             }
-            let (n, pad) = (lengths[i], cols - lengths[i]);
-            f.position_ids.extend(0..n as i64);
-            f.position_ids.extend(std::iter::repeat_n(0, pad));
-            f.input_ids.extend(std::iter::repeat_n(pad_id as i64, pad));
-            f.loss_mask.extend(std::iter::repeat_n(false, pad));
-            f.packed_index.extend(std::iter::repeat_n(-1, pad));
-            f.attention_mask.extend((0..cols).map(|k| k < n));
-            let a = leaf_advantage[i] as f32;
-            f.advantages
-                .extend((0..cols).map(|k| if k < n { a } else { 0.0 }));
+            let (n, end) = (lengths[i], (i + 1) * cols);
+            f.position_ids.extend(0..n as i32);
+            f.position_ids.resize(end, 0);
+            f.input_ids.resize(end, pad_id);
+            f.loss_mask.resize(end, false);
+            f.packed_index.resize(end, -1);
+            f.attention_mask.resize(end - cols + n, true);
+            f.attention_mask.resize(end, false);
+            f.advantages.resize(end - cols + n, leaf_advantage[i] as f32);
+            f.advantages.resize(end, 0.0);
         }
         f
     }
@@ -373,7 +382,7 @@ impl Forest {
             TreeError::InvalidArgument("pack() needs advantages: call advantages() first".into())
         })?;
         let (leaves, leaf_advantage): (Vec<u32>, Vec<f64>) = match leaves {
-            None => (stats.leaves.clone(), stats.advantage.clone()),
+            None => (stats.leaves.to_vec(), stats.advantage.to_vec()),
             Some(ids) => {
                 let mut out = (Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len()));
                 let mut seen = std::collections::HashSet::with_capacity(ids.len());
@@ -477,7 +486,7 @@ impl Forest {
                 seg.start.push(unique as i64);
                 seg.len.push(len as i64);
                 seg.parent.push(parent_seg);
-                seg.offset.push(offset);
+                seg.offset.push(offset as i32); // < unique tokens, checked to fit below
                 seg.end.push(0);
                 unique += len;
                 stack.push((id, true));
@@ -491,6 +500,13 @@ impl Forest {
             .map(|p| p.iter().map(|&id| self.nodes[id as usize].len()).sum())
             .collect();
         let cols = lengths.iter().copied().max().unwrap_or(0);
+        // Every position, packed index and trajectory length is below `unique`.
+        if unique > i32::MAX as usize {
+            return Err(TreeError::InvalidArgument(format!(
+                "a pack of {unique} distinct tokens: positions and packed indices are int32, so \
+                 at most 2^31 - 1 (pack fewer leaves at a time)"
+            )));
+        }
         // The two layouts are independent given the segments: build them on two threads.
         let (packed, flat) = std::thread::scope(|scope| {
             let packed = scope.spawn(|| self.packed_tokens(&seg, unique, [&weight, &pos, &neg]));
@@ -551,10 +567,10 @@ mod tests {
             let row = i * p.flat.cols;
             for (k, (&t, &m)) in tokens.iter().zip(&mask).enumerate() {
                 let at = p.flat.packed_index[row + k] as usize;
-                assert_eq!(p.packed.input_ids[at], t as i64);
+                assert_eq!(p.packed.input_ids[at], t);
                 assert_eq!(p.packed.loss_mask[at], m == 1);
-                assert_eq!(p.packed.position_ids[at], k as i64);
-                assert_eq!(p.flat.input_ids[row + k], t as i64);
+                assert_eq!(p.packed.position_ids[at], k as i32);
+                assert_eq!(p.flat.input_ids[row + k], t);
             }
             assert!(p.flat.packed_index[row + tokens.len()..row + p.flat.cols]
                 .iter()
@@ -687,5 +703,7 @@ mod tests {
         };
         assert_eq!(sub.leaves, vec![4, 2]);
         assert_eq!(sub.flat.input_ids[sub.flat.cols - 1], 7, "padding uses pad_id");
+        let top = f.pack(Some(&[4, 2]), AggMode::TokenMean, u32::MAX).unwrap();
+        assert_eq!(top.flat.input_ids[top.flat.cols - 1], u32::MAX, "any u32 pads");
     }
 }

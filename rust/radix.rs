@@ -41,12 +41,19 @@
 //! pop time if it no longer describes the node. Evicting k nodes costs O(k log n); the heap is
 //! rebuilt when stale entries outnumber the nodes, which keeps its size O(n) at amortized O(1)
 //! cost per push.
+//!
+//! Keys live in a token arena of fixed-capacity chunks, each node holding the position of its
+//! key: a split copies no token, an insert appends its new tokens to the current chunk, and
+//! growing never moves stored tokens. Large chunks are advised to use huge pages (`memory.rs`):
+//! page faults were most of the cost of storing new tokens. Evicted keys leave holes that are
+//! compacted away (amortized O(1) per evicted token) once they outnumber the stored tokens.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt::Write as _;
 
 use crate::error::{Result, TreeError};
+use crate::memory::huge_vec;
 
 /// A node of the index, as seen from outside: `(generation << 32) | arena index`.
 pub type Handle = u64;
@@ -57,13 +64,21 @@ const ROOT: u32 = 0;
 const NO_PARENT: u32 = u32::MAX;
 /// Keys longer than this are shortened in `pretty_print`.
 const PRINT_TOKENS: usize = 8;
+/// The token arena is compacted when its dead tokens outnumber both the live ones and this.
+const COMPACT_MIN: usize = 1 << 16;
+/// Capacity of the token arena's first chunk (4 KiB); each next one doubles, up to `CHUNK`
+/// (16 MiB).
+const FIRST_CHUNK: usize = 1 << 10;
+const CHUNK: usize = 1 << 22;
 
 /// One arena slot.
 #[derive(Clone, Debug)]
 struct Node {
-    /// This node's token segment (empty for the root and for free slots).
-    key: Vec<u32>,
-    /// The value of every token of `key`. One per node suffices: an insert adds its new tokens
+    /// Where this node's token segment starts in the token arena (`TokenArena::push`).
+    start: u64,
+    /// Its length (0 for the root and for free slots).
+    len: u32,
+    /// The value of every token of the key. One per node suffices: an insert adds its new tokens
     /// as one new leaf, and a split gives both halves the value.
     value: u64,
     /// `(first token of the child's key, child index)`, sorted by token.
@@ -80,10 +95,11 @@ struct Node {
 }
 
 impl Node {
-    /// A live node; `alloc` gives it its slot's generation.
-    fn new(key: Vec<u32>, value: u64, parent: u32, lock_ref: u32, last_access: u64) -> Self {
+    /// A live node whose key is `len` tokens at `start`; `alloc` gives it its slot's generation.
+    fn new(start: u64, len: usize, value: u64, parent: u32, lock_ref: u32, last_access: u64) -> Self {
         Node {
-            key,
+            start,
+            len: u32::try_from(len).expect("a radix node holds fewer than 2^32 tokens"),
             value,
             children: Vec::new(),
             parent,
@@ -99,6 +115,46 @@ impl Node {
             .binary_search_by_key(&token, |&(t, _)| t)
             .ok()
             .map(|i| self.children[i].1)
+    }
+}
+
+/// The keys of every node, in chunks of fixed capacity filled in order.
+#[derive(Clone, Debug, Default)]
+struct TokenArena {
+    chunks: Vec<Vec<u32>>,
+    /// Tokens that no live node owns any more (evicted keys).
+    dead: usize,
+}
+
+impl TokenArena {
+    /// Store `key`; returns its position, `(chunk << 32) | offset`. The key goes to the last
+    /// chunk if it fits in its spare capacity, else to a new chunk (never reallocated).
+    fn push(&mut self, key: &[u32]) -> u64 {
+        let fits = self
+            .chunks
+            .last()
+            .is_some_and(|c| c.capacity() - c.len() >= key.len());
+        if !fits {
+            let last = self.chunks.last().map_or(0, Vec::capacity);
+            let capacity = (2 * last).clamp(FIRST_CHUNK, CHUNK).max(key.len());
+            self.chunks.push(huge_vec(capacity));
+        }
+        let index = self.chunks.len() - 1;
+        let chunk = &mut self.chunks[index];
+        let offset = chunk.len();
+        chunk.extend_from_slice(key);
+        ((index as u64) << 32) | offset as u64
+    }
+
+    /// The `len` tokens at `start` (none for the root and free slots, whose `start` may name
+    /// no chunk). A key never crosses a chunk, and the offset of any of its tokens fits in
+    /// 32 bits, so `start + k` is the position of its token k.
+    fn get(&self, start: u64, len: u32) -> &[u32] {
+        if len == 0 {
+            return &[];
+        }
+        let offset = (start & u64::from(u32::MAX)) as usize;
+        &self.chunks[(start >> 32) as usize][offset..offset + len as usize]
     }
 }
 
@@ -127,6 +183,8 @@ pub struct Eviction {
 #[derive(Clone, Debug)]
 pub struct RadixIndex {
     nodes: Vec<Node>,
+    /// Every node's key.
+    tokens: TokenArena,
     /// Free arena slots (their generation already bumped).
     free: Vec<u32>,
     clock: u64,
@@ -155,7 +213,8 @@ impl RadixIndex {
     /// An empty index (just the root).
     pub fn new() -> Self {
         RadixIndex {
-            nodes: vec![Node::new(Vec::new(), 0, NO_PARENT, 0, 0)],
+            nodes: vec![Node::new(0, 0, 0, NO_PARENT, 0, 0)],
+            tokens: TokenArena::default(),
             free: Vec::new(),
             clock: 0,
             total: 0,
@@ -201,8 +260,7 @@ impl RadixIndex {
         }
         let (matched, node) = self.walk(tokens);
         if matched < tokens.len() {
-            let rest = tokens[matched..].to_vec();
-            let leaf = self.add_leaf(node, rest, value);
+            let leaf = self.add_leaf(node, &tokens[matched..], value);
             self.offer(leaf);
         } else {
             self.offer(node);
@@ -242,7 +300,7 @@ impl RadixIndex {
         while i != ROOT {
             let n = &mut self.nodes[i as usize];
             if n.lock_ref == 0 {
-                newly += n.key.len();
+                newly += n.len as usize;
             }
             n.lock_ref += 1;
             i = n.parent;
@@ -264,7 +322,7 @@ impl RadixIndex {
             let n = &mut self.nodes[i as usize];
             n.lock_ref -= 1;
             if n.lock_ref == 0 {
-                released += n.key.len();
+                released += n.len as usize;
             }
             i = n.parent;
         }
@@ -289,6 +347,9 @@ impl RadixIndex {
                 out.freed += self.remove_leaf(index, &mut out.dropped);
             }
         }
+        if self.tokens.dead > self.total.max(COMPACT_MIN) {
+            self.compact();
+        }
         out
     }
 
@@ -300,6 +361,7 @@ impl RadixIndex {
             }
         }
         self.nodes[ROOT as usize].children.clear();
+        self.tokens = TokenArena::default();
         self.total = 0;
         self.protected = 0;
         self.num_nodes = 0;
@@ -317,7 +379,7 @@ impl RadixIndex {
         while let Some((i, depth)) = stack.pop() {
             let n = &self.nodes[i as usize];
             path.truncate(depth);
-            path.extend_from_slice(&n.key);
+            path.extend_from_slice(self.key(i));
             if n.children.is_empty() {
                 if i != ROOT {
                     out.push(path.clone());
@@ -344,8 +406,9 @@ impl RadixIndex {
             .collect();
         while let Some((i, depth)) = stack.pop() {
             let n = &self.nodes[i as usize];
-            let shown: Vec<String> = n.key.iter().take(PRINT_TOKENS).map(u32::to_string).collect();
-            let more = match n.key.len().saturating_sub(PRINT_TOKENS) {
+            let key = self.key(i);
+            let shown: Vec<String> = key.iter().take(PRINT_TOKENS).map(u32::to_string).collect();
+            let more = match key.len().saturating_sub(PRINT_TOKENS) {
                 0 => String::new(),
                 extra => format!(" …(+{extra})"),
             };
@@ -365,6 +428,20 @@ impl RadixIndex {
     }
 
     // ---- internals ----
+
+    /// The tokens of node `index`.
+    fn key(&self, index: u32) -> &[u32] {
+        let n = &self.nodes[index as usize];
+        self.tokens.get(n.start, n.len)
+    }
+
+    /// Rewrite the token arena with the live keys only (in node order), dropping evicted ones.
+    fn compact(&mut self) {
+        let old = std::mem::take(&mut self.tokens);
+        for n in self.nodes.iter_mut().filter(|n| n.live && n.len > 0) {
+            n.start = self.tokens.push(old.get(n.start, n.len));
+        }
+    }
 
     /// The arena index of a live node, or `StaleHandle`.
     fn resolve(&self, handle: Handle) -> Result<u32> {
@@ -392,7 +469,7 @@ impl RadixIndex {
             let Some(child) = self.nodes[node as usize].child(tokens[matched]) else {
                 break;
             };
-            let key = &self.nodes[child as usize].key;
+            let key = self.key(child);
             let common = common_prefix(key, &tokens[matched..]);
             let whole = common == key.len();
             node = if whole { child } else { self.split(child, common) };
@@ -410,13 +487,14 @@ impl RadixIndex {
     /// Split node `x` after `at` tokens (0 < at < key length); returns the new upper node.
     fn split(&mut self, x: u32, at: usize) -> u32 {
         let n = &mut self.nodes[x as usize];
-        debug_assert!(at > 0 && at < n.key.len());
-        let rest_key = n.key.split_off(at);
-        let head_key = std::mem::replace(&mut n.key, rest_key);
-        let head_value = n.value;
-        let (parent, lock_ref, last_access, first) = (n.parent, n.lock_ref, n.last_access, n.key[0]);
-        let head_first = head_key[0];
-        let p = self.alloc(Node::new(head_key, head_value, parent, lock_ref, last_access));
+        debug_assert!(at > 0 && at < n.len as usize);
+        // The upper node takes the key's first `at` tokens, `x` keeps the rest: no token moves.
+        let head_start = n.start;
+        n.start += at as u64;
+        n.len -= at as u32;
+        let (value, parent, lock_ref, last_access) = (n.value, n.parent, n.lock_ref, n.last_access);
+        let (head_first, first) = (self.tokens.get(head_start, 1)[0], self.key(x)[0]);
+        let p = self.alloc(Node::new(head_start, at, value, parent, lock_ref, last_access));
         self.nodes[p as usize].children.push((first, x));
         self.nodes[x as usize].parent = p;
         let siblings = &mut self.nodes[parent as usize].children;
@@ -428,10 +506,9 @@ impl RadixIndex {
     }
 
     /// A new unlocked leaf under `parent` holding `key`, every token with `value`, touched now.
-    fn add_leaf(&mut self, parent: u32, key: Vec<u32>, value: u64) -> u32 {
-        let len = key.len();
-        let first = key[0];
-        let leaf = self.alloc(Node::new(key, value, parent, 0, self.clock));
+    fn add_leaf(&mut self, parent: u32, key: &[u32], value: u64) -> u32 {
+        let (len, first, start) = (key.len(), key[0], self.tokens.push(key));
+        let leaf = self.alloc(Node::new(start, len, value, parent, 0, self.clock));
         let siblings = &mut self.nodes[parent as usize].children;
         let slot = siblings
             .binary_search_by_key(&first, |&(t, _)| t)
@@ -464,7 +541,7 @@ impl RadixIndex {
         let n = &mut self.nodes[index as usize];
         n.live = false;
         n.generation = n.generation.wrapping_add(1);
-        n.key = Vec::new();
+        n.len = 0;
         n.children = Vec::new();
         n.parent = NO_PARENT;
         n.lock_ref = 0;
@@ -505,7 +582,7 @@ impl RadixIndex {
     /// Remove the unlocked leaf `index`; returns its token count and appends dropped values.
     fn remove_leaf(&mut self, index: u32, dropped: &mut Vec<u64>) -> usize {
         let n = &self.nodes[index as usize];
-        let (parent, first, len) = (n.parent, n.key[0], n.key.len());
+        let (parent, first, len) = (n.parent, self.key(index)[0], n.len as usize);
         let count = self
             .value_tokens
             .get_mut(&n.value)
@@ -521,22 +598,31 @@ impl RadixIndex {
             .expect("a node is listed under its parent");
         siblings.remove(slot);
         self.total -= len;
+        self.tokens.dead += len;
         self.release(index);
         self.offer(parent);
         len
     }
 }
 
-/// Length of the common prefix of `a` and `b`: whole 16-token blocks compared as slices
-/// (vectorised), then token by token inside the first differing block.
+/// Length of the common prefix of `a` and `b`. A walk passes through whole nodes, so first the
+/// whole overlap is compared at once (`memcmp`); if it differs, 16-token blocks are compared by
+/// or-ing their xors (vectorised, inline), then tokens inside the first differing block.
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     const BLOCK: usize = 16;
     let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    if a == b {
+        return n;
+    }
     let mut i = 0;
-    while i + BLOCK <= n && a[i..i + BLOCK] == b[i..i + BLOCK] {
+    for (x, y) in a.chunks_exact(BLOCK).zip(b.chunks_exact(BLOCK)) {
+        if x.iter().zip(y).fold(0, |diff, (p, q)| diff | (p ^ q)) != 0 {
+            break;
+        }
         i += BLOCK;
     }
-    i + a[i..n].iter().zip(&b[i..n]).take_while(|(x, y)| x == y).count()
+    i + a[i..].iter().zip(&b[i..]).take_while(|(x, y)| x == y).count()
 }
 
 fn handle(index: u32, generation: u32) -> Handle {
@@ -566,24 +652,30 @@ mod tests {
             .filter(|&i| ix.nodes[i as usize].live)
             .collect();
         assert_eq!(live.len(), ix.num_nodes());
-        let total: usize = live.iter().map(|&i| ix.nodes[i as usize].key.len()).sum();
+        let total: usize = live.iter().map(|&i| ix.key(i).len()).sum();
         let protected: usize = live
             .iter()
             .filter(|&&i| ix.nodes[i as usize].lock_ref > 0)
-            .map(|&i| ix.nodes[i as usize].key.len())
+            .map(|&i| ix.key(i).len())
             .sum();
         assert_eq!((ix.total_size(), ix.protected_size()), (total, protected));
+        let stored: usize = ix.tokens.chunks.iter().map(Vec::len).sum();
+        assert_eq!(
+            stored,
+            total + ix.tokens.dead,
+            "every arena token is live or dead"
+        );
         assert_eq!(ix.evictable_size(), total - protected);
         for &i in &live {
             let n = &ix.nodes[i as usize];
-            assert!(!n.key.is_empty());
+            assert!(!ix.key(i).is_empty());
             let p = &ix.nodes[n.parent as usize];
-            assert!(p.live && p.child(n.key[0]) == Some(i));
+            assert!(p.live && p.child(ix.key(i)[0]) == Some(i));
         }
         let mut counts: HashMap<u64, usize> = HashMap::new();
         for &i in &live {
             let n = &ix.nodes[i as usize];
-            *counts.entry(n.value).or_default() += n.key.len();
+            *counts.entry(n.value).or_default() += ix.key(i).len();
         }
         assert_eq!(counts, ix.value_tokens);
         // Every unlocked leaf waits in the heap with its current access time.
@@ -603,7 +695,7 @@ mod tests {
         while let Some((i, d)) = stack.pop() {
             let n = &ix.nodes[i as usize];
             if i != ROOT {
-                out.push((d, n.key.clone()));
+                out.push((d, ix.key(i).to_vec()));
             }
             stack.extend(n.children.iter().rev().map(|&(_, c)| (c, d + 1)));
         }
@@ -932,6 +1024,7 @@ mod tests {
         assert_eq!((ix.total_size(), ix.protected_size(), ix.num_nodes()), (0, 0, 0));
         assert_eq!(ix.inc_lock_ref(h), Err(TreeError::StaleHandle { handle: h }));
         assert_eq!(ix.match_prefix(&[1, 2]).len, 0);
+        assert!(ix.sequences().is_empty());
         assert_eq!(ix.insert(&[1, 2], 3), 0);
         assert_eq!(
             ix.evict(5),
@@ -983,6 +1076,28 @@ mod tests {
                 dropped: vec![1]
             }
         );
+    }
+
+    #[test]
+    fn evicted_keys_are_compacted_away() {
+        let mut ix = RadixIndex::new();
+        let seq = |i: u32| -> Vec<u32> { (0..4096).map(|k| i * 10_000 + k).collect() };
+        for i in 0..40 {
+            ix.insert(&seq(i), u64::from(i));
+        }
+        // Split the oldest two so live keys sit on both sides of the holes.
+        ix.match_prefix(&seq(0)[..100]);
+        let keep = ix.match_prefix(&seq(1)).handle;
+        ix.inc_lock_ref(keep).unwrap();
+        let e = ix.evict(usize::MAX);
+        assert_eq!(e.freed, 39 * 4096);
+        let stored: usize = ix.tokens.chunks.iter().map(Vec::len).sum();
+        assert_eq!((stored, ix.tokens.dead), (4096, 0), "compacted");
+        assert_eq!(ix.sequences(), vec![seq(1)]);
+        assert_eq!(ix.match_prefix(&seq(1)).handle, keep);
+        assert_eq!(ix.insert(&seq(2), 2), 0);
+        assert_eq!(ix.sequences(), vec![seq(1), seq(2)]);
+        check(&ix);
     }
 
     /// A small deterministic random walk checked against the invariants after every step.

@@ -43,14 +43,12 @@ impl Forest {
     }
 
     fn candidates_into(&self, tree: u32, include_root: bool, out: &mut Vec<u32>) {
+        let t = &self.trees[tree as usize];
         out.clear();
-        out.extend(
-            self.trees[tree as usize]
-                .nodes
-                .iter()
-                .copied()
-                .filter(|&id| self.leaf[id as usize].is_none() && (include_root || !self.is_root(id))),
-        );
+        if include_root {
+            out.push(t.root);
+        }
+        out.extend_from_slice(&t.open);
     }
 
     /// Draw `n` nodes to expand in every tree, uniformly from its candidates.
@@ -60,21 +58,33 @@ impl Forest {
     /// for a seed, and tree t's draws depend only on (seed, t) and its own nodes.
     pub fn select(&self, n: usize, seed: u64, opts: SelectOptions) -> Vec<u32> {
         let mut picks = Vec::with_capacity(n * self.trees.len());
-        let mut cands = Vec::new();
-        for t in 0..self.trees.len() as u32 {
-            self.candidates_into(t, opts.include_root, &mut cands);
-            if cands.is_empty() || n == 0 {
+        if n == 0 {
+            return picks;
+        }
+        for (t, tree) in self.trees.iter().enumerate() {
+            // Candidate i is the root (i = 0, if included), else open[i - first_open]: no
+            // candidate list is built.
+            let first_open = usize::from(opts.include_root);
+            let len = first_open + tree.open.len();
+            if len == 0 {
                 continue;
             }
+            let candidate = |i: usize| {
+                if i < first_open {
+                    tree.root
+                } else {
+                    tree.open[i - first_open]
+                }
+            };
             let mut rng = rng_for(seed, t as u64);
             if opts.replace {
                 use rand::RngExt;
-                picks.extend((0..n).map(|_| cands[rng.random_range(0..cands.len())]));
+                picks.extend((0..n).map(|_| candidate(rng.random_range(0..len))));
             } else {
-                let k = n.min(cands.len());
-                let mut idx = sample(&mut rng, cands.len(), k).into_vec();
+                let k = n.min(len);
+                let mut idx = sample(&mut rng, len, k).into_vec();
                 idx.sort_unstable();
-                picks.extend(idx.into_iter().map(|i| cands[i]));
+                picks.extend(idx.into_iter().map(candidate));
             }
         }
         picks
@@ -141,20 +151,14 @@ impl Forest {
 
     /// Leaves of one tree, in id order.
     pub fn tree_leaves(&self, tree: u32) -> impl Iterator<Item = u32> + '_ {
-        self.trees[tree as usize]
-            .nodes
-            .iter()
-            .copied()
-            .filter(|&id| self.leaf[id as usize].is_some())
+        self.trees[tree as usize].leaves.iter().copied()
     }
 
     /// Keep a random subset of `k` leaves in every tree (seeded); the others are dropped from training.
     /// Every tree must have at least `k` leaves; nothing changes otherwise.
     pub fn keep_leaves(&mut self, k: usize, seed: u64) -> Result<()> {
-        let per_tree: Vec<Vec<u32>> = (0..self.trees.len() as u32)
-            .map(|t| self.tree_leaves(t).collect())
-            .collect();
-        for (t, leaves) in per_tree.iter().enumerate() {
+        for (t, tree) in self.trees.iter().enumerate() {
+            let leaves = &tree.leaves;
             if leaves.len() < k {
                 return Err(TreeError::KTooLarge {
                     k,
@@ -163,7 +167,8 @@ impl Forest {
                 });
             }
         }
-        for (t, leaves) in per_tree.iter().enumerate() {
+        for (t, tree) in self.trees.iter().enumerate() {
+            let leaves = &tree.leaves;
             let mut rng = rng_for(seed, t as u64);
             for &leaf in leaves {
                 self.kept[leaf as usize] = false;

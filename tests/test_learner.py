@@ -142,11 +142,11 @@ def test_packed_forward_gives_the_flat_log_probs() -> None:
     flat = pack.flat
     with torch.no_grad():
         logits = model(
-            input_ids=torch.from_numpy(flat["input_ids"]),
+            input_ids=torch.from_numpy(flat["input_ids"]).long(),
             attention_mask=torch.from_numpy(flat["attention_mask"]).long(),
         ).logits
         expect = torch.log_softmax(logits[:, :-1], -1).gather(
-            -1, torch.from_numpy(flat["input_ids"][:, 1:, None])
+            -1, torch.from_numpy(flat["input_ids"][:, 1:, None]).long()
         )[..., 0][torch.from_numpy(flat["loss_mask"][:, 1:])]
     for packed in (True, False):
         learner = Learner(model, config(packed=packed, micro_batch_tokens=50, kl_coef=0.0))

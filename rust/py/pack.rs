@@ -97,16 +97,17 @@ impl PyPack {
 
 #[pymethods]
 impl PyPack {
-    /// One row per trajectory, right-padded: input_ids, attention_mask, loss_mask, advantages,
-    /// position_ids (each (B, T)) and packed_index (B, T), the packed position of each flat one (-1 on padding).
+    /// One row per trajectory, right-padded: input_ids (uint32), attention_mask, loss_mask,
+    /// advantages (float32), position_ids (int32) (each (B, T)) and packed_index (B, T, int32),
+    /// the packed position of each flat one (-1 on padding).
     #[getter]
     fn flat<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         self.flat.bind(py).copy()
     }
 
-    /// Each distinct node once, depth-first: per token input_ids, position_ids, loss_mask,
-    /// segment_ids, subtree_end, token_weight, adv_pos, adv_neg (each (U,)); per segment
-    /// segment_node, segment_start, segment_len, segment_parent.
+    /// Each distinct node once, depth-first: per token input_ids (uint32), position_ids, segment_ids,
+    /// subtree_end (int32), loss_mask, token_weight, adv_pos, adv_neg (float32) (each (U,)); per
+    /// segment segment_node (uint32), segment_start, segment_len (int64), segment_parent (int32).
     #[getter]
     fn packed<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         self.packed.bind(py).copy()
