@@ -1,6 +1,7 @@
 """Learner benchmark (issue 7): tree packing's speedup, and the memory of one update.
 
-1. Throughput: ``Learner.step`` (old log-probs + one update) in tokens/s, flat vs packed, on
+1. Throughput: ``Learner.step`` with the default config (reference log-probs for the KL term,
+   then one update, whose own detached log-probs are the old ones) in tokens/s, flat vs packed, on
    Tree-GRPO-shaped batches (M=2 trees per prompt, N=2 expansions, L=1: 6 trajectories per
    prompt). Tokens/s counts trajectory tokens (shared prefixes once per trajectory), the work
    the reference does. Target: packed speedup >= 0.8 x total/unique tokens (the sharing ratio).

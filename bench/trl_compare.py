@@ -33,8 +33,8 @@ the ``--steps`` timed ones. Per step:
 - step: wall time of a whole training step (TRL: from the end of the previous step's callback
   to ``on_step_end``, so its data loading and logging count; treegrpo: ``train_step``);
 - rollout: generation + reward (TRL: ``GRPOTrainer._generate``, timed by a subclass that calls
-  the original, plus the reward function; treegrpo: ``timing_s/gen``, which also parses the
-  actions);
+  the original, plus the reward function; treegrpo: ``timing_s/rollout``, which also parses
+  the actions and runs the tool calls);
 - learner = step - rollout: advantages, reference (and, in treegrpo, old) log-probs, the loss'
   forward and backward, the optimizer step, logging;
 - learner tokens/s: trajectory tokens (prompt + completion of every trajectory, a shared prompt
@@ -252,7 +252,7 @@ def treegrpo_step(trainer: Any, side: Side) -> None:
     side.add(
         step_s,
         cpu,
-        metrics["timing_s/gen"],
+        metrics["timing_s/rollout"],
         int(metrics["perf/total_tokens"]),
         generated_tokens=int(metrics["tree/generated_tokens"]),
         forward_tokens=int(metrics["perf/forward_tokens"]),

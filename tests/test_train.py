@@ -104,8 +104,15 @@ def test_two_steps_end_to_end_then_resume(tiny_dir, tmp_path):
     assert (run / "checkpoints" / "step_000002" / "COMPLETE").exists()
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     step1 = next(x for x in lines if x["step"] == 1 and "actor/pg_loss" in x)
-    for name in ("actor/grad_norm", "actor/lr", "tree/leaves_per_prompt", "timing_s/gen"):
+    for name in ("actor/grad_norm", "actor/lr", "tree/leaves_per_prompt"):
         assert name in step1
+    # every stage of the step is timed, and the parts fit inside their wholes
+    stages = ("rollout", "gen", "tool", "reward", "adv", "old_log_prob", "update_actor")
+    timing = {k: step1[f"timing_s/{k}"] for k in (*stages, "weight_sync", "log", "step")}
+    assert all(v >= 0 for v in timing.values()) and timing["gen"] > 0
+    assert timing["gen"] + timing["tool"] + timing["reward"] <= timing["rollout"]
+    parts = ("rollout", "adv", "old_log_prob", "update_actor", "weight_sync", "log")
+    assert sum(timing[k] for k in parts) <= timing["step"]
     assert step1["tree/leaves_per_prompt"] == 6
     # resume: two more steps continue from step 2, nothing repeated
     cfg = load_config(None, overrides(tiny_dir, run, steps=4, **{"trainer.val_before": "false"}))

@@ -22,6 +22,7 @@ knows no optimizer and no server: it drives an :class:`~treegrpo.engine.Engine` 
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -172,6 +173,11 @@ class RolloutResult:
     prompts: dict[int, Prompt]
     budget: dict[int, Budget]
     total: Budget = field(default_factory=Budget)
+    # Wall seconds in the engine (``generate``), the environment's tool calls (``tool``) and
+    # the reward function (``reward``); the rest of a rollout is bookkeeping.
+    timing: dict[str, float] = field(
+        default_factory=lambda: {"generate": 0.0, "tool": 0.0, "reward": 0.0}
+    )
 
     def response_text(self, leaf: int) -> str:
         """The policy's response for a leaf: every step's action and observation after the
@@ -269,7 +275,9 @@ class Rollout:
         # 3. K leaves per tree, rewards on the leaves.
         if cfg.k is not None and cfg.k < cfg.leaves_per_tree:
             forest.keep_leaves(cfg.k, seed=_mix(cfg.seed, step, 1_000_003))
+        start = time.perf_counter()
         self._reward(result)
+        result.timing["reward"] += time.perf_counter() - start
         for budget in result.budget.values():
             result.total.add(budget)
         return result
@@ -303,7 +311,9 @@ class Rollout:
             # several of them (their roots), so all of them use one server's prefix cache.
             requests.append(GenerateRequest(b.context, sampling, key=f"group-{b.group}"))
             owners.append(same)
+        start = time.perf_counter()
         completions = await self.engine.generate(requests)
+        result.timing["generate"] += time.perf_counter() - start
         if len(completions) != len(requests):
             raise RuntimeError(
                 f"engine returned {len(completions)} results for {len(requests)} requests"
@@ -327,7 +337,9 @@ class Rollout:
             StepInput(text, b.turn, truncated=c.finish.type != "stop")
             for (b, c), text in zip(flat, texts, strict=True)
         ]
+        start = time.perf_counter()
         steps: list[StepResult] = await self.env.step(inputs)
+        result.timing["tool"] += time.perf_counter() - start
 
         forest, nxt = result.forest, []
         for (b, c), s in zip(flat, steps, strict=True):

@@ -207,30 +207,39 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         from treegrpo.logs import write_rollout
 
-        cfg, timing = self.cfg, {}
+        cfg = self.cfg
+        started = t = time.perf_counter()
         prompts = self._next_prompts()
         # 1-2. rollout: select + expand (Rust), generate, tool calls, rewards
-        t = time.perf_counter()
         bar = f"step {self.step + 1} rollout" if self.progress else None
         result = self._await(self.rollout.run(prompts, step=self.step, progress=bar))
-        timing["timing_s/gen"] = time.perf_counter() - t
+        timing = {
+            "timing_s/rollout": time.perf_counter() - t,
+            "timing_s/gen": result.timing["generate"],
+            "timing_s/tool": result.timing["tool"],
+            "timing_s/reward": result.timing["reward"],
+        }
         # 3. advantages (Rust)
+        t = time.perf_counter()
         adv = result.forest.advantages(
             cfg.algorithm.adv_estimator, scale_std=cfg.algorithm.norm_adv_by_std
         )
-        # 4. policy update; 5. weight sync (embedded: version bump inside the learner's step)
-        t = time.perf_counter()
+        timing["timing_s/adv"] = time.perf_counter() - t
+        # 4. policy update (the learner reports timing_s/old_log_prob and timing_s/update_actor);
+        # 5. weight sync (embedded: version bump inside the learner's step)
         bar = f"step {self.step + 1} update" if self.progress else None
         actor = self.learner.step(result.forest, progress=bar)
-        timing["timing_s/update_actor"] = time.perf_counter() - t
         # A non-finite loss skips its update inside the learner (warned, counted in
         # actor/skipped_updates); learner.max_nonfinite_updates in a row stop the run.
         t = time.perf_counter()
         self._sync_weights(self.step + 1)
         timing["timing_s/weight_sync"] = time.perf_counter() - t
         # 6. log: Parquet rollouts for this step (one part per rank), metrics over ranks
+        t = time.perf_counter()
         rank = self.world.rank if self.world.parallel else None
         write_rollout(self.run_dir, self.step + 1, result, adv, rank=rank)
+        timing["timing_s/log"] = time.perf_counter() - t
+        timing["timing_s/step"] = time.perf_counter() - started
         return distributed.reduce_metrics({**rollout_metrics(result, adv), **actor, **timing})
 
     def _sync_weights(self, version: int) -> None:
@@ -409,7 +418,7 @@ class Logger:
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if "console" in self.sinks:
-            shown = ("critic/score/mean", "actor/pg_loss", "actor/grad_norm", "timing_s/gen")
+            shown = ("critic/score/mean", "actor/pg_loss", "actor/grad_norm", "timing_s/step")
             parts = [f"{k}={metrics[k]:.4g}" for k in shown if k in metrics]
             extra = [f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("val-core/")]
             print(f"step {step}: " + " ".join(parts + extra), flush=True)
