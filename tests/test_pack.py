@@ -143,6 +143,41 @@ def test_sharing_ratio_on_a_hand_built_tree():
     assert pack.packed["segment_parent"].tolist() == [-1, 0, 1, 1, 0]
 
 
+def test_pack_dtypes_are_the_documented_ones():
+    """docs/architecture.md: uint32 ids, int32 positions and indices, float32 weights."""
+    f = Forest()
+    root = f.add_root(0, [2**32 - 1, 5])  # the largest u32 id survives as itself
+    leaves = [f.add_step(root, [7, 8], leaf=True), f.add_step(root, [9], leaf=True)]
+    f.set_rewards(leaves, [1.0, 0.0])
+    f.advantages()
+    pack = f.pack()
+    want_flat = {
+        "input_ids": np.uint32,
+        "attention_mask": np.bool_,
+        "loss_mask": np.bool_,
+        "advantages": np.float32,
+        "position_ids": np.int32,
+        "packed_index": np.int32,
+    }
+    want_packed = {
+        "input_ids": np.uint32,
+        "position_ids": np.int32,
+        "loss_mask": np.bool_,
+        "segment_ids": np.int32,
+        "subtree_end": np.int32,
+        "token_weight": np.float32,
+        "adv_pos": np.float32,
+        "adv_neg": np.float32,
+        "segment_node": np.uint32,
+        "segment_start": np.int64,
+        "segment_len": np.int64,
+        "segment_parent": np.int32,
+    }
+    assert {k: v.dtype.type for k, v in pack.flat.items()} == want_flat
+    assert {k: v.dtype.type for k, v in pack.packed.items()} == want_packed
+    assert pack.flat["input_ids"][0, :3].tolist() == [2**32 - 1, 5, 7]
+
+
 def test_pack_errors():
     f = Forest()
     leaf = f.add_step(f.add_root(0, [1]), [2], leaf=True)
