@@ -245,6 +245,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path: Path, strategy: str) -> Non
         "trainer.run_dir": str(run),
         "trainer.logger": "[jsonl]",
         "engine.kv_budget_tokens": "4096",
+        "engine.dtype": "policy",  # the same on every machine (auto depends on the CPU)
         "learner.strategy": strategy,
     }
     env = {**os.environ, "TREEGRPO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}

