@@ -245,7 +245,9 @@ def test_torchrun_two_processes_end_to_end(tmp_path: Path, strategy: str) -> Non
         "trainer.run_dir": str(run),
         "trainer.logger": "[jsonl]",
         "engine.kv_budget_tokens": "4096",
-        "engine.dtype": "policy",  # the same on every machine (auto depends on the CPU)
+        # explicit, as auto depends on the CPU: under DDP a bfloat16 engine replica per rank
+        # (synced after each update); FSDP2 has a replica of the policy's dtype anyway
+        "engine.dtype": "bfloat16" if strategy == "ddp" else "policy",
         "learner.strategy": strategy,
     }
     env = {**os.environ, "TREEGRPO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
