@@ -139,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         result = run(overrides + (QUICK if args.quick else []))
 
     steps = result["steps"]
+    median_step = statistics.median(s["timing_s/step"] for s in steps)
     rows = []
     for label, key in (*STAGES, ("whole step", "timing_s/step")):
         values = [s[key] for s in steps if key in s]
-        share = statistics.median(values) / statistics.median(s["timing_s/step"] for s in steps)
+        share = statistics.median(values) / median_step
         rows.append([label, *(seconds(v) for v in values), f"{100 * share:.1f}%"])
     saves = result["checkpoint_s"]
     rows.insert(-1, ["checkpoint save", *(seconds(v) for v in saves), "-"])
@@ -168,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and args.out is None:
         return 0
     name = f"treegrpo train (quickstart), {cache_kind}, imports included"
-    median_step = statistics.median(s["timing_s/step"] for s in steps)
     payload = {
         "title": TITLE,
         "issue": ISSUE,
