@@ -231,6 +231,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path: Path, strategy: str) -> Non
     tokenizer.save_pretrained(tiny_dir)
     run = tmp_path / "run"
     overrides = {
+        "preset": "smollm2",  # the reference settings, on a tiny random model
         "model.path": str(tiny_dir),
         "model.sft_steps": "1",
         "model.sft_batch_size": "2",

@@ -39,6 +39,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPa
 
 def overrides(tiny_dir: Path, run_dir: Path, steps: int = 2, **extra: str) -> list[str]:
     base = {
+        "preset": "smollm2",  # the reference settings, on a tiny random model
         "model.path": str(tiny_dir),
         "model.sft_steps": "2",
         "model.sft_batch_size": "2",

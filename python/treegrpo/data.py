@@ -18,7 +18,11 @@ from treegrpo.rollout import Prompt
 if TYPE_CHECKING:
     from treegrpo.config import DataConfig, EnvConfig
 
-__all__ = ["RunData", "prepare", "retriever", "reward_function"]
+__all__ = ["VAL_SEED", "RunData", "prepare", "prompt_ids", "retriever", "reward_function"]
+
+VAL_SEED = 0
+"""The draw of the ``data.val_size`` validation questions: fixed, so runs that differ in
+``trainer.seed`` are measured on the same questions."""
 
 
 @dataclass
@@ -32,9 +36,11 @@ class RunData:
     corpus: Path | None
     sft: Path | None
 
+    style: str = "search_r1"
+
     def prompt(self, example: Example, tokenizer: Any) -> Prompt:
         """The rollout's view of a question: its rendered prompt ids and reward inputs."""
-        ids = PromptBuilder().render_messages(example.prompt, tokenizer)
+        ids = prompt_ids(example.prompt, example.question, tokenizer, self.style)
         return Prompt(
             group=example.group_id,
             input_ids=ids,
@@ -44,9 +50,21 @@ class RunData:
         )
 
 
+def prompt_ids(messages: Any, question: str, tokenizer: Any, style: str) -> list[int]:
+    """Prompt token ids of a question. ``style`` (``data.prompt``): ``"search_r1"`` renders the
+    row's own prompt messages (Search-R1's template, through the tokenizer's chat template when
+    it has one); ``"short"`` renders :data:`treegrpo.scratch.SHORT_TEMPLATE` around the question
+    as raw text (the from-scratch policy, which has neither instructions nor a chat template)."""
+    if style == "short":
+        from treegrpo.scratch import SHORT_TEMPLATE
+
+        return PromptBuilder(SHORT_TEMPLATE, use_chat_template=False).render(question, tokenizer)
+    return PromptBuilder().render_messages(messages, tokenizer)
+
+
 def prepare(cfg: DataConfig, *, seed: int = 0) -> RunData:
     """Load the configured questions, or build the synthetic world once (cached by its
-    parameters) when no training files are given."""
+    parameters) when no training files are given. ``seed`` shuffles the training order."""
     if cfg.train_files:
         train = load_search_r1(cfg.train_files)
         val = load_search_r1(cfg.val_files) if cfg.val_files else []
@@ -65,11 +83,22 @@ def prepare(cfg: DataConfig, *, seed: int = 0) -> RunData:
     # validation ids must not collide with training ids (they are separate groups)
     offset = max(x.group_id for x in train) + 1
     val = [_regroup(x, offset + i) for i, x in enumerate(val)]
-    if cfg.val_size:
-        val = _stratified(val, cfg.val_size, seed)
+    if cfg.val_size > len(val) and (val or not cfg.train_files):
+        where = (
+            f"the synthetic world (data.synth_test={cfg.synth_test}, data.max_hops="
+            f"{cfg.max_hops}) has {len(val)}: raise data.synth_test"
+            if not cfg.train_files
+            else f"data.val_files hold {len(val)}: add validation files"
+        )
+        raise InvalidArgumentError(
+            f"data.val_size={cfg.val_size} held-out questions requested, but {where}, or "
+            "lower data.val_size (0 = all)"
+        )
+    if cfg.val_size:  # the same held-out questions whatever the run's seed
+        val = _stratified(val, cfg.val_size, VAL_SEED)
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
-    return RunData(train, val, order, corpus, sft)
+    return RunData(train, val, order, corpus, sft, style=cfg.prompt)
 
 
 def synthetic_world(cfg: DataConfig) -> Path:

@@ -14,8 +14,6 @@ import argparse
 import hashlib
 import json
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,22 +25,24 @@ __all__ = ["add_subcommand", "episodes", "warm_start"]
 
 
 def episodes(
-    path: Path, tokenizer: Any, *, max_hops: int = 0
+    path: Path, tokenizer: Any, *, max_hops: int = 0, prompt: str = "search_r1"
 ) -> list[tuple[list[int], list[bool]]]:
     """(token ids, loss mask) of every gold episode in a ``sft.parquet`` file: the rendered
-    prompt, then each step's action (trained) and observation (masked)."""
+    prompt (``prompt``: see :func:`treegrpo.data.prompt_ids`), then each step's action
+    (trained) and observation (masked)."""
     import pyarrow.parquet as pq
 
     from treegrpo import Forest
-    from treegrpo.env.prompt import PromptBuilder
+    from treegrpo.data import prompt_ids
 
     table = pq.read_table(path).to_pylist()
-    builder, forest, leaves = PromptBuilder(), Forest(), []
+    forest, leaves = Forest(), []
     for row in table:
         hops = int((row.get("extra_info") or {}).get("hops", 1))
         if max_hops and hops > max_hops:
             continue
-        node = forest.add_root(len(leaves), builder.render_messages(row["prompt"], tokenizer))
+        ids = prompt_ids(row["prompt"], str(row.get("question") or ""), tokenizer, prompt)
+        node = forest.add_root(len(leaves), ids)
         steps = row["steps"]
         for i, step in enumerate(steps):
             action = tokenizer.encode(step["action"], add_special_tokens=False)
@@ -56,12 +56,64 @@ def episodes(
     return out
 
 
-def _key(base: str, sft_file: Path, cfg: ModelConfig, max_hops: int) -> str:
+def _key(base: str, sft_file: Path, cfg: ModelConfig, max_hops: int, prompt: str) -> str:
     h = hashlib.sha256()
     h.update(str(base).encode())
     h.update(hashlib.sha256(sft_file.read_bytes()).digest())
-    h.update(json.dumps([cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, max_hops]).encode())
+    settings: list[Any] = [cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, max_hops]
+    if prompt != "search_r1" or cfg.sft_episodes:  # earlier warm starts keep their keys
+        settings += [prompt, cfg.sft_episodes]
+    h.update(json.dumps(settings).encode())
     return h.hexdigest()[:16]
+
+
+def micro_batches(
+    batch: list[tuple[list[int], list[bool]]], max_tokens: int
+) -> list[list[tuple[list[int], list[bool]]]]:
+    """``batch`` cut into consecutive groups whose padded size (rows x longest) stays within
+    ``max_tokens`` (a single longer episode is a group of its own)."""
+    groups: list[list[tuple[list[int], list[bool]]]] = []
+    current: list[tuple[list[int], list[bool]]] = []
+    longest = 0
+    for item in batch:
+        n = len(item[0])
+        if current and (len(current) + 1) * max(longest, n) > max_tokens:
+            groups.append(current)
+            current, longest = [], 0
+        current.append(item)
+        longest = max(longest, n)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def action_nll(model: Any, group: list[tuple[list[int], list[bool]]], *, pad: int = 0) -> Any:
+    """The summed negative log-likelihood of the action tokens (loss mask True) of ``group``,
+    run as one right-padded batch (padding changes nothing: attention is causal)."""
+    import torch
+
+    from treegrpo.learner import token_log_probs
+
+    device = next(model.parameters()).device
+    width = max(len(x) for x, _ in group)
+    ids = torch.full((len(group), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(group), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(group), width), dtype=torch.bool)
+    for row, (x, m) in enumerate(group):
+        ids[row, : len(x)] = torch.tensor(x)
+        attention[row, : len(x)] = 1
+        loss_mask[row, : len(m)] = torch.tensor(m)
+    ids, attention, loss_mask = ids.to(device), attention.to(device), loss_mask.to(device)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attention).last_hidden_state
+    targets = loss_mask[:, 1:]  # token t is predicted at t - 1
+    log_probs, _ = token_log_probs(
+        hidden[:, :-1][targets],
+        model.get_output_embeddings(),
+        ids[:, 1:][targets],
+        chunk_tokens=1024,
+        with_entropy=False,
+    )
+    return -log_probs.sum()
 
 
 def warm_start(
@@ -72,53 +124,51 @@ def warm_start(
     device: str = "cpu",
     max_hops: int = 2,
     seed: int = 0,
+    prompt: str = "search_r1",
     progress: bool = True,
 ) -> Path:
-    """The warm-started checkpoint directory (trained on first use, then cached)."""
+    """The warm-started checkpoint directory (trained on first use, then cached).
+
+    Each step trains on ``cfg.sft_batch_size`` episodes drawn with ``seed``, in padded
+    micro-batches of at most ``cfg.sft_micro_batch_tokens`` tokens (gradient accumulation:
+    the loss is the mean over the step's action tokens)."""
     import torch
     from tqdm import tqdm
 
     from treegrpo.engine.models import cache_root, load_policy
-    from treegrpo.learner import token_log_probs
+    from treegrpo.fsutil import atomic_directory
 
-    out = cache_root() / "sft" / _key(base, sft_file, cfg, max_hops)
+    out = cache_root() / "sft" / _key(base, sft_file, cfg, max_hops, prompt)
     if (out / "config.json").exists():
         return out
     torch.manual_seed(seed)
     model, tokenizer = load_policy(base, device=device, dtype=torch.float32)
-    data = episodes(sft_file, tokenizer, max_hops=max_hops)
+    data = episodes(sft_file, tokenizer, max_hops=max_hops, prompt=prompt)
     if not data:
         raise ValueError(f"{sft_file} holds no gold episode with at most {max_hops} hops")
     rng = random.Random(seed)
+    if cfg.sft_episodes:  # a seeded subset: fewer episodes leave more for RL to learn
+        data = rng.sample(data, min(cfg.sft_episodes, len(data)))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
-    body, head = model.get_decoder(), model.get_output_embeddings()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     bar = tqdm(range(cfg.sft_steps), desc="sft warm start", disable=not progress)
     started = time.perf_counter()
+    total = float("nan")
     for _ in bar:
         batch = rng.sample(data, min(cfg.sft_batch_size, len(data)))
         n_tokens = sum(sum(m) for _, m in batch)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        # One episode per forward (gradient accumulation): attention activations grow with the
-        # square of the length, and a batch of long episodes does not fit in memory on CPU.
-        for x, m in batch:
-            ids = torch.tensor([x], device=device)
-            targets = torch.tensor(m[1:], device=device)  # token t is predicted at t - 1
-            hidden = body(input_ids=ids).last_hidden_state[0, :-1]  # (T - 1, d)
-            log_probs, _ = token_log_probs(
-                hidden[targets], head, ids[0, 1:][targets], chunk_tokens=1024, with_entropy=False
-            )
-            loss = -log_probs.sum() / n_tokens
+        for group in micro_batches(batch, cfg.sft_micro_batch_tokens):
+            loss = action_nll(model, group, pad=pad) / n_tokens
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         bar.set_postfix(loss=f"{total:.3f}")
     model.eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "treegrpo_sft.json").write_text(
@@ -130,16 +180,36 @@ def warm_start(
                     "batch_size": cfg.sft_batch_size,
                     "lr": cfg.sft_lr,
                     "max_hops": max_hops,
+                    "prompt": prompt,
+                    "episodes_used": len(data),
                     "final_loss": total,
                     "seconds": time.perf_counter() - started,
                 },
                 indent=2,
             )
         )
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def base_policy(cfg: ModelConfig, world: Path | None) -> str:
+    """The checkpoint that ``model.path`` names, before any warm start: the default policy's
+    name, the from-scratch policy built for ``world`` (the synthetic world's directory), or
+    the user's directory."""
+    from treegrpo.engine.models import DEFAULT_POLICY
+
+    if cfg.path == "default":
+        return DEFAULT_POLICY
+    if cfg.path == "scratch":
+        from treegrpo.exceptions import InvalidArgumentError
+        from treegrpo.scratch import build_scratch_policy
+
+        if world is None:
+            raise InvalidArgumentError(
+                "model.path=scratch builds a policy for the synthetic world, but data.train_files "
+                "names other data: leave data.train_files empty, or set model.path to a checkpoint"
+            )
+        return str(build_scratch_policy(world, cfg.scratch))
+    return cfg.path
 
 
 def add_subcommand(commands: Any) -> None:
@@ -159,7 +229,6 @@ def add_subcommand(commands: Any) -> None:
 def _run_cli(args: argparse.Namespace) -> int:
     from treegrpo.config import config_from_args
     from treegrpo.data import prepare
-    from treegrpo.engine.models import DEFAULT_POLICY
 
     cfg = config_from_args(args, "sft")
     if cfg is None:
@@ -168,7 +237,13 @@ def _run_cli(args: argparse.Namespace) -> int:
     if data.sft is None:
         print("treegrpo sft: the configured data has no gold episodes (synthetic world only)")
         return 2
-    base = DEFAULT_POLICY if cfg.model.path == "default" else cfg.model.path
-    out = warm_start(base, data.sft, cfg.model, max_hops=cfg.data.max_hops, seed=cfg.trainer.seed)
+    out = warm_start(
+        base_policy(cfg.model, data.sft.parent),
+        data.sft,
+        cfg.model,
+        max_hops=cfg.data.max_hops,
+        seed=cfg.model.sft_seed,
+        prompt=cfg.data.prompt,
+    )
     print(f"warm-started policy: {out}")
     return 0

@@ -165,8 +165,8 @@ class Trainer:
     def _load_policy(self) -> tuple[Any, Any]:
         import torch
 
-        from treegrpo.engine.models import DEFAULT_POLICY, load_policy
-        from treegrpo.sft import warm_start
+        from treegrpo.engine.models import load_policy
+        from treegrpo.sft import base_policy, warm_start
 
         cfg = self.cfg.model
         device = (
@@ -175,7 +175,8 @@ class Trainer:
         if device == "cuda" and self.world.parallel:
             device = f"cuda:{self.world.local_rank}"  # one GPU per rank
         dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-        path = DEFAULT_POLICY if cfg.path == "default" else cfg.path
+        world = self.data.sft.parent if self.data.sft is not None else None
+        path: Any = base_policy(cfg, world)
         if cfg.sft_steps > 0 and self.data.sft is not None:
             path = warm_start(
                 path,
@@ -183,7 +184,8 @@ class Trainer:
                 cfg,
                 device=device,
                 max_hops=self.cfg.data.max_hops,
-                seed=self.cfg.trainer.seed,
+                seed=cfg.sft_seed,
+                prompt=self.cfg.data.prompt,
                 progress=self.progress,
             )
         return load_policy(path, device=device, dtype=dtype)
@@ -202,13 +204,35 @@ class Trainer:
             while self.step < cfg.total_steps:
                 metrics = self.train_step()
                 self.step += 1
+                last = self.step == cfg.total_steps
+                if cfg.val_every and self.step % cfg.val_every == 0 and not last:
+                    metrics.update(self.validate(f"step {self.step}"))
                 log.write(self.step, metrics)
-                if self.step % cfg.save_every == 0 or self.step == cfg.total_steps:
+                if self.step % cfg.save_every == 0 or last:
                     self.checkpoint()  # every rank (FSDP2 gathers shards); rank 0 writes
             if cfg.val_after:
                 final = self.validate("after")
                 log.write(self.step, final)
+        if self.world.is_main:
+            self._report()
         return final
+
+    def _report(self) -> None:
+        """The learning-curve plot (``trainer.plot``) and a last line saying where the run's
+        files are and how to look at them."""
+        plot = None
+        if self.cfg.trainer.plot and (self.run_dir / "metrics.jsonl").is_file():
+            from treegrpo.logs.plots import plot_learning_curve
+
+            plot = plot_learning_curve(self.run_dir, self.run_dir / "learning_curve.png")
+        run = str(self.run_dir)
+        shown = f"; learning curve {plot}" if plot else ""
+        print(
+            f"run {run}: metrics.jsonl, nodes/ and trajectories/ (Parquet), checkpoints/{shown}. "
+            f"Look at it with: treegrpo logs summary {run} | treegrpo logs plot {run} | "
+            f"treegrpo logs tree {run}",
+            flush=True,
+        )
 
     def train_step(self) -> dict[str, float]:
         from treegrpo.logs import write_rollout

@@ -33,7 +33,7 @@ from treegrpo.logs.analysis import (
     reward_curve,
 )
 
-__all__ = ["plot_compare", "plot_run"]
+__all__ = ["plot_compare", "plot_learning_curve", "plot_run"]
 
 _FAILURES = (
     ("invalid_share", "invalid actions (of steps)"),
@@ -270,3 +270,50 @@ def plot_compare(runs: Mapping[str, Run], out_dir: str | Path) -> list[Path]:
     _legends(*axes)
     paths.append(_save(fig, out / "failures.png"))
     return paths
+
+
+def plot_learning_curve(run_dir: str | Path, out: str | Path) -> Path | None:
+    """``out``: held-out EM (``val-core/all/acc/mean@1``) and the mean training reward
+    (``critic/score/mean``) of a run against the generated tokens spent so far (the sum of
+    ``tree/generated_tokens`` over its steps), from its ``metrics.jsonl``. None when the run
+    has no step and no validation to show."""
+    import json
+
+    _require_matplotlib()
+    steps: dict[int, dict[str, float]] = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line of a killed run
+        steps.setdefault(int(record.get("step", 0)), {}).update(record)
+    spent, tokens = 0.0, {}
+    for step in sorted(steps):
+        spent += float(steps[step].get("tree/generated_tokens", 0.0))
+        tokens[step] = spent
+    em = [
+        (tokens[s], r["val-core/all/acc/mean@1"])
+        for s, r in sorted(steps.items())
+        if "val-core/all/acc/mean@1" in r
+    ]
+    reward = [
+        (tokens[s], r["critic/score/mean"])
+        for s, r in sorted(steps.items())
+        if "critic/score/mean" in r
+    ]
+    if not em and not reward:
+        return None
+    fig, (left, right) = _figure(2, f"learning curve: {Path(run_dir).name}")
+    for ax, points, label in (
+        (left, em, "held-out EM (greedy)"),
+        (right, reward, "mean training reward"),
+    ):
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", markersize=3)
+        else:
+            _empty(ax, "no data")
+        ax.set_xlabel("generated tokens")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    return _save(fig, Path(out))
