@@ -16,8 +16,20 @@
    (what the learner does) against the whole batch at once without a checkpoint (the naive
    way: every (tokens x vocab) intermediate stays alive until backward).
 
+On a GPU (``--device cuda``, used by bench/gpu_check.py): throughput and memory run on the
+device, with torch.cuda.synchronize() around each timed step and untimed warm-up steps first
+(``--warmup``, default 1 on CUDA: kernel selection and torch.compile of flex_attention stay
+out of the timings); each row also gives the peak GPU memory of its step
+(torch.cuda.max_memory_allocated after a reset), and the memory section reports that instead of
+RSS (no 8 GB target: that one is issue 7's, for CPU RSS). The log-prob section measures process
+RSS and runs on the CPU only, so ``--device cuda`` skips it. ``--packed-attn flex_attention``
+runs the packed side with the block-sparse tree mask (all trees of a micro-batch in one row);
+the flat side always uses sdpa. A CUDA run writes only where ``--out`` says
+(bench/results/learner.json holds the CPU results).
+
 Run: .venv/bin/python bench/learner.py [--layers 30] [--prompts 1] [--repeats 3] [--quick]
      .venv/bin/python bench/learner.py --skip-memory / --skip-throughput
+     python bench/learner.py --device cuda --packed-attn flex_attention --out /tmp/l.json
 """
 
 from __future__ import annotations
@@ -43,7 +55,7 @@ SPEEDUP_FRACTION = 0.8
 VOCAB = 49_152
 
 
-def model_config(layers: int) -> Any:
+def model_config(layers: int, attn: str = "sdpa") -> Any:
     """A LlamaConfig of SmolLM2-135M's shape (``layers`` decoder layers)."""
     from transformers import LlamaConfig
 
@@ -58,16 +70,39 @@ def model_config(layers: int) -> Any:
         rope_theta=100_000.0,
         tie_word_embeddings=True,
     )
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn
     return config
 
 
-def random_model(layers: int, seed: int = 0) -> Any:
+def random_model(layers: int, seed: int = 0, attn: str = "sdpa", device: str = "cpu") -> Any:
+    """The same random weights for a seed whatever ``attn`` and ``device`` (drawn on the CPU)."""
     import torch
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(model_config(layers)).float()
+    return LlamaForCausalLM(model_config(layers, attn)).float().to(device)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gpu_gb(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30
 
 
 def tree_forest(prompts: int, seed: int = 0) -> Any:
@@ -123,25 +158,41 @@ def chain_forest(rows: int = 16, length: int = 512, seed: int = 0) -> Any:
 # ------------------------------------------------------------------------------ throughput
 
 
-def bench_throughput(layers: int, prompts: int, repeats: int, micro: int | None) -> list[dict]:
+def bench_throughput(
+    layers: int,
+    prompts: int,
+    repeats: int,
+    micro: int | None,
+    *,
+    device: str = "cpu",
+    packed_attn: str = "sdpa",
+    warmup: int = 0,
+) -> list[dict]:
     import torch
     from treegrpo.learner import Learner, LearnerConfig
 
     torch.set_num_threads(torch.get_num_threads())
-    base = random_model(layers)
+    # both start from the same weights; the flat side always runs sdpa
+    bases = {False: random_model(layers), True: random_model(layers, attn=packed_attn)}
     forest = tree_forest(prompts)
     pack = forest.pack()
     rows = []
     times: dict[bool, list[dict]] = {False: [], True: []}
-    for _ in range(repeats):
+    for i in range(warmup + repeats):
         for packed in (False, True):
-            model = copy.deepcopy(base)
+            model = copy.deepcopy(bases[packed]).to(device)
             kw = {"micro_batch_tokens": micro} if micro else {}
             cfg = LearnerConfig(total_steps=100, packed=packed, **kw)
             learner = Learner(model, cfg)
+            _reset_peak(device)
+            _sync(device)
             start, cpu = time.perf_counter(), time.process_time()
             metrics = learner.step(forest)
+            _sync(device)
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+            if i < warmup:
+                del learner, model
+                continue
             times[packed].append(
                 {
                     "wall_s": wall,
@@ -151,6 +202,7 @@ def bench_throughput(layers: int, prompts: int, repeats: int, micro: int | None)
                     "forward_tokens": metrics["perf/forward_tokens"],
                     "padded_tokens": metrics["perf/padded_tokens"],
                     "pg_loss": metrics["actor/pg_loss"],
+                    "peak_gpu_memory_gb": _peak_gpu_gb(device),
                 }
             )
             del learner, model
@@ -163,6 +215,9 @@ def bench_throughput(layers: int, prompts: int, repeats: int, micro: int | None)
         rows.append(
             {
                 "mode": "packed" if packed else "flat",
+                "device": device,
+                "attn": packed_attn if packed else "sdpa",
+                "warmup": warmup,
                 "layers": layers,
                 "prompts": prompts,
                 "trajectories": len(pack),
@@ -173,6 +228,11 @@ def bench_throughput(layers: int, prompts: int, repeats: int, micro: int | None)
                 "tokens_per_s": pack.total_tokens / m["wall_s"],
                 "all_wall_s": [r["wall_s"] for r in times[packed]],
                 "all_cpu_s": [r["cpu_s"] for r in times[packed]],
+                "max_peak_gpu_memory_gb": max(
+                    (r["peak_gpu_memory_gb"] for r in times[packed]), default=None
+                )
+                if device == "cuda"
+                else None,
                 "speedup": speedup if packed else 1.0,
                 "cpu_speedup": cpu_speedup if packed else 1.0,
                 "target_speedup": SPEEDUP_FRACTION * ratio,
@@ -193,25 +253,32 @@ def _vm(field: str) -> float:
 
 
 def memory_worker(spec: dict) -> dict:
-    """One configuration, in this (fresh) process: build, one step, report peak RSS."""
+    """One configuration, in this (fresh) process: build, one step, report peak RSS (CPU) or
+    peak GPU memory of the step (CUDA: the allocator's peak after a reset, weights included)."""
     import torch
     from treegrpo.learner import Learner, LearnerConfig
 
+    device = spec.get("device", "cpu")
     start_rss = _vm("VmRSS")
-    model = random_model(spec["layers"])
+    model = random_model(spec["layers"], device=device)
     forest = chain_forest()
     model_rss = _vm("VmRSS")
     learner = Learner(model, LearnerConfig(total_steps=100, **spec["config"]))
+    _reset_peak(device)
     start = time.perf_counter()
     metrics = learner.step(forest)
-    return {
-        "peak_rss_gb": _vm("VmHWM"),
-        "start_rss_gb": start_rss,
-        "model_rss_gb": model_rss,
+    _sync(device)
+    out = {
+        "device": device,
         "step_s": time.perf_counter() - start,
         "padded_tokens": metrics["perf/padded_tokens"],
         "torch": torch.__version__,
     }
+    if device == "cuda":
+        out["peak_gpu_memory_gb"] = _peak_gpu_gb(device)
+    else:
+        out.update(peak_rss_gb=_vm("VmHWM"), start_rss_gb=start_rss, model_rss_gb=model_rss)
+    return out
 
 
 def logprob_worker(spec: dict) -> dict:
@@ -284,32 +351,46 @@ MEMORY_CASES: list[tuple[str, dict]] = [
 ]
 
 
-def bench_memory(layers: int, cases: list[tuple[str, dict]]) -> list[dict]:
+def _in_process(spec: dict) -> dict[str, Any]:
+    """memory_worker in this process (CUDA), its error caught; the GPU cache emptied after."""
+    import gc
+
+    import torch
+
+    try:
+        return memory_worker(spec)
+    except Exception as exc:  # an out-of-memory error is a result of this benchmark
+        return {"error": [f"{type(exc).__name__}: {exc}"]}
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def bench_memory(layers: int, cases: list[tuple[str, dict]], device: str = "cpu") -> list[dict]:
     rows = []
     for name, cfg in cases:
-        spec = {"layers": layers, "config": cfg}
-        proc = subprocess.run(
-            [sys.executable, __file__, "--memory-worker", json.dumps(spec)],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            result: dict[str, Any] = {"error": proc.stderr.strip().splitlines()[-1:]}
-            if proc.returncode < 0:
-                result["error"] = f"killed by signal {-proc.returncode} (out of memory?)"
+        spec = {"layers": layers, "config": cfg, "device": device}
+        result: dict[str, Any]
+        if device == "cuda":  # the allocator's peak resets: no fresh process needed
+            result = _in_process(spec)
         else:
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            proc = subprocess.run(
+                [sys.executable, __file__, "--memory-worker", json.dumps(spec)],
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode != 0:
+                result = {"error": proc.stderr.strip().splitlines()[-1:]}
+                if proc.returncode < 0:
+                    result["error"] = f"killed by signal {-proc.returncode} (out of memory?)"
+            else:
+                result = json.loads(proc.stdout.strip().splitlines()[-1])
         peak = result.get("peak_rss_gb")
-        rows.append(
-            {
-                "case": name,
-                "layers": layers,
-                "config": cfg,
-                **result,
-                "target_gb": MEMORY_TARGET_GB,
-                "pass": (peak <= MEMORY_TARGET_GB) if peak is not None else False,
-            }
-        )
+        row = {"case": name, "layers": layers, "config": cfg, **result}
+        if device == "cpu":  # issue 7's target is for CPU RSS; none is set for GPU memory
+            row["target_gb"] = MEMORY_TARGET_GB
+            row["pass"] = (peak <= MEMORY_TARGET_GB) if peak is not None else False
+        rows.append(row)
         print(f"  {name}: {result}", flush=True)
     return rows
 
@@ -329,10 +410,13 @@ def learner_targets(payload: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for r in payload.get("throughput", []):
         if r["mode"] == "packed":
+            on = ""  # CPU rows keep the names of the results recorded before --device existed
+            if r.get("device", "cpu") != "cpu":
+                on = f", {r['attn']}, {r['device'].upper()}"
             out.append(
                 target(
                     f"Learner.step speedup, packed over flat, {r['trajectories']} tree "
-                    f"trajectories, {r['layers']} layers",
+                    f"trajectories, {r['layers']} layers{on}",
                     r["speedup"],
                     ">=",
                     SPEEDUP_FRACTION * r["sharing_ratio"],
@@ -346,7 +430,7 @@ def learner_targets(payload: dict[str, Any]) -> list[dict[str, Any]]:
                 )
             )
     for r in payload.get("memory", []):
-        if set(r["config"]) <= {"packed"}:
+        if set(r["config"]) <= {"packed"} and r.get("device", "cpu") == "cpu":
             out.append(
                 target(
                     f"peak RSS of one update, 16 x 512 tokens, {r['case']}, {r['layers']} layers",
@@ -360,7 +444,7 @@ def learner_targets(payload: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=30, help="decoder layers (default 30)")
     parser.add_argument("--prompts", type=int, default=1, help="prompts per throughput batch")
@@ -377,24 +461,74 @@ def main() -> None:
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     parser.add_argument("--logprob-worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where throughput and memory run (cuda: needs --out; skips the CPU-only log-prob "
+        "section)",
+    )
+    parser.add_argument(
+        "--packed-attn",
+        choices=("sdpa", "flex_attention"),
+        default="sdpa",
+        help="attention of the packed side (flat always runs sdpa)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps per mode before the timed ones (default 1 on CUDA, 0 on CPU)",
+    )
+    args = parser.parse_args(argv)
     if args.memory_worker:
         print(json.dumps(memory_worker(json.loads(args.memory_worker))))
         return
     if args.logprob_worker:
         print(json.dumps(logprob_worker(json.loads(args.logprob_worker))))
         return
+    if args.warmup is None:
+        args.warmup = 1 if args.device == "cuda" else 0
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
+        if args.out is None and not args.quick:
+            parser.error(
+                "--device cuda writes its results only to --out (bench/results/learner.json "
+                "holds the CPU results): give --out PATH"
+            )
+        if not args.skip_logprob:
+            print("log-prob memory: skipped (it measures process RSS, on the CPU only)")
+            args.skip_logprob = True
     if args.quick:
         args.layers, args.prompts, args.memory_layers = 2, 1, 2
     payload: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
     if not args.skip_throughput:
-        print(f"throughput: {args.layers} layers, {args.prompts} prompts", flush=True)
-        rows = bench_throughput(args.layers, args.prompts, args.repeats, args.micro_batch_tokens)
+        print(
+            f"throughput: {args.layers} layers, {args.prompts} prompts, {args.device}, "
+            f"packed with {args.packed_attn}, {args.warmup} warm-up step(s) per mode",
+            flush=True,
+        )
+        rows = bench_throughput(
+            args.layers,
+            args.prompts,
+            args.repeats,
+            args.micro_batch_tokens,
+            device=args.device,
+            packed_attn=args.packed_attn,
+            warmup=args.warmup,
+        )
         payload["throughput"] = rows
+        gpu = args.device == "cuda"
         print(
             markdown_table(
                 [
                     "mode",
+                    "attn",
                     "layers",
                     "traj",
                     "total tok",
@@ -409,10 +543,12 @@ def main() -> None:
                     "speedup",
                     "target",
                     "pass",
+                    *(["peak GPU GB"] if gpu else []),
                 ],
                 [
                     [
                         r["mode"],
+                        r["attn"],
                         r["layers"],
                         r["trajectories"],
                         r["total_tokens"],
@@ -427,6 +563,7 @@ def main() -> None:
                         f"{r['speedup']:.2f}x",
                         f">= {r['target_speedup']:.2f}x" if r["mode"] == "packed" else "",
                         {True: "yes", False: "NO", None: ""}[r["pass"]],
+                        *([f"{r['max_peak_gpu_memory_gb']:.2f}"] if gpu else []),
                     ]
                     for r in rows
                 ],
@@ -437,7 +574,7 @@ def main() -> None:
         cases = MEMORY_CASES
         if args.memory_cases:
             cases = [MEMORY_CASES[int(i)] for i in args.memory_cases.split(",")]
-        rows = bench_memory(args.memory_layers, cases)
+        rows = bench_memory(args.memory_layers, cases, args.device)
         if args.memory_cases:  # merge into the last full run's rows, by case name
             out = args.out or RESULTS / "learner.json"
             previous = json.loads(out.read_text()).get("memory", []) if out.exists() else []
@@ -448,18 +585,19 @@ def main() -> None:
                 key=lambda r: order.index(r["case"]),
             )
         payload["memory"] = rows
+        peak = "peak_gpu_memory_gb" if args.device == "cuda" else "peak_rss_gb"
         print(
             markdown_table(
-                ["case", "layers", "padded tok", "step s", "peak RSS GB", "target", "pass"],
+                ["case", "layers", "padded tok", "step s", peak, "target", "pass"],
                 [
                     [
                         r["case"],
                         r["layers"],
                         int(r.get("padded_tokens", 0)),
                         f"{r.get('step_s', float('nan')):.1f}",
-                        f"{r['peak_rss_gb']:.2f}" if "peak_rss_gb" in r else r.get("error"),
-                        f"<= {MEMORY_TARGET_GB:g}",
-                        "yes" if r["pass"] else "NO",
+                        f"{r[peak]:.2f}" if peak in r else r.get("error"),
+                        f"<= {MEMORY_TARGET_GB:g}" if "target_gb" in r else "",
+                        {True: "yes", False: "NO", None: ""}[r.get("pass")],
                     ]
                     for r in rows
                 ],
