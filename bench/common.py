@@ -88,10 +88,15 @@ def machine(modules: Sequence[str] = ()) -> dict[str, Any]:
     """Where and with what a benchmark ran: platform, CPU, memory, load, versions, git state.
 
     Versions are recorded for numpy, torch, polars, pyarrow, transformers and ``modules``
-    (None when not installed); nothing is imported to find them.
+    (None when not installed); nothing is imported to find them. treegrpo's version and build
+    are None when it does not import (bench/gpu_check.py reports that as an error).
     """
-    import treegrpo
+    try:
+        import treegrpo
 
+        ours = {"treegrpo": treegrpo.__version__, "build_profile": treegrpo._core.BUILD_PROFILE}
+    except ImportError:
+        ours = {"treegrpo": None, "build_profile": None}
     mem = _first_line("/proc/meminfo", "MemTotal")
     git: dict[str, Any] = {}
     for key, cmd in (("commit", ["rev-parse", "HEAD"]), ("dirty", ["status", "--porcelain"])):
@@ -110,8 +115,7 @@ def machine(modules: Sequence[str] = ()) -> dict[str, Any]:
         "cpus_usable": usable,
         "memory_gb": round(int(mem.split()[0]) / 2**20, 1) if mem else None,
         "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "treegrpo": treegrpo.__version__,
-        "build_profile": treegrpo._core.BUILD_PROFILE,
+        **ours,
         "versions": {name: _version(name) for name in dict.fromkeys([*VERSIONS_OF, *modules])},
         "git": git,
         "loadavg_at_start": LOADAVG_AT_START,
