@@ -48,6 +48,10 @@ BEGIN = (
     "edit the text outside it) -->"
 )
 END = "<!-- generated:end -->"
+# Why a benchmark may have no result file, where the generic "run it" would mislead.
+NO_RESULTS = {
+    "gpu_check": 'not run yet: it needs a CUDA device (see "GPU checks" below for the command)',
+}
 GENERATED = re.compile(r"^<!-- generated:begin.*?^<!-- generated:end -->\n?", re.S | re.M)
 
 
@@ -249,7 +253,7 @@ def report(results: dict[str, dict[str, Any] | str], benches: list[str]) -> str:
         doc = results.get(name)
         if not isinstance(doc, dict):
             missing.append(name)
-            why = doc or f"no results yet: run `bench/run_all.py {name}`"
+            why = doc or NO_RESULTS.get(name, f"no results yet: run `bench/run_all.py {name}`")
             sections.append(f"### `{name}`\n\n`bench/{name}.py`: {why}.\n")
             continue
         title = doc.get("title") or name
