@@ -7,15 +7,18 @@ Each check runs in its own process, in this order, while the time budget lasts:
    states the tolerances), plus every other test whose name says cuda. The figures each test
    records (``record_property``) come from pytest's JUnit XML: a figure ``x`` with a bound
    ``x_max`` becomes a target.
-2. ``train_float32``: ``treegrpo train`` for ``--train-steps`` steps on CUDA with a tiny random
-   policy (treegrpo.testing.tiny), float32 weights (the learner autocasts to bfloat16), the
-   embedded engine, a warm start and validation: every step logged, its metrics finite.
-3. ``train_model_dir`` (only with ``--model-dir``): the same with that checkpoint (e.g. a cached
-   small model), without a warm start.
-4. ``learner_sdpa``: bench/learner.py --device cuda: flat vs packed (dense tree mask) tokens/s
+2. ``train_float32``: ``treegrpo train preset=smollm2`` (the reference settings) for
+   ``--train-steps`` steps on CUDA with a tiny random policy (treegrpo.testing.tiny), float32
+   weights (the learner autocasts to bfloat16), the embedded engine, a warm start and
+   validation: every step logged, its metrics finite, GPU memory used.
+3. ``train_scratch``: the same with ``preset=tiny`` and its from-scratch policy
+   (``model.path=scratch``, built in process from the synthetic world: nothing to carry).
+4. ``train_model_dir`` (only with ``--model-dir``): ``preset=tiny`` on that checkpoint (e.g. a
+   cached small model), without a warm start.
+5. ``learner_sdpa``: bench/learner.py --device cuda: flat vs packed (dense tree mask) tokens/s
    and peak GPU memory per step, and the peak GPU memory of one update over 16 x 512 tokens.
-5. ``learner_flex_attention``: the same throughput with the packed side on flex_attention.
-6. ``train_bfloat16``: as 2 with bfloat16 weights.
+6. ``learner_flex_attention``: the same throughput with the packed side on flex_attention.
+7. ``train_bfloat16``: as 2 with bfloat16 weights.
 
 Result: one JSON (bench/results/gpu_check.json, or ``--out``; bench/common.py's schema, so
 bench/run_all.py reports it) with every check's status (passed / failed / error: could not run
@@ -69,6 +72,7 @@ MIN_CHECK_S = 30.0  # a check is not started with less time than this left
 CHECKS = (
     "tests",
     "train_float32",
+    "train_scratch",
     "train_model_dir",
     "learner_sdpa",
     "learner_flex_attention",
@@ -77,6 +81,7 @@ CHECKS = (
 CAP_S = {  # the most one check may take, within what is left of the budget
     "tests": 240.0,
     "train_float32": 150.0,
+    "train_scratch": 150.0,
     "train_model_dir": 150.0,
     "learner_sdpa": 150.0,
     "learner_flex_attention": 180.0,
@@ -502,10 +507,12 @@ def run_learner(attn: str, left: float, work: Path, log: TextIO | None, args: An
 
 
 def train_overrides(
-    run_dir: Path, steps: int, dtype: str, *, warm_start: bool, extra: list[str]
+    run_dir: Path, steps: int, dtype: str, *, preset: str, warm_start: bool, extra: list[str]
 ) -> list[str]:
-    """`treegrpo train` overrides of a short CUDA run (model.path is the worker's)."""
+    """`treegrpo train` overrides of a short CUDA run on a small world (model.path is the
+    worker's); ``extra`` last, so it wins."""
     base = {
+        "preset": preset,
         "model.device": "cuda",
         "model.dtype": dtype,
         "model.sft_steps": "2" if warm_start else "0",
@@ -601,14 +608,23 @@ def run_train(
     work: Path,
     log: TextIO | None,
     args: Any,
-    model_dir: Path | None = None,
+    *,
+    model: str = "tiny",
 ) -> Check:
+    """``model``: "tiny" (treegrpo.testing.tiny, preset smollm2), "scratch" (preset tiny's
+    from-scratch policy) or a checkpoint directory (preset tiny, no warm start)."""
     run_dir = work / name
+    given = model not in ("tiny", "scratch")
     spec = {
-        "model_dir": str(model_dir.resolve()) if model_dir else None,
+        "model": str(Path(model).resolve()) if given else model,
         "tiny_dir": str(work / "tiny-policy"),
         "overrides": train_overrides(
-            run_dir, args.train_steps, dtype, warm_start=model_dir is None, extra=args.overrides
+            run_dir,
+            args.train_steps,
+            dtype,
+            preset="smollm2" if model == "tiny" else "tiny",
+            warm_start=not given,
+            extra=args.overrides,
         ),
     }
     cmd = [sys.executable, str(Path(__file__).resolve()), "--train-worker", json.dumps(spec)]
@@ -621,21 +637,21 @@ def run_train(
 
 
 def train_worker(spec: dict[str, Any]) -> int:
-    """In this process: `treegrpo train` (the command's own entry point) on the given or a
-    freshly saved tiny random policy, then one line with its exit status and the peak GPU
-    memory."""
+    """In this process: `treegrpo train` (the command's own entry point) on the given
+    checkpoint, the from-scratch policy or a freshly saved tiny random one, then one line with
+    its exit status and the peak GPU memory."""
     import torch
 
-    model_dir = spec["model_dir"]
-    if model_dir is None:
-        from treegrpo.testing.tiny import tiny_policy
-
-        model, tokenizer = tiny_policy(seed=0)
+    model_dir = spec["model"]
+    if model_dir == "tiny":
         model_dir = spec["tiny_dir"]
         if not Path(model_dir, "config.json").is_file():
+            from treegrpo.testing.tiny import tiny_policy
+
+            model, tokenizer = tiny_policy(seed=0)
             model.save_pretrained(model_dir, safe_serialization=True)
             tokenizer.save_pretrained(model_dir)
-        del model
+            del model
     from treegrpo.cli import main as treegrpo_main
 
     argv = ["train", "--no-progress", f"model.path={model_dir}", *spec["overrides"]]
@@ -738,10 +754,16 @@ def plan(
             "train",
             lambda left: run_train("train_float32", "float32", left, work, log, args),
         ),
+        "train_scratch": (
+            "train",
+            lambda left: run_train(
+                "train_scratch", "float32", left, work, log, args, model="scratch"
+            ),
+        ),
         "train_model_dir": (
             "train",
             lambda left: run_train(
-                "train_model_dir", "float32", left, work, log, args, args.model_dir
+                "train_model_dir", "float32", left, work, log, args, model=str(args.model_dir)
             ),
         ),
         "learner_sdpa": ("learner", lambda left: run_learner("sdpa", left, work, log, args)),

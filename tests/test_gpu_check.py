@@ -94,7 +94,8 @@ def test_without_the_extension_every_selected_check_is_an_error(
     checks = {c["name"]: (c["status"], c["reason"]) for c in json.loads(out.read_text())["checks"]}
     assert checks["tests"] == ("skipped", "--skip")
     assert checks["train_model_dir"] == ("skipped", "no --model-dir")
-    for name in ("train_float32", "learner_sdpa", "learner_flex_attention", "train_bfloat16"):
+    names = ("train_float32", "train_scratch", "learner_sdpa", "learner_flex_attention")
+    for name in (*names, "train_bfloat16"):
         assert checks[name] == ("error", why)
 
 
@@ -103,14 +104,21 @@ def test_train_overrides_are_config_keys_and_extra_ones_win(tmp_path: Path) -> N
     from treegrpo.config import load_config
 
     overrides = gc.train_overrides(
-        tmp_path / "run", 3, "bfloat16", warm_start=True, extra=["model.device=cpu"]
+        tmp_path / "run",
+        3,
+        "bfloat16",
+        preset="smollm2",
+        warm_start=True,
+        extra=["model.device=cpu"],
     )
     cfg = load_config(None, ["model.path=/some/where", *overrides])
     assert (cfg.model.device, cfg.model.dtype, cfg.model.sft_steps) == ("cpu", "bfloat16", 2)
     assert cfg.trainer.total_steps == 3 and cfg.trainer.run_dir == str(tmp_path / "run")
-    cold = gc.train_overrides(tmp_path, 1, "float32", warm_start=False, extra=[])
-    assert load_config(None, ["model.path=/x", *cold]).model.device == "cuda"
-    assert "model.sft_steps=0" in cold
+    assert cfg.preset == "smollm2" and cfg.data.val_size == 2
+    cold = gc.train_overrides(tmp_path, 1, "float32", preset="tiny", warm_start=False, extra=[])
+    scratch = load_config(None, cold)
+    assert (scratch.preset, scratch.model.path, scratch.model.device) == ("tiny", "scratch", "cuda")
+    assert scratch.model.sft_steps == 0 and scratch.data.synth_docs == 80
 
 
 # ------------------------------------------------------------------------- without CUDA
@@ -171,10 +179,10 @@ def test_main_writes_the_json_after_every_check_and_exits_1_on_a_failure(
     monkeypatch.setattr(gc, "plan", steps)
     code = gc.main(["--out", str(out), "--log", str(tmp_path / "log.txt")])
     assert code == 1
-    assert seen == ["running: 0 of 6 checks done", "running: 1 of 6 checks done"]
+    assert seen == ["running: 0 of 7 checks done", "running: 1 of 7 checks done"]
     doc = json.loads(out.read_text())
     assert doc["status"] == "failed" and doc["cuda"] == {"gpu": "stand-in", "torch": "x"}
-    assert [c["status"] for c in doc["checks"]] == ["passed", "failed"] + ["skipped"] * 4
+    assert [c["status"] for c in doc["checks"]] == ["passed", "failed"] + ["skipped"] * 5
     assert (tmp_path / "log.txt").exists()
 
 
