@@ -28,12 +28,15 @@ from treegrpo.engine.errors import (
     ServerControlError,
     ServerRequestError,
     ServerUnavailableError,
+    StaleWeightsError,
 )
 from treegrpo.engine.sglang_client import (
     ROUTING_HEADER,
     SGLangClient,
     add_subcommand,
     launch_command,
+    probe,
+    retries_for_window,
 )
 from treegrpo.env.retrievers.server import start_app_in_thread
 from treegrpo.testing.sglang_standin import (
@@ -922,3 +925,152 @@ def test_flush_cache_info_endpoints_and_unsupported_options(make_standin, policy
     for options in ({"stream": True}, {"sampling_params": {"repetition_penalty": 1.2}}):
         status, body = run(post(server.url, "/generate", {"input_ids": ids, **options}))
         assert status == 400 and "stand-in" in body["error"]["message"]
+
+
+# --------------------------------------------------------------------------- restarts
+
+
+def test_a_server_restarted_mid_rollout_gets_the_pushed_weights_again(policy, tmp_path, caplog):
+    # A server restarted within the retry window comes back with its base weights (version
+    # "default"): its answers are discarded, the last update is pushed to it again, and every
+    # request is generated again from the pushed weights.
+    tok = policy[1]
+    base, pushed = tmp_path / "base", tmp_path / "step-1"
+    tiny_model(len(tok), seed=0).save_pretrained(base)
+    tok.save_pretrained(base)
+    tiny_model(len(tok), seed=1).save_pretrained(pushed)
+    first, url, stop_first = start_standin_server(str(base), decode_chunk=2)
+    port = int(url.rsplit(":", 1)[1])
+    requests = [
+        GenerateRequest(
+            [3 + i, 9, 10], SamplingParams(max_new_tokens=120, n=1 + i % 2, **GREEDY), key=f"t{i}"
+        )
+        for i in range(4)
+    ]
+    total = sum(r.sampling.n for r in requests)
+    restarted: list[tuple[SGLangStandin, Callable[[], None]]] = []
+
+    def restart() -> SGLangStandin:
+        server, _, stop = start_standin_server(str(base), port=port, decode_chunk=2)
+        restarted.append((server, stop))
+        return server
+
+    async def go() -> tuple[Any, Any, Any, int, int]:
+        async with client_for(url, policy, retry_window=20, backoff=0.1) as client:
+            await client.update_weights_from_disk(str(pushed), "step-1")
+            expected = await client.generate(requests)
+            task = asyncio.ensure_future(client.generate(requests))
+            await until(lambda: len(first.in_flight()) >= total)
+            await until(lambda: all(v > 0 for v in first.in_flight().values()))
+            await asyncio.to_thread(stop_first)  # killed mid-generation
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(restart)  # back, with its base weights
+            during = await task
+            once = client.weight_repushes
+            # restarted again between two calls: found at the next answer
+            await asyncio.to_thread(restarted[-1][1])
+            await asyncio.to_thread(restart)
+            after = await client.generate(requests[:1])
+            return expected, during, after, once, client.weight_repushes
+
+    caplog.set_level("WARNING", logger="treegrpo.engine.sglang_client")
+    try:
+        expected, during, after, once, twice = run(go())
+    finally:
+        stop_first()
+        for _, stop in restarted:
+            stop()
+    versions = {c.weight_version for out in (expected, during, after) for o in out for c in o}
+    assert versions == {"step-1"}
+    assert [[c.output_ids for c in o] for o in during] == [
+        [c.output_ids for c in o] for o in expected
+    ]
+    assert [c.output_ids for c in after[0]] == [c.output_ids for c in expected[0]]
+    assert (once, twice) == (1, 2)  # one re-push per restart, however many requests saw it
+    assert all(server.weight_version == "step-1" for server, _ in restarted)
+    # the base weights generate something else: the check above can fail
+    base_out = run(_generate_on(restarted[0][0], policy, requests[:1]))
+    assert [c.output_ids for c in base_out[0]] != [c.output_ids for c in expected[0]]
+    warned = [
+        r.getMessage() for r in caplog.records if "weight_version 'default'" in r.getMessage()
+    ]
+    assert len(warned) == 2 and "restarted" in warned[0] and str(pushed) in warned[0]
+
+
+async def _generate_on(server: SGLangStandin, policy: Any, requests: list[Any]) -> Any:
+    """Generate with base weights on a fresh stand-in next to ``server`` (same model files)."""
+    _, url, stop = await asyncio.to_thread(
+        start_standin_server, server.model_path, decode_chunk=2
+    )
+    try:
+        async with client_for(url, policy) as client:
+            return await client.generate(requests)
+    finally:
+        await asyncio.to_thread(stop)
+
+
+class StuckSGLang:
+    """A server whose answers always say weight_version "default", whatever it was sent."""
+
+    def __init__(self) -> None:
+        self.updates: list[str] = []
+        app = web.Application()
+        app.router.add_get("/health", self._ok)
+        app.router.add_post("/generate", self._generate)
+        for path in ("/pause_generation", "/continue_generation", "/abort_request"):
+            app.router.add_post(path, self._success)
+        for path in ("/update_weights_from_disk", "/update_weights_from_distributed"):
+            app.router.add_post(path, self._update)
+        self.url, self.stop = start_app_in_thread(app, shutdown_timeout=0.1)
+
+    async def _ok(self, request: web.Request) -> web.Response:
+        return web.Response()
+
+    async def _success(self, request: web.Request) -> web.Response:
+        return web.json_response({"success": True, "message": ""})
+
+    async def _update(self, request: web.Request) -> web.Response:
+        self.updates.append(request.path)
+        return web.json_response({"success": True, "message": ""})
+
+    async def _generate(self, request: web.Request) -> web.Response:
+        return answer(await request.json())  # weight_version "default"
+
+
+def test_weights_that_do_not_take_or_cannot_be_pushed_again_fail_clearly():
+    server = StuckSGLang()
+
+    async def go(distributed: bool) -> None:
+        async with SGLangClient(server.url, vocab_size=100, backoff=0) as client:
+            if distributed:
+                await client.update_weights_from_distributed([], "g", "v1")
+            else:
+                await client.update_weights_from_disk("/ckpt", "v1")
+            await client.generate([GenerateRequest([1, 2])])
+
+    try:
+        with pytest.raises(StaleWeightsError, match=r"after 3 pushes of 'v1' from /ckpt") as e:
+            run(go(distributed=False))
+        assert (e.value.url, e.value.expected, e.value.got) == (server.url, "v1", "default")
+        assert server.updates == ["/update_weights_from_disk"] * 4  # the push, 3 re-pushes
+        server.updates.clear()
+        with pytest.raises(StaleWeightsError, match="cannot push weights sent over /update_w"):
+            run(go(distributed=True))
+        assert server.updates == ["/update_weights_from_distributed"]
+    finally:
+        server.stop()
+
+
+def test_the_retry_window_sets_how_long_a_dead_server_is_waited_for():
+    assert [retries_for_window(w) for w in (0, 0.5, 1.5, 3.5, 31.5)] == [0, 1, 2, 3, 10]
+    assert retries_for_window(1.0, backoff=0.25, max_backoff=0.25) == 4
+    assert SGLangClient("http://127.0.0.1:1", retry_window=30).retries == 10
+    with pytest.raises(InvalidArgumentError, match="finite"):
+        retries_for_window(float("inf"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailableError, match=r"3 attempts") as e:
+        run(probe([dead], retry_window=0.6, backoff=0.2))
+    assert time.monotonic() - started >= 0.6 and dead in str(e.value)

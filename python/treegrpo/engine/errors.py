@@ -17,6 +17,7 @@ __all__ = [
     "ServerResponseError",
     "ServerTimeoutError",
     "ServerUnavailableError",
+    "StaleWeightsError",
 ]
 
 
@@ -73,3 +74,16 @@ class ServerControlError(EngineError, RuntimeError):
         super().__init__(message)
         self.url = url
         self.server_message = server_message
+
+
+class StaleWeightsError(EngineError, RuntimeError):
+    """A server that keeps answering from weights other than the ones last pushed to it (it
+    restarted with its base weights) and that the client could not push them to again: the
+    completions are not returned, since training on them would train on the wrong policy.
+    ``url`` is the server, ``expected`` the version last pushed, ``got`` the one it reports."""
+
+    def __init__(self, message: str, *, url: str, expected: str, got: str) -> None:
+        super().__init__(message)
+        self.url = url
+        self.expected = expected
+        self.got = got

@@ -14,7 +14,14 @@ shared ``sglang.md``:
   ``X-SMG-Routing-Key: <key>`` (for its ``consistent_hashing`` policy).
 - Retries with exponential backoff on connection errors, timeouts and HTTP 5xx, never on 4xx. A
   request either returns exactly its n samples once or raises: a retry is a new attempt with a new
-  rid (the old one is aborted), and nothing of a failed attempt is kept.
+  rid (the old one is aborted), and nothing of a failed attempt is kept. ``retry_window`` sets
+  how long a server may fail before the client gives up (long enough to ride out a restart).
+- Stale weights: a server restarted within that window comes back with its base weights. Every
+  answer carries ``meta_info.weight_version``; when it is not the version last pushed through
+  this client, the answer is discarded (never returned), the last update from disk is pushed to
+  that server again and the request is generated anew (a warning says so). A request whose
+  server got such a re-push while it ran is generated anew too. Where the weights cannot be
+  pushed again (they came over a process group), :class:`StaleWeightsError` is raised instead.
 - ``cached_tokens`` prediction: one :class:`~treegrpo.engine.cache_model.RadixCacheModel` per
   server mirrors what it should hold; :meth:`SGLangClient.cache_report` compares the prediction
   with what the server reports and gives the hit rate (cached / prompt tokens).
@@ -35,6 +42,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import operator
 import secrets
 import sys
@@ -55,6 +63,7 @@ from treegrpo.engine.errors import (
     ServerResponseError,
     ServerTimeoutError,
     ServerUnavailableError,
+    StaleWeightsError,
 )
 from treegrpo.exceptions import InvalidArgumentError, InvalidOptionError
 
@@ -65,6 +74,8 @@ __all__ = [
     "SGLangClient",
     "add_subcommand",
     "launch_command",
+    "probe",
+    "retries_for_window",
     "router_command",
 ]
 
@@ -78,6 +89,25 @@ _PAUSE_MODES = ("abort", "retract", "in_place")
 _START_HINT = (
     "Is the server running? Print a launch line with `treegrpo sglang command --model PATH`."
 )
+# Re-pushes of the weights one request may trigger before its server counts as broken.
+_MAX_REPUSHES = 3
+
+
+def retries_for_window(window: float, backoff: float = 0.5, max_backoff: float = 4.0) -> int:
+    """The fewest retries whose waits (``backoff``, doubling, each at most ``max_backoff``
+    seconds) add up to at least ``window`` seconds: 0 for a window of 0. With the defaults,
+    30 s is 10 retries (0.5 + 1 + 2 + 4 x 7 = 31.5 s)."""
+    if not (math.isfinite(window) and window >= 0):
+        raise InvalidArgumentError(
+            f"retry window must be a finite number of seconds >= 0, got {window}"
+        )
+    if window > 0 and not (backoff > 0 and max_backoff > 0):
+        raise InvalidArgumentError("a retry window > 0 needs backoff > 0 and max_backoff > 0")
+    retries, waited = 0, 0.0
+    while waited < window:
+        waited += min(backoff * 2**retries, max_backoff)
+        retries += 1
+    return retries
 
 
 # --------------------------------------------------------------------------- cache report
@@ -152,6 +182,10 @@ class _Server:
         self.capacity_given = capacity is not None
         self.skip_tokenizer_init = False
         self.in_flight: dict[str, int] = {}  # rid -> n
+        # Weights pushed to this server again after it came back with others (see
+        # SGLangClient._restore_weights); one re-push at a time.
+        self.repushes = 0
+        self.repush_lock = asyncio.Lock()
 
     def configure(self, info: Mapping[str, Any]) -> None:
         """Take page size, cache capacity and tokenizer mode from ``/server_info``."""
@@ -204,7 +238,10 @@ class SGLangClient:
         connect_timeout: seconds to open a connection.
         retries: extra attempts after a connection error, a timeout or an HTTP 5xx; HTTP 4xx is
             never retried.
-        backoff: seconds before the first retry; each later retry waits twice as long.
+        backoff: seconds before the first retry; each later retry waits twice as long...
+        max_backoff: ...up to this many seconds.
+        retry_window: instead of ``retries``: retry until the waits add up to this many seconds
+            (:func:`retries_for_window`), e.g. the time a server takes to restart.
         max_concurrency: requests in flight per server at most; more wait in the client.
         cache_tokens: each server's cache capacity for the ``cached_tokens`` prediction; by
             default ``max_total_num_tokens`` from ``/server_info`` (no eviction if absent).
@@ -223,6 +260,8 @@ class SGLangClient:
         connect_timeout: float = 10.0,
         retries: int = 3,
         backoff: float = 0.5,
+        max_backoff: float = 4.0,
+        retry_window: float | None = None,
         max_concurrency: int = 256,
         cache_tokens: int | None = None,
         control_urls: Sequence[str] | None = None,
@@ -244,8 +283,12 @@ class SGLangClient:
                 raise InvalidArgumentError(f"{name} must be > 0 seconds, got {value}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise InvalidArgumentError(f"retries must be an integer >= 0, got {retries!r}")
-        if not backoff >= 0:
+        if not (math.isfinite(backoff) and backoff >= 0):
             raise InvalidArgumentError(f"backoff must be >= 0 seconds, got {backoff}")
+        if not max_backoff > 0:
+            raise InvalidArgumentError(f"max_backoff must be > 0 seconds, got {max_backoff}")
+        if retry_window is not None:
+            retries = retries_for_window(retry_window, backoff, max_backoff)
         if max_concurrency < 1:
             raise InvalidArgumentError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if vocab_size is None and tokenizer is not None:
@@ -260,6 +303,7 @@ class SGLangClient:
         self.connect_timeout = float(connect_timeout)
         self.retries = retries
         self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
         self._servers = [_Server(u, max_concurrency, cache_tokens) for u in self.urls]
         self._control = (
             [_normalize_url(u) for u in control_urls] if control_urls is not None else self.urls
@@ -271,6 +315,11 @@ class SGLangClient:
         self._round_robin = itertools.count()
         self._weight_version = "default"
         self._version_epoch = 0  # weight updates made through this client
+        # The last weight update made through this client: (endpoint, body), to push it again
+        # to a server that lost it; None before the first.
+        self._pushed: tuple[str, dict[str, Any]] | None = None
+        self.weight_repushes = 0
+        """Times a server's weights were pushed again after it answered from other weights."""
         self._records: list[CacheRecord] = []
         self._session: aiohttp.ClientSession | None = None
         self._start_lock: asyncio.Lock | None = None
@@ -290,22 +339,7 @@ class SGLangClient:
         async with self._start_lock:
             if self._started:
                 return
-            if self._session is None:
-                self._session = aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=0),
-                    timeout=aiohttp.ClientTimeout(
-                        total=self.timeout, sock_connect=self.connect_timeout
-                    ),
-                )
-            urls = list(dict.fromkeys([*self.urls, *self._control]))
-            checks = await asyncio.gather(
-                *(self._get(u, "/health", parse=False) for u in urls), return_exceptions=True
-            )
-            failed = [e for e in checks if isinstance(e, BaseException)]
-            if failed:
-                await self._session.close()
-                self._session = None
-                raise failed[0]
+            await self._check_health()
             infos = await asyncio.gather(
                 *(self._server_info_or_empty(s.url) for s in self._servers)
             )
@@ -320,6 +354,30 @@ class SGLangClient:
                     "beyond the vocabulary cannot be caught, and SGLang does not check them"
                 )
             self._started = True
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(
+                    total=self.timeout, sock_connect=self.connect_timeout
+                ),
+            )
+        return self._session
+
+    async def _check_health(self) -> None:
+        """``GET /health`` on every server and control URL (retried); on a failure the session
+        is closed and the first URL's error raised."""
+        session = self._open_session()
+        urls = list(dict.fromkeys([*self.urls, *self._control]))
+        checks = await asyncio.gather(
+            *(self._get(u, "/health", parse=False) for u in urls), return_exceptions=True
+        )
+        failed = [e for e in checks if isinstance(e, BaseException)]
+        if failed:
+            await session.close()
+            self._session = None
+            raise failed[0]
 
     async def _server_info_or_empty(self, url: str) -> dict[str, Any]:
         try:
@@ -384,6 +442,8 @@ class SGLangClient:
             ServerUnavailableError: a server kept failing through every retry
                 (:class:`ServerTimeoutError` if it timed out).
             ServerResponseError: an answer that does not follow the protocol.
+            StaleWeightsError: a server answers from weights other than the ones last pushed
+                and they could not be pushed to it again.
         When one request fails the others are cancelled (and aborted on their servers).
         """
         requests = list(requests)
@@ -471,17 +531,18 @@ class SGLangClient:
         headers = {ROUTING_HEADER: request.key} if self.routing == "router" and request.key else {}
         started = time.monotonic()
         failure: _Retriable | None = None
+        attempt = repushes = 0
         async with server.slots:
-            for attempt in range(self.retries + 1):
-                if attempt:
-                    await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+            while attempt <= self.retries:
+                if failure is not None:  # the previous attempt failed: back off
+                    await asyncio.sleep(self._delay(attempt))
                     if self._closed:
                         raise EngineClosedError(
                             f"the SGLangClient was closed while a request to {server.url} "
                             f"waited to retry (last error: {failure})"
                         )
                 rid = self._new_rid()
-                epoch = self._version_epoch
+                epoch, seen = self._version_epoch, server.repushes
                 body = {
                     "input_ids": input_ids,
                     "sampling_params": _sampling_params(sampling),
@@ -497,6 +558,7 @@ class SGLangClient:
                     completions = self._parse_generate(server, payload, len(input_ids), sampling)
                 except _Retriable as e:
                     failure = e
+                    attempt += 1
                     self._release(server, admissions)
                     if e.refused:
                         # Nothing listens there: when the server comes back its cache is empty.
@@ -514,6 +576,21 @@ class SGLangClient:
                     raise
                 finally:
                     server.in_flight.pop(rid, None)
+                stale = self._stale_version(completions, epoch)
+                if stale is not None or server.repushes != seen:
+                    # From weights other than the pushed ones (or across a re-push): discard,
+                    # make sure the server holds the pushed weights, generate again.
+                    self._release(server, admissions)
+                    if self._closed:
+                        raise EngineClosedError(
+                            f"the SGLangClient was closed while {server.url} answered from "
+                            f"weights other than those last pushed"
+                        )
+                    repushes += 1
+                    if stale is not None:
+                        await self._restore_weights(server, stale, seen, repushes)
+                    failure = None
+                    continue
                 self._record(server, rid, input_ids, admissions, completions, warm)
                 if epoch == self._version_epoch:
                     # No weight update through this client since it was sent: the answer's
@@ -535,6 +612,66 @@ class SGLangClient:
             f"SGLang server {server.url} failed /generate ({tries}; last error: {failure}). "
             + _START_HINT
         )
+
+    def _delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (1, 2, ...)."""
+        return min(self.backoff * 2 ** (attempt - 1), self.max_backoff)
+
+    def _stale_version(self, completions: Sequence[Completion], epoch: int) -> str | None:
+        """The version of an answer that is not the one last pushed through this client, when
+        no update was made meanwhile (an answer to a request sent before an update may carry
+        the version before it); None when every completion is current."""
+        if self._pushed is None or epoch != self._version_epoch:
+            return None
+        expected = self._pushed[1]["weight_version"]
+        for completion in completions:
+            if completion.weight_version != expected:
+                return completion.weight_version
+        return None
+
+    async def _restore_weights(self, server: _Server, got: str, seen: int, repushes: int) -> None:
+        """Push the last weight update again to ``server``, which answered from weights of
+        version ``got`` (a restart with its base weights), unless another request did so after
+        ``seen``. Raises :class:`StaleWeightsError` where that cannot be done."""
+        assert self._pushed is not None
+        path, body = self._pushed
+        expected = body["weight_version"]
+        async with server.repush_lock:
+            if server.repushes != seen:
+                return  # restored since this request was sent: generate it again
+            where = f"SGLang server {server.url} answered from weight_version {got!r}"
+            if path != "/update_weights_from_disk":
+                raise StaleWeightsError(
+                    f"{where}, not {expected!r} (the version last pushed): it restarted with "
+                    f"other weights, and the client cannot push weights sent over {path} again. "
+                    "Restart the run (it resumes from its last checkpoint)",
+                    url=server.url,
+                    expected=expected,
+                    got=got,
+                )
+            if repushes > _MAX_REPUSHES:
+                raise StaleWeightsError(
+                    f"{where} after {_MAX_REPUSHES} pushes of {expected!r} from "
+                    f"{body['model_path']}: the update does not take; check the server's log",
+                    url=server.url,
+                    expected=expected,
+                    got=got,
+                )
+            logger.warning(
+                "%s, not %r (the version last pushed): it restarted with other weights. "
+                "Pushing %s again; its answers from the other weights are discarded and "
+                "generated again.",
+                where,
+                expected,
+                body["model_path"],
+            )
+            urls = [server.url] if self.routing == "tree" else self._control
+            await self._update_weights(path, body, "abort", urls=urls)
+            if body.get("flush_cache", True):
+                for each in self._servers if self.routing == "router" else [server]:
+                    each.cache.reset()
+            server.repushes += 1
+            self.weight_repushes += 1
 
     def _admit(self, server: _Server, input_ids: list[int], n: int) -> list[Admission]:
         """Predict each sample's ``cached_tokens``. With ``n > 1`` SGLang first prefills the
@@ -671,6 +808,7 @@ class SGLangClient:
             body["load_format"] = load_format
         await self._update_weights("/update_weights_from_disk", body, pause_mode)
         self._after_weight_update(str(weight_version), flush_cache)
+        self._pushed = ("/update_weights_from_disk", body)
 
     async def init_weights_update_group(
         self,
@@ -750,19 +888,27 @@ class SGLangClient:
         }
         await self._update_weights("/update_weights_from_distributed", body, pause_mode)
         self._after_weight_update(str(weight_version), flush_cache)
+        self._pushed = ("/update_weights_from_distributed", body)
 
     async def _update_weights(
-        self, path: str, body: dict[str, Any], pause_mode: str | None
+        self,
+        path: str,
+        body: dict[str, Any],
+        pause_mode: str | None,
+        *,
+        urls: Sequence[str] | None = None,
     ) -> None:
+        """``path`` with ``body`` on ``urls`` (default: every control URL), inside a pause."""
         if pause_mode is not None and pause_mode not in _PAUSE_MODES:
             raise InvalidOptionError(
                 f"pause_mode must be one of {_PAUSE_MODES} or None, got {pause_mode!r}"
             )
         await self._ensure_started()
+        targets = list(self._control if urls is None else urls)
         paused: list[str] = []
         try:
             if pause_mode is not None:
-                for url in self._control:
+                for url in targets:
                     try:
                         await self._control_post(url, "/pause_generation", {"mode": pause_mode})
                         paused.append(url)
@@ -773,13 +919,10 @@ class SGLangClient:
                 dict(body, abort_all_requests=url not in paused)
                 if path == "/update_weights_from_disk"
                 else body
-                for url in self._control
+                for url in targets
             ]
             await asyncio.gather(
-                *(
-                    self._control_post(url, path, b)
-                    for url, b in zip(self._control, bodies, strict=True)
-                )
+                *(self._control_post(url, path, b) for url, b in zip(targets, bodies, strict=True))
             )
         finally:
             for url in paused:
@@ -882,7 +1025,7 @@ class SGLangClient:
         failure: _Retriable | None = None
         for attempt in range(self.retries + 1):
             if attempt:
-                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+                await asyncio.sleep(self._delay(attempt))
             try:
                 async with self._session.get(endpoint) as response:
                     raw = await response.read()
@@ -915,6 +1058,18 @@ class SGLangClient:
             f"SGLangClient(urls={self.urls!r}, routing={self.routing!r}, "
             f"weight_version={self._weight_version!r}, retries={self.retries})"
         )
+
+
+async def probe(urls: str | Sequence[str], **options: Any) -> None:
+    """Check that every server answers ``GET /health``, retried as :class:`SGLangClient`
+    retries (``options`` go to it: ``retry_window=...``); raises
+    :class:`ServerUnavailableError` naming the first URL that does not. Cheap: a run calls it
+    before any model loads."""
+    client = SGLangClient(urls, **options)
+    try:
+        await client._check_health()
+    finally:
+        await client.close(abort=False)
 
 
 # --------------------------------------------------------------------------- protocol helpers
