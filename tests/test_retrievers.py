@@ -696,3 +696,30 @@ def test_dense_retrieval(corpus_file: Path, cache: Path) -> None:
     assert [[d.id for d in r] for r in second.retrieve(queries, 2)] == [
         [d.id for d in r] for r in results
     ]
+
+
+def test_server_answers_400_to_a_body_nested_too_deeply(server_url: str) -> None:
+    # The JSON decoder recurses once per level: deep nesting was a 500 (a traceback in the
+    # server's log), which clients retry. It is the client's mistake: a 400, never retried.
+    deep = b'{"queries": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, payload = post(server_url + "/retrieve", None, raw=deep)
+    assert status == 400 and "nested too deeply" in payload["error"]["message"]
+    with pytest.raises(RetrieverResponseError, match="HTTP 400: body is nested too deeply"):
+        HttpRetriever(server_url)._post(deep)
+    assert post(server_url + "/retrieve", {"queries": ["jazz"], "topk": 1})[0] == 200
+
+
+def test_probe_finds_a_dead_server_at_start_up(server_url: str) -> None:
+    from treegrpo.config import EnvConfig
+    from treegrpo.data import retriever
+
+    HttpRetriever(server_url).probe()  # a live one answers
+    live = retriever(EnvConfig(retriever="http", retriever_url=server_url), None)
+    assert isinstance(live, HttpRetriever)
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(RetrieverUnavailableError, match="connection refused"):
+        HttpRetriever(url, retries=0).probe()
+    started = time.monotonic()
+    with pytest.raises(RetrieverUnavailableError, match=re.escape(url + "/retrieve")):
+        retriever(EnvConfig(retriever="http", retriever_url=url), None)
+    assert time.monotonic() - started < 10  # the client's retries, not a search's wait

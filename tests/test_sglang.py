@@ -999,9 +999,7 @@ def test_a_server_restarted_mid_rollout_gets_the_pushed_weights_again(policy, tm
 
 async def _generate_on(server: SGLangStandin, policy: Any, requests: list[Any]) -> Any:
     """Generate with base weights on a fresh stand-in next to ``server`` (same model files)."""
-    _, url, stop = await asyncio.to_thread(
-        start_standin_server, server.model_path, decode_chunk=2
-    )
+    _, url, stop = await asyncio.to_thread(start_standin_server, server.model_path, decode_chunk=2)
     try:
         async with client_for(url, policy) as client:
             return await client.generate(requests)

@@ -119,11 +119,14 @@ def synthetic_world(cfg: DataConfig) -> Path:
 
 
 def retriever(cfg: EnvConfig, corpus: Path | None) -> Any:
-    """The configured retriever (its index cached on disk)."""
-    from treegrpo.env.retrievers import load_retriever
+    """The configured retriever (its index cached on disk); a remote one must answer now."""
+    from treegrpo.env.retrievers import HttpRetriever, load_retriever
 
     if cfg.retriever == "http":
-        return load_retriever("http", cfg.retriever_url)
+        assert cfg.retriever_url is not None  # EnvConfig requires it
+        remote = HttpRetriever(cfg.retriever_url)
+        remote.probe()  # a dead server fails the run now, before any model loads
+        return remote
     if corpus is None:
         raise InvalidArgumentError(
             f"env.retriever={cfg.retriever} needs a corpus: set data.corpus to a JSONL file"

@@ -106,6 +106,12 @@ class HttpRetriever:
             results.extend(self._parse(payload, len(batch), topk))
         return results
 
+    def probe(self) -> None:
+        """Check that the server answers: one one-query search, retried as any search is.
+        A run calls it at start-up, so a dead or wrong URL is found before any model loads,
+        not at the first search. Raises what :meth:`retrieve` raises."""
+        self.retrieve(["treegrpo start-up check"], topk=1)
+
     def _post(self, body: bytes) -> bytes:
         """POST ``body`` to the server and return the response body, retrying what can be
         retried, with exponential backoff."""

@@ -5,9 +5,9 @@
                     -> {"result": [[{"document": {"id", "contents"}, "score": s}, ...], ...]}
 
 Without ``return_scores`` (default false, as in Search-R1) each per-query list holds the
-documents themselves. ``topk`` defaults to the server's ``--topk``. A bad request gets HTTP 400
-with ``{"error": {"message": ...}}``; a failure inside the retriever, HTTP 500 with the same
-shape.
+documents themselves. ``topk`` defaults to the server's ``--topk``. A bad request (including a
+body nested too deeply to decode) gets HTTP 400 with ``{"error": {"message": ...}}``; a failure
+inside the retriever, HTTP 500 with the same shape (clients retry a 5xx, never a 4xx).
 
 Retrieval is CPU work, so it runs in a thread pool, off the event loop; at most
 ``max_concurrency`` requests retrieve at once and the rest wait their turn, so a burst queues
@@ -128,6 +128,8 @@ async def _retrieve(request: web.Request) -> web.Response:
         body = await request.json()
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         return _error(400, f"body must be JSON ({e})")
+    except RecursionError:  # the decoder recurses once per level of nesting
+        return _error(400, "body is nested too deeply; send " + _EXAMPLE)
     try:
         queries, topk, with_scores = _parse_request(body, limits)
     except _BadRequest as e:
@@ -146,8 +148,11 @@ async def _retrieve(request: web.Request) -> web.Response:
     )
 
 
+_EXAMPLE = '{"queries": ["who wrote Hamlet"], "topk": 3, "return_scores": true}'
+
+
 def _parse_request(body: Any, limits: _Limits) -> tuple[list[str], int, bool]:
-    example = '{"queries": ["who wrote Hamlet"], "topk": 3, "return_scores": true}'
+    example = _EXAMPLE
     if not isinstance(body, dict):
         raise _BadRequest(f"body must be a JSON object like {example}")
     if "queries" not in body:
