@@ -43,6 +43,7 @@ from treegrpo.logs import (
     write_rollout,
     write_table_atomic,
 )
+from treegrpo.logs.analysis import Run
 from treegrpo.logs.viewer import tree_frame, tree_html
 from treegrpo.rollout import Prompt, RolloutConfig, RolloutResult, rollout
 
@@ -524,11 +525,65 @@ def test_missing_or_malformed_run_directories_name_what_is_wrong(plain: Logged, 
     run = copy()
     with (run / "metrics.jsonl").open("a") as f:
         f.write("{not json\n")
-    with pytest.raises(RunFormatError, match=r"metrics\.jsonl: not JSON lines"):
+    with pytest.raises(RunFormatError, match=r"metrics\.jsonl:6: not a JSON line"):
         load_run(run)
     run = copy()
     (run / "metrics.jsonl").unlink()  # a rollout without training has no metrics: fine
     assert load_run(run).metrics.collect().height == 0
+
+
+def test_a_step_missing_a_table_is_left_out_not_counted(
+    plain: Logged, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    # Training writes a step's nodes, then its trajectories: a run stopped in between has a
+    # step with nodes alone, which must not count as a step (nor its nodes as the run's).
+    run = tmp_path / "run"
+    shutil.copytree(plain.path, run)
+    shutil.rmtree(run / "trajectories" / "step=000003")
+    with pytest.warns(UserWarning, match=r"step\(s\) 3 left out"):
+        loaded = load_run(run)
+    assert loaded.incomplete_steps == (3,)
+    tables = summary(loaded)
+    assert tables["run"]["steps"].item() == 2
+    assert tables["run"]["nodes"].item() == sum(
+        plain.results[(s, 0)].forest.num_nodes for s in (1, 2)
+    )
+    assert assert_steps(loaded) == [1, 2]
+    assert main(["logs", "summary", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert f"run {run}: 2 steps," in out and "(left out, a table missing: step 3)" in out
+    assert err.startswith("treegrpo logs summary: warning: ") and len(err.splitlines()) == 1
+    # a data-parallel step whose trajectories lack one rank's part is left out too
+    nodes = run / "nodes" / "step=000002"
+    ranked = pq.read_table(nodes / "part-0.parquet")
+    write_table_atomic(ranked, nodes / "part-1.parquet", name="nodes")
+    with pytest.warns(UserWarning, match=r"step\(s\) 2, 3 left out"):
+        assert assert_steps(load_run(run)) == [1]
+
+
+def assert_steps(run: Run) -> list[int]:
+    steps = [
+        sorted(table.select(pl.col("step").unique()).collect()["step"].to_list())
+        for table in (run.nodes, run.trajectories)
+    ]
+    assert steps[0] == steps[1]
+    return steps[0]
+
+
+def test_a_torn_metrics_line_is_named_by_its_line_number(plain: Logged, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(plain.path, run)
+    good = (run / "metrics.jsonl").read_text()
+    assert len(good.splitlines()) == 5
+    # in the middle: an error naming the line
+    (run / "metrics.jsonl").write_text(good.replace("\n", '\n{"step": 2, "actor/pg', 1))
+    with pytest.raises(RunFormatError, match=r"metrics\.jsonl:2: not a JSON line"):
+        load_run(run)
+    # the last line, cut short by a stop mid-write (no newline): left out, with a warning
+    (run / "metrics.jsonl").write_text(good + '{"step": 4, "critic/sco')
+    with pytest.warns(UserWarning, match=r"metrics\.jsonl:6: the last line is cut short"):
+        metrics = load_run(run).metrics.collect()
+    assert_frame_equal(metrics, load_run(plain.path).metrics.collect())
 
 
 def test_a_run_resumed_with_another_world_size_reads_every_part(plain: Logged, tmp_path: Path):
@@ -580,18 +635,18 @@ def test_cli_summary(plain: Logged, capsys: pytest.CaptureFixture[str]):
     assert main(["logs", "summary", str(plain.path), "--json"]) == 0
     tables = json.loads(capsys.readouterr().out)
     expect = summary(load_run(plain.path))
-    assert set(tables) == set(expect)
+    assert set(tables) == {*expect, "incomplete_steps"} and tables["incomplete_steps"] == []
     assert_frame_equal(pl.DataFrame(tables["branching"]), expect["branching"], check_dtypes=False)
 
 
 def test_cli_errors_are_messages(tmp_path: Path, plain: Logged, capsys: pytest.CaptureFixture):
-    assert main(["logs", "summary", str(tmp_path / "missing")]) == 1
+    assert main(["logs", "summary", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("treegrpo logs summary: error: run directory") and "does not exist" in err
     out = tmp_path / "t.html"
     assert (
         main(["logs", "tree", str(plain.path), "--step", "9", "--group", "0", "--out", str(out)])
-        == 1
+        == 2
     )
     err = capsys.readouterr().err
     assert "error: step 9 is not in the run" in err and "its steps are [1, 2, 3]" in err

@@ -24,7 +24,9 @@ passed in. Definitions (docs/analysis.md has the full list of columns):
 
 from __future__ import annotations
 
+import json
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,12 +88,15 @@ class Run:
       tree ids are per rank, group ids global), 0 in a single-process run.
     - ``metrics``: ``metrics.jsonl`` in long form, columns ``step``, ``metric``, ``value``
       (numeric metrics only); empty when the run has no metrics file.
+    - ``incomplete_steps``: steps left out of ``nodes`` and ``trajectories`` because one table
+      lacks a part the other has (a run stopped between the two writes); ``()`` normally.
     """
 
     path: Path
     nodes: pl.LazyFrame
     trajectories: pl.LazyFrame
     metrics: pl.LazyFrame
+    incomplete_steps: tuple[int, ...] = ()
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
@@ -117,7 +122,35 @@ def load_run(path: str | Path) -> Run:
         raise RunNotFoundError(f"run directory {root} is not a directory")
     nodes = _scan_table(root, "nodes", NODE_COLUMNS)
     trajectories = _scan_table(root, "trajectories", TRAJECTORY_COLUMNS)
-    return Run(root, nodes, trajectories, _read_metrics(root / "metrics.jsonl"))
+    # A step counts only when both tables hold the same parts (one per rank) of it: training
+    # writes nodes, then trajectories, so a stop in between leaves a step with nodes alone.
+    parts = {table: _parts(root / table) for table in ("nodes", "trajectories")}
+    steps = set(parts["nodes"]) | set(parts["trajectories"])
+    incomplete = tuple(
+        sorted(s for s in steps if parts["nodes"].get(s) != parts["trajectories"].get(s))
+    )
+    if incomplete:
+        shown = ", ".join(map(str, incomplete))
+        warnings.warn(
+            f"{root}: step(s) {shown} left out: the nodes and trajectories tables do not both "
+            "hold every part of them (a run stopped between the two writes; resuming it "
+            "rewrites the step)",
+            stacklevel=2,
+        )
+        complete = pl.col("step").is_in(sorted(steps - set(incomplete)))
+        nodes, trajectories = nodes.filter(complete), trajectories.filter(complete)
+    metrics = _read_metrics(root / "metrics.jsonl")
+    return Run(root, nodes, trajectories, metrics, incomplete)
+
+
+def _parts(where: Path) -> dict[int, frozenset[str]]:
+    """Step -> the names of its Parquet parts in one table directory."""
+    out: dict[int, set[str]] = {}
+    for file in where.glob("*/*.parquet"):
+        match = _STEP_DIR.fullmatch(file.parent.name)
+        if match:
+            out.setdefault(int(match.group(1)), set()).add(file.name)
+    return {step: frozenset(names) for step, names in out.items()}
 
 
 def _scan_table(root: Path, table: str, columns: Sequence[str]) -> pl.LazyFrame:
@@ -175,9 +208,33 @@ def _read_metrics(file: Path) -> pl.LazyFrame:
     if not file.exists():
         return pl.LazyFrame(schema=_METRICS_SCHEMA)
     try:
-        wide = pl.read_ndjson(file, infer_schema_length=None)
-    except (pl.exceptions.PolarsError, OSError) as e:
-        raise RunFormatError(f"{file}: not JSON lines ({e})") from e
+        raw = file.read_bytes()
+    except OSError as e:
+        raise RunFormatError(f"{file}: cannot be read ({e})") from e
+    records = []
+    lines = raw.split(b"\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            torn = number == len(lines)  # the last line, without its newline
+            if torn:
+                warnings.warn(
+                    f"{file}:{number}: the last line is cut short (a run stopped while writing "
+                    "it); left out",
+                    stacklevel=3,
+                )
+                continue
+            raise RunFormatError(f"{file}:{number}: not a JSON line ({e})") from e
+        if not isinstance(record, dict):
+            raise RunFormatError(f"{file}:{number}: not a JSON object")
+        records.append(record)
+    try:
+        wide = pl.from_dicts(records, infer_schema_length=None) if records else pl.DataFrame()
+    except pl.exceptions.PolarsError as e:
+        raise RunFormatError(f"{file}: its lines do not form a table ({e})") from e
     if wide.height == 0:
         return pl.LazyFrame(schema=_METRICS_SCHEMA)
     if "step" not in wide.columns:
@@ -515,7 +572,8 @@ def failures(nodes: pl.LazyFrame, by: Sequence[str] = ("step",)) -> pl.LazyFrame
 def summary(run: Run) -> dict[str, pl.DataFrame]:
     """The tables of ``treegrpo logs summary``, collected in one pass (shared scans):
 
-    - ``run``: steps, trees, nodes, leaves, kept leaves;
+    - ``run``: steps, trees, nodes, leaves, kept leaves (steps of ``run.incomplete_steps``
+      are not counted);
     - ``rewards``: per data source, mean reward at the first and last step and over the run,
       and validation EM at the first and last validation;
     - ``depth``: :func:`advantage_by_depth`; ``branching``: :func:`branching` by depth;

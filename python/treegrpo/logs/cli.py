@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,24 +67,32 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
 
 
 def _guarded(command: str, args: argparse.Namespace, body: Any) -> int:
-    # Our errors (a missing run, a malformed file, a step that is not there) are messages,
-    # not tracebacks.
-    try:
-        return int(body(args))
-    except TreeGRPOError as e:
-        print(f"treegrpo logs {command}: error: {e}", file=sys.stderr)
-        return 1
+    # Our errors (a missing run, a malformed file, a step that is not there) are one-line
+    # messages and exit code 2, not tracebacks; so are our warnings (a step left out).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            return int(body(args))
+        except TreeGRPOError as e:
+            print(f"treegrpo logs {command}: error: {e}", file=sys.stderr)
+            return 2
+        finally:
+            for warning in caught:
+                print(f"treegrpo logs {command}: warning: {warning.message}", file=sys.stderr)
 
 
 def _summary(args: argparse.Namespace) -> int:
     def body(args: argparse.Namespace) -> int:
         from treegrpo.logs.analysis import load_run, summary
 
-        tables = summary(load_run(args.run_dir))
+        run = load_run(args.run_dir)
+        tables = summary(run)
         if args.json:
-            print(json.dumps({k: v.to_dicts() for k, v in tables.items()}, indent=1))
+            out: dict[str, Any] = {k: v.to_dicts() for k, v in tables.items()}
+            out["incomplete_steps"] = list(run.incomplete_steps)
+            print(json.dumps(out, indent=1))
         else:
-            print(format_summary(args.run_dir, tables))
+            print(format_summary(args.run_dir, tables, incomplete=run.incomplete_steps))
         return 0
 
     return _guarded("summary", args, body)
@@ -136,8 +145,11 @@ def _compare(args: argparse.Namespace) -> int:
     return _guarded("compare", args, body)
 
 
-def format_summary(path: str | Path, tables: dict[str, Any]) -> str:
-    """The terminal form of :func:`treegrpo.logs.analysis.summary`'s tables."""
+def format_summary(
+    path: str | Path, tables: dict[str, Any], *, incomplete: tuple[int, ...] = ()
+) -> str:
+    """The terminal form of :func:`treegrpo.logs.analysis.summary`'s tables; ``incomplete``:
+    the steps left out (:attr:`treegrpo.logs.analysis.Run.incomplete_steps`)."""
     import polars as pl
 
     run = tables["run"].row(0, named=True)
@@ -148,9 +160,14 @@ def format_summary(path: str | Path, tables: dict[str, Any]) -> str:
     def f(x: float | None, digits: int = 3) -> str:
         return "-" if x is None else f"{x:.{digits}f}"
 
+    left_out = (
+        f" (left out, a table missing: step {', '.join(map(str, incomplete))})"
+        if incomplete
+        else ""
+    )
     lines = [
         f"run {path}: {run['steps']} steps, {run['trees']} trees, {run['nodes']} nodes, "
-        f"{run['leaves']} leaves ({run['kept_leaves']} kept)",
+        f"{run['leaves']} leaves ({run['kept_leaves']} kept){left_out}",
         f"budget per leaf: {f(bud['generated_tokens_per_leaf'], 1)} generated tokens, "
         f"{f(bud['tool_calls_per_leaf'], 2)} tool calls spent; on a kept leaf's path "
         f"{f(bud['path_tokens_mean'], 1)} tokens, {f(bud['path_tool_calls_mean'], 2)} tool calls; "
