@@ -1,4 +1,10 @@
-"""The ``treegrpo`` command line."""
+"""The ``treegrpo`` command line.
+
+A user error (bad input, a missing file, a server that does not answer: any
+:class:`~treegrpo.exceptions.TreeGRPOError`) prints one line, ``treegrpo COMMAND: error: ...``,
+and exits with code 2; anything else is a bug and keeps its traceback. ``--debug`` (anywhere on
+the line) shows the traceback of a user error too.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,16 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from treegrpo import __version__
-from treegrpo.exceptions import MissingDependencyError
+from treegrpo.exceptions import MissingDependencyError, TreeGRPOError
+
+__all__ = ["USER_ERROR", "main", "run_guarded", "split_debug"]
+
+USER_ERROR = 2
+"""The exit code of a user error (argparse's own for a bad command line)."""
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -109,21 +121,52 @@ def _needs_extra(name: str, extra: str, missing: list[str], commands: Any) -> No
     p.set_defaults(run=run)
 
 
+def run_guarded(name: str, run: Callable[[], int], *, debug: bool = False) -> int:
+    """``run()``'s exit code; a :class:`TreeGRPOError` it raises is printed as one line
+    (``treegrpo NAME: error: ...``, on stderr) and gives :data:`USER_ERROR`, unless ``debug``
+    (then it propagates, traceback and all). Other exceptions propagate: they are bugs."""
+    try:
+        return int(run())
+    except TreeGRPOError as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"treegrpo {name}: error: {message}", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"treegrpo {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without its ``--debug`` flags, and whether there was one (it may follow the
+    subcommand: ``treegrpo train --debug tree.m=2``)."""
+    rest = [a for a in argv if a != "--debug"]
+    return rest, len(rest) != len(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="treegrpo", description=__doc__)
     parser.add_argument("--version", action="version", version=f"treegrpo {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of a user error too"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="build a small forest and print its advantages")
     demo.add_argument("--seed", type=int, default=0, help="selection seed")
     demo.set_defaults(run=_demo)
-    argv = sys.argv[1:] if argv is None else argv
+    argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     # torch's OpenMP threads spin-wait between ops by default; on a shared CPU with a busy core
     # that made forward + backward ~3x slower (measured: bench/learning.py's docstring). Set
     # before torch is imported; an explicit setting in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _register(commands, argv)
     args = parser.parse_args(argv)
-    return int(args.run(args))
+    verb = getattr(args, f"{args.command}_command", None)
+    name = f"{args.command} {verb}" if isinstance(verb, str) else args.command
+    return run_guarded(name, lambda: args.run(args), debug=debug)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,19 @@
 dotted command-line overrides (``tree.m=2 learner.lr=1e-6``).
 
 Every field is documented once, where it is defined; every value is validated before any model
-loads, and an unknown key names the valid ones. Names follow verl's where a user would look for
-them (``data.train_batch_size``, ``learner.clip_ratio_c``, ``learner.loss_agg_mode``...).
+loads, and an unknown key names the valid ones. Every float must be finite, every integer fit in
+64 bits, and sizes stay under documented maxima (:data:`MAX_LEAVES_PER_STEP`,
+:data:`MAX_TOKENS`, :data:`MAX_TURNS`...): a value beyond them would exhaust memory (or abort
+the Rust core on an allocation) long after the run started. Names follow verl's where a user
+would look for them (``data.train_batch_size``, ``learner.clip_ratio_c``,
+``learner.loss_agg_mode``...).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -26,6 +31,11 @@ from treegrpo.scratch import ScratchConfig
 
 __all__ = [
     "DEFAULT_PRESET",
+    "MAX_LEAVES_PER_STEP",
+    "MAX_SEED",
+    "MAX_SYNTH_SIZE",
+    "MAX_TOKENS",
+    "MAX_TURNS",
     "PRESETS",
     "AlgorithmConfig",
     "ConfigError",
@@ -43,6 +53,41 @@ __all__ = [
 
 class ConfigError(InvalidArgumentError):
     """A config file or override that names an unknown key or holds a bad value."""
+
+
+# ---------------------------------------------------------------------- size limits
+# Sane maxima, far above any published setting, well below what exhausts a machine: a step's
+# forest lives in memory (and the Rust core allocates selection draws up front), so a size
+# past these fails at load time, with the key named, not minutes later out of memory.
+
+MAX_LEAVES_PER_STEP = 1 << 20
+"""The most leaves one training step may grow, ``data.train_batch_size x tree.m x
+(1 + tree.l x tree.n)`` (1,048,576; the Tree-GRPO QA runs grow ~6,000), and the most
+validation questions (``data.val_size``)."""
+
+MAX_TOKENS = 1 << 20
+"""The most tokens of one generated step (``tree.max_action_tokens``), one observation
+(``env.max_obs_tokens``) or one learner pass (``learner.micro_batch_tokens``,
+``learner.logprob_chunk_tokens``, ``model.sft_micro_batch_tokens``): 1,048,576."""
+
+MAX_TURNS = 1024
+"""The most search turns of one trajectory (``tree.max_turns``)."""
+
+MAX_SYNTH_SIZE = 1_000_000
+"""The most documents or questions of the synthetic world (``data.synth_*``), built in memory."""
+
+MAX_SEED = (1 << 63) - 1
+"""Seeds are integers in [0, 2^63 - 1] (the Rust core's selection seed is unsigned)."""
+
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _at_most(key: str, value: int, limit: int, name: str) -> None:
+    if value > limit:
+        raise ValueError(
+            f"{key} = {value:,} is above the maximum {limit:,} (treegrpo.config.{name}): a "
+            "size past it would exhaust memory; lower it"
+        )
 
 
 @dataclass
@@ -80,6 +125,10 @@ class DataConfig:
         _need(self.train_batch_size >= 1, "data.train_batch_size must be >= 1")
         _need(self.val_size >= 0, "data.val_size must be >= 0 (0 = all)")
         _need(self.max_hops >= 0, "data.max_hops must be >= 0 (0 = all)")
+        _at_most("data.val_size", self.val_size, MAX_LEAVES_PER_STEP, "MAX_LEAVES_PER_STEP")
+        for name in ("synth_docs", "synth_train", "synth_test"):
+            _at_most(f"data.{name}", getattr(self, name), MAX_SYNTH_SIZE, "MAX_SYNTH_SIZE")
+        _seed("data.synth_seed", self.synth_seed)
 
 
 @dataclass
@@ -119,9 +168,18 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _need(self.sft_steps >= 0, "model.sft_steps must be >= 0")
         _need(self.sft_micro_batch_tokens >= 1, "model.sft_micro_batch_tokens must be >= 1")
+        _at_most(
+            "model.sft_micro_batch_tokens", self.sft_micro_batch_tokens, MAX_TOKENS, "MAX_TOKENS"
+        )
         _need(self.sft_episodes >= 0, "model.sft_episodes must be >= 0 (0 = all)")
         _need(self.sft_batch_size >= 1, "model.sft_batch_size must be >= 1")
-        _need(self.sft_lr > 0, "model.sft_lr must be > 0")
+        _at_most(
+            "model.sft_batch_size", self.sft_batch_size, MAX_LEAVES_PER_STEP, "MAX_LEAVES_PER_STEP"
+        )
+        _need(
+            math.isfinite(self.sft_lr) and self.sft_lr > 0,
+            "model.sft_lr must be a finite number > 0",
+        )
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
         _one_of("model.device", self.device, ("cpu", "cuda", "auto"))
 
@@ -151,7 +209,11 @@ class EnvConfig:
             "env.retriever_url is required with env.retriever=http",
         )
         _need(self.topk >= 1, "env.topk must be >= 1")
+        _need(
+            self.topk <= 1000, f"env.topk must be <= 1000 (documents per search), got {self.topk}"
+        )
         _need(self.max_obs_tokens >= 16, "env.max_obs_tokens must be >= 16")
+        _at_most("env.max_obs_tokens", self.max_obs_tokens, MAX_TOKENS, "MAX_TOKENS")
 
 
 @dataclass
@@ -163,6 +225,11 @@ class EngineConfig:
     - ``kv_budget_tokens``: embedded engine's prefix-cache capacity, in tokens.
     - ``weight_sync``: ``disk`` (checkpoint the server reads) or ``nccl`` (sglang only).
     - ``sync_dir``: where the disk path writes weights (must be readable by the servers).
+    - ``retry_window_s``: seconds an SGLang server may fail (refused connections, HTTP 5xx,
+      timeouts) before the run stops; retries back off from 0.5 s, doubling, up to 4 s apart.
+      The default rides out a restart of a stand-in or a small model; a large model's restart
+      takes minutes: raise it. A server that comes back gets the last weights pushed again
+      (it restarts with its base weights; see :mod:`treegrpo.engine.sglang_client`).
     - ``dtype``: the embedded engine's weights. ``policy``: it generates from the learner's own
       weights (no copy). ``float32`` / ``bfloat16``: the same when the policy has that dtype,
       else a copy in it, refreshed after every update (as SGLang servers generate in bfloat16
@@ -179,6 +246,7 @@ class EngineConfig:
     weight_sync: Literal["disk", "nccl"] = "disk"
     sync_dir: str | None = None
     dtype: Literal["auto", "policy", "float32", "bfloat16"] = "auto"
+    retry_window_s: float = 30.0
 
     def __post_init__(self) -> None:
         _one_of("engine.kind", self.kind, ("embedded", "sglang"))
@@ -186,6 +254,10 @@ class EngineConfig:
         _one_of("engine.dtype", self.dtype, ("auto", "policy", "float32", "bfloat16"))
         _need(self.kind != "sglang" or bool(self.urls), "engine.urls is required with kind=sglang")
         _need(self.kv_budget_tokens >= 0, "engine.kv_budget_tokens must be >= 0")
+        _need(
+            math.isfinite(self.retry_window_s) and 0 <= self.retry_window_s <= 86400,
+            f"engine.retry_window_s must be in [0, 86400] seconds, got {self.retry_window_s}",
+        )
 
 
 @dataclass
@@ -219,6 +291,7 @@ class TrainerConfig:
         _need(self.total_steps >= 0, "trainer.total_steps must be >= 0")
         _need(self.save_every >= 1, "trainer.save_every must be >= 1")
         _need(self.val_every >= 0, "trainer.val_every must be >= 0 (0 = before and after only)")
+        _seed("trainer.seed", self.seed)
         _one_of("trainer.resume", self.resume, ("auto", "never"))
         for name in self.logger:
             _one_of("trainer.logger entries", name, ("console", "jsonl", "tensorboard", "wandb"))
@@ -309,6 +382,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(_unknown_preset(self.preset))
+        _check_sizes(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -316,6 +390,36 @@ class TrainConfig:
 
 def _unknown_preset(name: Any) -> str:
     return f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}"
+
+
+def _check_sizes(cfg: TrainConfig) -> None:
+    """The bounds of the sections defined elsewhere (tree, learner) and across sections."""
+    tree, learner = cfg.tree, cfg.learner
+    for name in ("m", "n", "l"):
+        _at_most(f"tree.{name}", getattr(tree, name), MAX_LEAVES_PER_STEP, "MAX_LEAVES_PER_STEP")
+    leaves = cfg.data.train_batch_size * tree.m * tree.leaves_per_tree
+    if leaves > MAX_LEAVES_PER_STEP:
+        raise ValueError(
+            f"a step would grow data.train_batch_size x tree.m x (1 + tree.l x tree.n) = "
+            f"{cfg.data.train_batch_size} x {tree.m} x {tree.leaves_per_tree} = {leaves:,} "
+            f"leaves, above the maximum {MAX_LEAVES_PER_STEP:,} "
+            "(treegrpo.config.MAX_LEAVES_PER_STEP); lower one of them"
+        )
+    _at_most("tree.max_turns", tree.max_turns, MAX_TURNS, "MAX_TURNS")
+    _at_most("tree.max_action_tokens", tree.max_action_tokens, MAX_TOKENS, "MAX_TOKENS")
+    _seed("tree.seed", tree.seed)
+    for name in ("micro_batch_tokens", "logprob_chunk_tokens"):
+        value = getattr(learner, name)
+        if value is not None:
+            _at_most(f"learner.{name}", value, MAX_TOKENS, "MAX_TOKENS")
+    for name in ("ppo_epochs", "mini_batches"):
+        _at_most(
+            f"learner.{name}", getattr(learner, name), MAX_LEAVES_PER_STEP, "MAX_LEAVES_PER_STEP"
+        )
+
+
+def _seed(key: str, value: int) -> None:
+    _need(0 <= value <= MAX_SEED, f"{key} must be in [0, 2^63 - 1], got {value}")
 
 
 # ---------------------------------------------------------------------- loading
@@ -340,7 +444,14 @@ def load_config(
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or "not valid YAML"
+            raise ConfigError(
+                f"override {item!r}: the value does not parse as YAML ({problem}); write a "
+                "list as [a, b] and quote text that YAML would read otherwise"
+            ) from e
     name = raw.pop("preset", DEFAULT_PRESET)
     if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(_unknown_preset(name))
@@ -381,8 +492,17 @@ def config_from_args(args: Any, command: str) -> TrainConfig | None:
 
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ConfigError(f"config file {path} {what}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {e.start}, line {line}): save it as UTF-8"
+        ) from e
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from e
     try:
         if path.suffix == ".toml":
             if sys.version_info >= (3, 11):
@@ -459,18 +579,31 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     if kind is Any:
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = _finite(key, float(value) if abs(value) < 1e308 else math.inf)
     if kind is float and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-6" (no dot) as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if kind is bool and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false; got {value!r}")
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{key} must be an integer; got {value!r}")
+    if kind is int and not _INT64[0] <= value <= _INT64[1]:
+        raise ConfigError(
+            f"{key} = {value} is out of range: integers must fit in 64 bits (and sizes stay "
+            "far below; see the maxima in treegrpo.config)"
+        )
     if kind in (float, str) and not isinstance(value, kind):
         raise ConfigError(f"{key} must be a {kind.__name__}; got {value!r}")
+    if kind is float:
+        return _finite(key, value)
+    return value
+
+
+def _finite(key: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number; got {value!r}")
     return value
 
 

@@ -131,7 +131,12 @@ def retriever(cfg: EnvConfig, corpus: Path | None) -> Any:
         raise InvalidArgumentError(
             f"env.retriever={cfg.retriever} needs a corpus: set data.corpus to a JSONL file"
         )
-    return load_retriever(cfg.retriever, corpus)
+    if not corpus.expanduser().is_file():
+        raise InvalidArgumentError(
+            f"data.corpus: no corpus file at {corpus}; set data.corpus to a JSONL file (one "
+            '{"id", "contents"} object a line)'
+        )
+    return load_retriever(cfg.retriever, corpus.expanduser())
 
 
 def reward_function(cfg: EnvConfig) -> Any:

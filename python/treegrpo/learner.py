@@ -176,13 +176,15 @@ class LearnerConfig:
                 "into steps: set total_steps (learner steps in the run), or warmup_steps, or "
                 "warmup_ratio=0"
             )
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            _fail("grad_clip", self.grad_clip, "None (no clipping) or > 0")
+        if self.grad_clip is not None and not (
+            math.isfinite(self.grad_clip) and self.grad_clip > 0
+        ):
+            _fail("grad_clip", self.grad_clip, "None (no clipping) or a finite number > 0")
         if not 0 <= self.clip_ratio_low < 1:
             _fail("clip_ratio_low", self.clip_ratio_low, "in [0, 1)")
-        if not self.clip_ratio_high >= 0:
-            _fail("clip_ratio_high", self.clip_ratio_high, ">= 0")
-        if not self.clip_ratio_c > 1:
+        if not (math.isfinite(self.clip_ratio_high) and self.clip_ratio_high >= 0):
+            _fail("clip_ratio_high", self.clip_ratio_high, "a finite number >= 0")
+        if not (math.isfinite(self.clip_ratio_c) and self.clip_ratio_c > 1):
             _fail("clip_ratio_c", self.clip_ratio_c, "> 1 (the dual clip; the reference uses 3.0)")
         for name, kind in (
             ("loss_agg_mode", LossAggMode),

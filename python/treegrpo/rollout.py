@@ -89,10 +89,16 @@ class RolloutConfig:
             self.selection in ("uniform", "surprisal"),
             f"selection must be 'uniform' or 'surprisal', got {self.selection!r}",
         )
-        need(self.overexpand_penalty >= 0, "overexpand_penalty must be >= 0")
+        need(
+            math.isfinite(self.overexpand_penalty) and self.overexpand_penalty >= 0,
+            f"overexpand_penalty must be a finite number >= 0, got {self.overexpand_penalty}",
+        )
         need(self.max_turns >= 0, f"max_turns must be >= 0, got {self.max_turns}")
         need(self.max_action_tokens >= 1, "max_action_tokens must be >= 1")
-        need(self.temperature >= 0, "temperature must be >= 0 (0 = greedy)")
+        need(
+            math.isfinite(self.temperature) and self.temperature >= 0,
+            f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}",
+        )
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
 
     @property

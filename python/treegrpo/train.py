@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import importlib.util
 import json
 import random
 import sys
@@ -34,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from treegrpo import distributed
-from treegrpo.config import TrainConfig, add_config_arguments, config_from_args
-from treegrpo.exceptions import InvalidArgumentError
+from treegrpo.config import TrainConfig, add_config_arguments, load_config
+from treegrpo.exceptions import InvalidArgumentError, MissingDependencyError
 
 __all__ = ["Trainer", "add_subcommand", "main"]
 
@@ -75,9 +76,12 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
 
     def setup(self) -> None:
-        """Data, policy (+ warm start), engine, environment, rollout and learner."""
+        """Data, policy (+ warm start), engine, environment, rollout and learner. The cheap
+        checks come first (:meth:`preflight`), then data, retriever and servers, and only then
+        the model loads: a bad path or a dead URL fails in seconds, not after the warm start."""
         import torch
 
+        from treegrpo import data as data_module
         from treegrpo.engine.embedded import EmbeddedEngine
         from treegrpo.env import SearchEnv
         from treegrpo.learner import Learner
@@ -90,6 +94,8 @@ class Trainer:
                 f"{world.size} data-parallel processes: every rank rolls out the same number "
                 "of prompts"
             )
+        self.preflight()
+        self.reward_fn = data_module.reward_function(cfg.env)
         torch.manual_seed(cfg.trainer.seed)
         random.seed(cfg.trainer.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -97,15 +103,19 @@ class Trainer:
             text = json.dumps(cfg.to_dict(), indent=2, default=str)
             (self.run_dir / "config.json").write_text(text)
 
-        from treegrpo import data as data_module
-
-        # rank 0 first: it fills the caches (synthetic world, converted model, warm start,
-        # retriever index) that the other ranks then read
+        # rank 0 first: it fills the caches (synthetic world, retriever index, converted model,
+        # warm start) that the other ranks then read. The model loads last: what fails fast
+        # (data files, the corpus, a retriever or server URL) fails before it.
         with distributed.main_first():
             self.data = data_module.prepare(cfg.data, seed=cfg.trainer.seed)
-            self.model, self.tokenizer = self._load_policy()
             self.retriever = data_module.retriever(cfg.env, self.data.corpus)
-        self.reward_fn = data_module.reward_function(cfg.env)
+            if cfg.engine.kind == "sglang":
+                from treegrpo.engine import sglang_client
+
+                self._await(
+                    sglang_client.probe(cfg.engine.urls, retry_window=cfg.engine.retry_window_s)
+                )
+            self.model, self.tokenizer = self._load_policy()
         self.env = SearchEnv(
             self.tokenizer,
             retriever=self.retriever,
@@ -135,7 +145,9 @@ class Trainer:
         else:
             from treegrpo.engine.sglang_client import SGLangClient
 
-            self.engine = SGLangClient(cfg.engine.urls, tokenizer=self.tokenizer)
+            self.engine = SGLangClient(
+                cfg.engine.urls, tokenizer=self.tokenizer, retry_window=cfg.engine.retry_window_s
+            )
             self._await(self.engine.start())
             on_step, hold = None, None
         eos = sorted(getattr(self.engine, "eos_token_ids", ()) or ())
@@ -161,6 +173,37 @@ class Trainer:
         # SGLang servers start from their own copy of the weights: push the (warm-started or
         # resumed) policy before the first rollout.
         self._sync_weights(self.step)
+
+    def preflight(self) -> None:
+        """What costs nothing to check, before anything is read, written or loaded: a run
+        directory that can be one, a device that exists, a model directory with a loadable
+        config and weights, a corpus file that exists, logger backends that are installed.
+        (Data files are read next, and fail with their path named, before any model loads.)"""
+        import torch
+
+        cfg = self.cfg
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise InvalidArgumentError(
+                f"trainer.run_dir={cfg.trainer.run_dir} is a file, not a directory: pass a new "
+                "directory, or the run directory of a run to resume"
+            )
+        if cfg.model.device == "cuda" and not torch.cuda.is_available():
+            raise InvalidArgumentError(
+                "model.device=cuda, but torch sees no CUDA device on this machine "
+                "(torch.cuda.is_available() is False): use model.device=cpu or auto"
+            )
+        check_model_dir(cfg.model.path)
+        if cfg.data.corpus and not Path(cfg.data.corpus).expanduser().is_file():
+            raise InvalidArgumentError(
+                f"data.corpus={cfg.data.corpus}: no such file; pass a JSONL corpus (one "
+                '{"id", "contents"} object a line), or leave it unset for the synthetic world\'s'
+            )
+        for backend, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+            if backend in cfg.trainer.logger and importlib.util.find_spec(package) is None:
+                raise MissingDependencyError(
+                    f"trainer.logger includes {backend}, but the {package} package is not "
+                    f"installed: pip install {package}, or drop {backend} from trainer.logger"
+                )
 
     def _load_policy(self) -> tuple[Any, Any]:
         import torch
@@ -400,6 +443,43 @@ class Trainer:
             print(f"resumed from {ckpt} (step {self.step})")
 
 
+# Policy names that are not directories: converted or built by treegrpo (treegrpo.engine.models).
+_NAMED_POLICIES = frozenset({"default", "scratch"})
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_model_dir(path: str) -> None:
+    """A ``model.path`` that is a Hugging Face checkpoint directory: its ``config.json`` loads
+    (no weights are read) and it holds weights; raises :class:`InvalidArgumentError` naming the
+    path and the problem. Named policies (``default``...) pass."""
+    if path in _NAMED_POLICIES:
+        return
+    where = Path(path).expanduser()
+    need = "a Hugging Face checkpoint directory (config.json, weights, tokenizer files)"
+    if not where.is_dir():
+        raise InvalidArgumentError(f"model.path={path}: no such directory; pass {need}, or default")
+    if not (where / "config.json").is_file():
+        raise InvalidArgumentError(f"model.path={path} holds no config.json; pass {need}")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(where)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidArgumentError(
+            f"model.path={path}: its config.json does not load ({first}); pass {need}"
+        ) from e
+    if not any((where / name).is_file() for name in _WEIGHT_FILES):
+        raise InvalidArgumentError(
+            f"model.path={path} holds no weights ({' or '.join(_WEIGHT_FILES[::2])}); pass {need}"
+        )
+
+
 def rollout_metrics(result: Any, adv: Any) -> dict[str, float]:
     """verl's rollout metrics plus tree/* ones, from a rollout and its advantages table."""
     import polars as pl
@@ -491,9 +571,7 @@ def add_subcommand(commands: Any) -> None:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, "train")
-    if cfg is None:
-        return 2
+    cfg = load_config(args.config, args.overrides)  # a ConfigError is one line (treegrpo.cli)
     distributed.init_from_env()  # torchrun's process group, if started by torchrun
     trainer = Trainer(cfg, progress=not args.no_progress)
     try:
@@ -506,10 +584,15 @@ def _run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m treegrpo.train [--config FILE] [overrides...]`` (torchrun-friendly)."""
+    """``python -m treegrpo.train [--debug] [--config FILE] [overrides...]`` (torchrun-friendly;
+    user errors are one line and exit code 2, as with ``treegrpo train``)."""
+    from treegrpo.cli import run_guarded, split_debug
+
     parser = argparse.ArgumentParser(prog="python -m treegrpo.train")
     add_subcommand(parser.add_subparsers(dest="command"))
-    return int(_run_cli(parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])))
+    rest, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(["train", *rest])
+    return run_guarded("train", lambda: _run_cli(args), debug=debug)
 
 
 if __name__ == "__main__":

@@ -761,6 +761,19 @@ def add_synth_command(data_commands: argparse._SubParsersAction) -> argparse.Arg
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.docs < _MIN_DOCS:
+        raise InvalidArgumentError(
+            f"--docs must be >= {_MIN_DOCS} (one entity each), got {args.docs}"
+        )
+    for flag in ("train", "test"):
+        if getattr(args, flag) < 1:
+            raise InvalidArgumentError(
+                f"--{flag} must be >= 1 (each split is a file), got {getattr(args, flag)}"
+            )
+    if args.out.exists() and not args.out.is_dir():
+        raise InvalidArgumentError(
+            f"--out {args.out} is a file: pass a directory (it is created if missing)"
+        )
     start = time.perf_counter()
     paths = synthesize(args.out, args.seed, n_docs=args.docs, n_train=args.train, n_test=args.test)
     seconds = time.perf_counter() - start
