@@ -36,11 +36,13 @@ def test_a_server_restarted_mid_rollout_never_feeds_a_step_its_base_weights(
     stops = [stop_first]
     run = tmp_path / "run"
     settings = {
+        "preset": "smollm2",  # the reference settings, on a tiny random model
         "model.path": str(tiny_dir),
         "model.sft_steps": "0",
         "data.synth_docs": "80",
         "data.synth_train": "16",
         "data.synth_test": "8",
+        "data.val_size": "2",
         "data.train_batch_size": "2",
         "tree.max_action_tokens": "24",
         "env.max_obs_tokens": "48",

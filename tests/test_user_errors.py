@@ -86,7 +86,7 @@ def test_an_override_that_is_not_yaml_names_the_override():
 )
 def test_sizes_are_bounded_and_floats_finite(override: str, message: str):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [override])
+        load_config(None, ["preset=smollm2", "data.train_batch_size=2", override])
 
 
 def test_the_bounds_leave_real_settings_alone():
@@ -158,11 +158,13 @@ def no_model_loads(
 
 def train(tiny_dir: Path, run_dir: Path, *extra: str) -> int:
     small = {
+        "preset": "smollm2",  # the reference settings, on a tiny random model
         "model.path": str(tiny_dir),
         "model.sft_steps": "0",
         "data.synth_docs": "80",
         "data.synth_train": "16",
         "data.synth_test": "8",
+        "data.val_size": "2",
         "trainer.run_dir": str(run_dir),
         "trainer.logger": "[jsonl]",
     }
