@@ -162,8 +162,12 @@ def test_group_ids_are_unique_across_files(tmp_path: Path) -> None:
     assert [e.group_id for e in examples] == list(range(6))
     assert [e.extra_info["index"] for e in examples] == [0, 1, 2, 0, 1, 2]
     assert [(Path(e.source).name, e.row) for e in examples][3] == ("b.parquet", 0)
-    # a directory stands for its Parquet files, sorted
+    # a directory stands for its Parquet files, sorted; so does a glob
     assert [e.question for e in load_search_r1(tmp_path)] == [e.question for e in examples]
+    globbed = load_search_r1(str(tmp_path / "*.parquet"))
+    assert [e.question for e in globbed] == [e.question for e in examples]
+    with pytest.raises(InvalidArgumentError, match="matches no dataset file"):
+        load_search_r1(str(tmp_path / "nothing-*.parquet"))
 
 
 def test_split_filter(tmp_path: Path) -> None:

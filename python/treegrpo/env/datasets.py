@@ -20,6 +20,7 @@ reference reuses it and silently merges unrelated questions of concatenated data
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,11 @@ def _expand(paths: PathLike | Sequence[PathLike]) -> list[Path]:
             files.extend(found)
         elif p.exists():
             files.append(p)
+        elif any(c in str(item) for c in "*?["):  # a glob: its matches, in sorted order
+            found = sorted(Path(m) for m in glob.glob(str(p), recursive=True))
+            if not found:
+                raise InvalidArgumentError(f"{item}: the pattern matches no dataset file")
+            files.extend(found)
         else:
             raise InvalidArgumentError(f"{p}: no such dataset file")
     return files
