@@ -1,123 +1,50 @@
-"""Learning experiment (issue 9): Tree-GRPO against chain GRPO at equal generation budget.
+"""Learning benchmark (issue 14): the paper's budget claims, in miniature, on the tiny preset.
 
-Every run is a ``treegrpo train`` run: a :class:`treegrpo.config.TrainConfig` built from dotted
-overrides by ``load_config`` (the command line's parser) and a fresh
-:class:`treegrpo.train.Trainer` (setup, run, close) in this process. Each run's overrides are
-recorded, so ``treegrpo train <overrides>`` repeats it (see "Validation set" for the one
-difference).
+Every run is a ``treegrpo train`` run of the ``tiny`` preset (the from-scratch policy on the
+synthetic world, warm-started once and shared by every run), built from dotted overrides by
+``load_config`` and run by a fresh :class:`treegrpo.train.Trainer` in this process; the
+overrides are recorded per run, so ``treegrpo train <overrides>`` repeats any of them.
 
-Grid: seeds x budgets x {chain, tree}, one run each, on the synthetic multi-hop world (1- and
-2-hop questions, local BM25). Budgets in chain-equivalents per prompt (algorithm.md section 2;
-an expansion from a uniformly drawn node costs about half a chain):
+Grid, per seed (budgets in chain-equivalents per prompt, algorithm.md section 2):
 
-    budget 2: tree (M, N, L) = (1, 2, 1), 3 leaves/prompt  vs  chain M=2 (N=0), 2 leaves/prompt
-    budget 4: tree (M, N, L) = (2, 2, 1), 6 leaves/prompt  vs  chain M=4 (N=0), 4 leaves/prompt
+    budget 2: tree (1, 2, 1) [adv tree]          vs  chain M=2 [adv grpo]
+    budget 4: tree (2, 2, 1) [adv tree]          vs  chain M=4 [adv grpo]
+    budget 4, estimator ablation on the same tree (2, 2, 1) rollouts' shape:
+              tree_intra, tree_inter, grpo
 
-Tree runs use ``algorithm.adv_estimator=tree`` (A_inter + A_intra), chain runs ``grpo``. With
-M=1 the tree and its group hold the same leaves, so A_inter = A_intra and the tree estimator is
-twice the GRPO z-score: the reference's numerics, kept as they are (AdamW is nearly
-insensitive to the scale; gradient clipping at 1.0 is not).
+Hyper-parameters, fixed before the grid ran and the same for every mode (no tuning per mode):
+the ``tiny`` preset's (python/treegrpo/config.py, PRESETS["tiny"]) with ``--steps`` training
+steps of ``data.train_batch_size`` = 8 prompts. Held equal within a seed: the starting policy,
+the prompts of every step (``trainer.seed``: the same shuffled order), the sampling and
+selection seeds, and the 200 held-out validation questions (the same for every run and seed).
+What differs between seeds: the prompt order and the sampling and selection seeds.
 
-What is held equal within a seed: the policy at the start (the cached SFT warm start that
-``treegrpo train`` uses, ``model.sft_steps`` at its default), the prompts of every step (same
-``trainer.seed``, so the same shuffled order and cursor), the engine's sampling seed and the
-selection seed (``tree.seed``), learning rate and schedule, and the validation questions. What
-differs between seeds: the prompt order, the sampling and selection seeds.
+Validation is greedy, so the shared starting policy is validated once ("before", step 0) and
+every run after every ``--val-every`` steps. Reported (bench/results/learning.json, the report
+docs/benchmarks.md, and bench/results/learning.png):
 
-Choices, and why:
+- per (budget, mode): mean and 95% CI (Student t over seeds) of the final held-out EM, the
+  generated tokens and tool calls actually spent, and tool calls per trajectory;
+- the paired difference tree - chain per seed with its 95% CI, at each budget, and tree at
+  budget 2 against chain at budget 4;
+- the estimator ablation at budget 4;
+- learning curves (EM against generated tokens, mean +- 95% CI band over seeds);
+- the paper's claims with reproduced / not reproduced / inconclusive: reproduced when the CI
+  of the paired difference lies on the paper's side of 0, not reproduced when it lies on the
+  other side, inconclusive when it holds 0.
 
-- ``learner.warmup_ratio=0`` for both modes: runs are a handful of steps; the reference's
-  warmup (0.285 tree, 0.5 chain, with verl's lr 0 at step 0) would spend most of them at a
-  reduced learning rate and make the two modes' schedules differ.
-- ``learner.kl_coef=0`` by default (``--kl-coef``): no frozen reference model, so no reference
-  forward pass per step and ~0.5 GB less memory on the CPU; a few steps barely leave the
-  starting policy, so the KL term would be small anyway.
-- ``learner.lr`` default 1e-5 (``--lr``), 10x the reference's 1e-6: the reference trains a 3B
-  model for 180 steps of 512 prompts; here a 135M model gets a handful of updates on a few
-  prompts each. In the smoke test one step at 1e-5 already flipped a validation answer; 1e-6
-  was not tried. Both modes use the same value.
-- Validation (``Trainer.validate``): greedy chain rollouts on ``--val-size`` held-out questions,
-  exact match per data source. Greedy decoding of the same weights is the same for every seed,
-  so the starting policy is validated ONCE ("before"), and every run once after training.
-- Validation set: ``data.prepare`` draws the ``val_size`` questions with ``trainer.seed``, so
-  each seed would see different questions; the experiment pins them to those of seed 0 (the
-  set ``treegrpo train`` uses at ``trainer.seed=0``) by replacing ``trainer.data.val`` after
-  ``setup()``, so every run and the "before" number are measured on the same questions.
-- Checkpoints: ``trainer.save_every`` = the run's steps (one checkpoint, after the last step,
-  as ``treegrpo train`` always writes); deleted after the run unless ``--keep-checkpoints``
-  (1.6 GB each: policy + AdamW state).
-- Resume: a run whose directory holds ``result.json`` written with the same overrides is
-  reused, not rerun; an unfinished run's directory is deleted and the run started over. An
-  interrupted experiment continues where it stopped when started again with the same options.
+Resumable: a run whose directory holds ``result.json`` made with the same overrides is reused;
+an unfinished one is started over. An interrupted grid continues when started again.
 
-Recorded per run (``<run-dir>/<name>/result.json``, and all of them in
-``bench/results/learning.json``): held-out EM after training (all + per data source), the mean
-training reward (format-shaped, as trained on) per step, generated tokens, prefill tokens, tool
-calls and leaves actually spent (sums over steps of the Trainer's ``tree/*`` metrics), time of
-rollout, update and validation, the run's wall time and the load average around it. The
-summary is mean +- sample std over seeds per (budget, mode), plus the paired difference tree -
-chain per seed; ``bench/results/learning.png`` plots held-out EM against generated tokens.
-
-Time budget (issue 9: the whole grid within 60 minutes on this 2-core machine). Runs are
-sequential; the grid costs val_before + sum over runs of (setup + steps x step + val_after +
-checkpoint). Measured with ``--quick --batch 4 --threads 1`` (budget 2, 1 step, 4 prompts, 4
-validation questions) on 2026-11-23 with other jobs on the machine (load average 3-5):
-
-    phase (1 thread, load ~4)              wall s   notes
-    setup (first / later runs)               7 / 1  model from the cached warm start
-    validation, 4 questions                 40-46   greedy, up to 4 turns of <= 96 tokens
-    chain M=2 step, 4 prompts: rollout         52   1,223 tokens generated, 8 leaves
-                               update         106   5,487 trajectory tokens
-    tree (1,2,1) step, 4 prompts: rollout      91   1,593 tokens generated, 12 leaves
-                                  update       96   5,659 unique tokens (9,396 unpacked)
-    checkpoint write                         ~4   1.6 GB, deleted after the run
-    whole --quick                         8.3 min  (27.4 min with 2 threads at load ~10)
-
-With the defaults (``--quick``: 2 prompts, 2 threads, OMP_WAIT_POLICY=PASSIVE, load 2-5):
-validation of 4 questions 35-50 s; chain M=2 step 28 s rollout + 38 s update (547 tokens
-generated); tree (1,2,1) step 64 s + 62 s (714 tokens); whole --quick 5.7 min.
-
-Extrapolated: budget 4 costs about 1.4x the rollout and 2x the update of budget 2; 2 prompts
-per step about 0.65x the rollout and 0.5x the update of 4; 16 validation questions ~1.5x of 4
-(decode steps are batched: the 8-row chain rollout cost 1.2x the 4-row validation). That
-gives, per seed and step at 2 prompts, ~530 s for the four runs, and ~65 s per validation, with
-1 thread at load ~4 (the process got ~86% of a core). On a quiet machine: /1.15 for the load,
-and /1.0 to /1.4 for the second core (the update's matmuls gain, the few-row decode steps
-hardly; algorithm.md section 7's ~17 s for a 2,048-token update is no faster than the 1-thread
-~8 s per 1,024 tokens measured here, so the low end is plausible). Hence the defaults, 3 seeds
-x 2 budgets x 2 modes, 2 steps x 2 prompts, 16 validation questions:
-
-    3 x 2 x ~460 s  +  13 x ~57 s  +  12 x ~5 s  =  ~59 min  (quiet, no gain from the 2nd core)
-    3 x 2 x ~330 s  +  13 x ~40 s  +  12 x ~5 s  =  ~43 min  (quiet, 2nd core 1.4x)
-                                                   ~70 min  (1 thread, load ~4, as measured)
-
-So the defaults fit a quiet machine, with little margin at the low end. Check the ETA printed
-before each run (mean wall time of the finished runs per budget, times the runs left): after
-the first seed's four runs (~1/3 of the grid) the elapsed time should be under ~20 min. With
-headroom, ``--steps 3`` or ``--val-size 32``; without, ``--val-size 8``. Four prompt-rollouts
-per run is a small experiment: expect held-out differences of a question or two.
-
-Threads. The model's ops are small (decode: a few rows; update: micro-batches of 2,048
-tokens), and with the other core busy, torch's OpenMP threads spin-wait at every op for a
-thread that is not scheduled: measured at load ~3.5, one forward+backward over 1,024 tokens
-took 23 s with 2 threads, 8.3 s with 2 threads and ``OMP_WAIT_POLICY=PASSIVE`` and 7.8 s with
-1 thread (a 4-row decode step: 0.3-2 s, 0.14 s, 0.14 s). This script therefore sets
-``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (no effect on the numbers, only on
-waiting); ``--threads 1`` is the steadier choice on a busy machine. Greedy validation and the
-runs' results were identical with 1 and 2 threads in the smoke tests.
-
-    .venv/bin/python bench/learning.py                  # the grid (45-60 min on a quiet machine)
-    .venv/bin/python bench/learning.py --quick          # smoke test (minutes): no JSON, no plot
-    .venv/bin/python bench/learning.py --seeds 5 --steps 8 --batch 4 --val-size 64  # hours
+    .venv/bin/python bench/learning.py                      # the grid
+    .venv/bin/python bench/learning.py --quick              # smoke test: 1 seed, 2 steps, no JSON
 """
 
 from __future__ import annotations
 
 import os
 
-# Before torch loads (see "Threads" above): OpenMP threads sleep instead of spinning when they
-# wait, which keeps a busy 2-core machine from stalling every op.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see treegrpo.cli: no spinning threads
 
 import argparse
 import gc
@@ -127,101 +54,79 @@ import shutil
 import statistics
 import sys
 import time
-import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import HERE, RESULTS, markdown_table, target, write_results
 
 NAME = "learning"
-TITLE = "Learning: Tree-GRPO against chain GRPO at equal generation budget"
-ISSUE = 9
-TIME_LIMIT_MIN = 60.0
-VAL_SEED = 0  # the validation questions of every run: those of trainer.seed=0
-MODES = ("chain", "tree")
-# budget (chain-equivalents per prompt) -> mode -> (M, N, L)
-SHAPES: dict[int, dict[str, tuple[int, int, int]]] = {
-    2: {"chain": (2, 0, 1), "tree": (1, 2, 1)},
-    4: {"chain": (4, 0, 1), "tree": (2, 2, 1)},
-}
-ESTIMATOR = {"chain": "grpo", "tree": "tree"}
+TITLE = "Learning: Tree-GRPO against chain GRPO at equal budget (tiny preset)"
+ISSUE = 14
+TIME_LIMIT_MIN = 100.0
+EM = "val-core/all/acc/mean@1"
 RESULT_FILE = "result.json"
 
 
 @dataclass(frozen=True)
-class Run:
-    """One cell of the grid."""
+class Arm:
+    """One configuration of the grid (run once per seed)."""
 
+    name: str
     budget: int
-    mode: str
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"budget{self.budget}-{self.mode}-seed{self.seed}"
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return SHAPES[self.budget][self.mode]
+    shape: tuple[int, int, int]  # (M, N, L)
+    estimator: str
 
     @property
     def label(self) -> str:
         m, n, l = self.shape  # noqa: E741
-        return f"tree ({m}, {n}, {l})" if self.mode == "tree" else f"chain M={m}"
+        shape = f"chain M={m}" if n == 0 else f"tree ({m}, {n}, {l})"
+        return f"{shape} [{self.estimator}]"
 
 
-# --------------------------------------------------------------------------- configuration
+ARMS = (
+    Arm("b2-chain", 2, (2, 0, 1), "grpo"),
+    Arm("b2-tree", 2, (1, 2, 1), "tree"),
+    Arm("b4-chain", 4, (4, 0, 1), "grpo"),
+    Arm("b4-tree", 4, (2, 2, 1), "tree"),
+    Arm("b4-tree_intra", 4, (2, 2, 1), "tree_intra"),
+    Arm("b4-tree_inter", 4, (2, 2, 1), "tree_inter"),
+    Arm("b4-grpo", 4, (2, 2, 1), "grpo"),
+)
+ARM = {a.name: a for a in ARMS}
 
 
-def common_overrides(args: argparse.Namespace) -> list[str]:
-    """Overrides every run shares (and the validation of the starting policy)."""
+def overrides(arm: Arm, seed: int, args: argparse.Namespace) -> list[str]:
+    m, n, l = arm.shape  # noqa: E741
     return [
-        f"data.train_batch_size={args.batch}",
-        f"data.val_size={args.val_size}",
-        f"tree.max_turns={args.max_turns}",
-        f"tree.max_action_tokens={args.max_action_tokens}",
-        f"learner.lr={args.lr}",
-        "learner.warmup_ratio=0",
-        f"learner.kl_coef={args.kl_coef}",
-        "trainer.val_before=false",
-        "trainer.val_after=true",
-        "trainer.resume=never",
-        "trainer.logger=[console,jsonl]" if args.verbose else "trainer.logger=[jsonl]",
-    ]
-
-
-def run_overrides(run: Run, args: argparse.Namespace) -> list[str]:
-    m, n, l = run.shape  # noqa: E741
-    return [
-        *common_overrides(args),
+        "preset=tiny",
         f"tree.m={m}",
         f"tree.n={n}",
         f"tree.l={l}",
-        f"tree.seed={run.seed}",
-        f"algorithm.adv_estimator={ESTIMATOR[run.mode]}",
+        f"tree.seed={seed}",
+        f"algorithm.adv_estimator={arm.estimator}",
+        f"trainer.seed={seed}",
         f"trainer.total_steps={args.steps}",
+        f"trainer.val_every={args.val_every}",
         f"trainer.save_every={args.steps}",
-        f"trainer.seed={run.seed}",
-        f"trainer.run_dir={args.run_dir / run.name}",
+        "trainer.val_before=false",
+        "trainer.plot=false",
+        "trainer.resume=never",
+        "trainer.logger=[jsonl]",
+        f"trainer.run_dir={args.run_dir / f'{arm.name}-seed{seed}'}",
     ]
 
 
-def pinned_val(cfg: Any) -> list[Any]:
-    """The validation questions of every run: ``data.prepare``'s draw for ``VAL_SEED``."""
-    from treegrpo.data import prepare
-
-    return prepare(cfg.data, seed=VAL_SEED).val
-
-
-def reuse(run_dir: Path, overrides: list[str]) -> dict[str, Any] | None:
-    """A finished run's record if it was made with these overrides; else None, and an
-    unfinished or different run's directory is removed."""
+def reuse(run_dir: Path, ov: list[str]) -> dict[str, Any] | None:
+    """A finished run's record made with these overrides; else None (and the directory of an
+    unfinished or different run is removed)."""
     path = run_dir / RESULT_FILE
     if path.is_file():
         try:
             record = json.loads(path.read_text())
-            if record.get("overrides") == overrides:
+            if record.get("overrides") == ov:
                 return record
         except ValueError:
             pass
@@ -230,525 +135,322 @@ def reuse(run_dir: Path, overrides: list[str]) -> dict[str, Any] | None:
     return None
 
 
-def trainer_for(overrides: list[str], args: argparse.Namespace) -> Any:
-    """A set-up Trainer of these overrides, validating on the pinned questions."""
+def train(ov: list[str], *, validate_only: bool = False) -> dict[str, Any]:
+    """One run of these overrides in this process; its record."""
     from treegrpo.config import load_config
     from treegrpo.train import Trainer
 
-    cfg = load_config(None, overrides)
-    trainer = Trainer(cfg, progress=args.verbose)
-    try:
+    cfg = load_config(None, ov)
+    start = time.perf_counter()
+    with Trainer(cfg, progress=False) as trainer:
         trainer.setup()
-        trainer.data = replace(trainer.data, val=pinned_val(cfg))
-    except BaseException:
-        trainer.close()
-        raise
-    return trainer
-
-
-def val_em(metrics: dict[str, float]) -> dict[str, float]:
-    """``val-core/<source>/acc/mean@1`` -> {source: EM}."""
-    return {
-        k.split("/")[1]: v
-        for k, v in metrics.items()
-        if k.startswith("val-core/") and k.endswith("/acc/mean@1")
-    }
-
-
-def starting_policy(trainer: Any) -> dict[str, Any]:
-    """What every run starts from: the base model and its cached warm start (path, settings,
-    final loss), as ``Trainer.setup`` loaded it."""
-    from treegrpo.engine.models import DEFAULT_POLICY
-    from treegrpo.sft import warm_start
-
-    cfg = trainer.cfg
-    base = DEFAULT_POLICY if cfg.model.path == "default" else cfg.model.path
-    if cfg.model.sft_steps == 0 or trainer.data.sft is None:
-        return {"base": str(base), "warm_start": None}
-    path = warm_start(  # cached by setup(): returns its directory at once
-        base,
-        trainer.data.sft,
-        cfg.model,
-        max_hops=cfg.data.max_hops,
-        seed=cfg.trainer.seed,
-        progress=False,
-    )
-    meta = path / "treegrpo_sft.json"
-    info = json.loads(meta.read_text()) if meta.is_file() else {}
-    return {"base": str(base), "warm_start": {"path": str(path), **info}}
-
-
-# --------------------------------------------------------------------------- runs
-
-
-def validate_start(args: argparse.Namespace) -> dict[str, Any]:
-    """Held-out EM of the shared starting policy (the warm start), measured once."""
-    overrides = [
-        *common_overrides(args),
-        "trainer.total_steps=0",
-        f"trainer.run_dir={args.run_dir / 'before'}",
-    ]
-    run_dir = args.run_dir / "before"
-    record = reuse(run_dir, overrides)
-    if record is not None:
-        print(f"validation before training: reused {run_dir / RESULT_FILE}")
-        return record
-    print(f"validation before training ({args.val_size} questions)...", flush=True)
-    start, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()
-    trainer = trainer_for(overrides, args)
-    try:
-        setup_s = time.perf_counter() - start
-        val_cpu = time.process_time()
-        metrics = trainer.validate("before")
-        val_cpu = time.process_time() - val_cpu
-        policy = starting_policy(trainer)
-    finally:
-        trainer.close()
-        del trainer
-        gc.collect()
-    record = {
-        "overrides": overrides,
-        "val_em": val_em(metrics),
-        "val_s": metrics.get("timing_s/validate"),
-        "val_cpu_s": val_cpu,
-        "setup_s": setup_s,
-        "wall_s": time.perf_counter() - start,
-        "cpu_s": time.process_time() - cpu,
-        "policy": policy,
-        "loadavg": [round(x, 2) for x in (*load, *os.getloadavg())],
-    }
-    (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return record
-
-
-def train_one(run: Run, args: argparse.Namespace) -> dict[str, Any]:
-    """One training run; its record (also written to its directory)."""
-    overrides = run_overrides(run, args)
-    run_dir = args.run_dir / run.name
-    record = reuse(run_dir, overrides)
-    if record is not None:
-        record["reused"] = True
-        return record
-    start, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()
-    trainer = trainer_for(overrides, args)
-    try:
-        setup_s = time.perf_counter() - start
-        final = trainer.run()
-    finally:
-        trainer.close()
-        del trainer
-        gc.collect()
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    steps = [
-        json.loads(line)
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
-    steps = [s for s in steps if "critic/score/mean" in s]
-
-    def total(key: str) -> float:
-        return float(sum(s.get(key, 0.0) for s in steps))
-
-    rewards = [s["critic/score/mean"] for s in steps]
-    record = {
-        "name": run.name,
-        "budget": run.budget,
-        "mode": run.mode,
-        "seed": run.seed,
-        "shape": list(run.shape),
-        "adv_estimator": ESTIMATOR[run.mode],
-        "overrides": overrides,
-        "steps": len(steps),
-        "val_em": val_em(final),
-        "train_reward_per_step": rewards,
-        "train_reward_mean": statistics.fmean(rewards) if rewards else math.nan,
-        "generated_tokens": total("tree/generated_tokens"),
-        "prefill_tokens": total("tree/prefill_tokens"),
-        "tool_calls": total("tree/tool_calls"),
-        "leaves": total("tree/leaves_per_prompt") * args.batch,
-        "rollout_s": total("timing_s/rollout"),
-        "update_s": total("timing_s/old_log_prob") + total("timing_s/update_actor"),
-        "val_s": final.get("timing_s/validate"),
-        "setup_s": setup_s,
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "loadavg": [round(x, 2) for x in (*load, *os.getloadavg())],
-    }
-    if not args.keep_checkpoints:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return record
-
-
-def eta(done: list[dict[str, Any]], remaining: list[Run]) -> float | None:
-    """Seconds left: each remaining run at the mean wall time of the finished runs of its
-    budget (or of another budget, scaled by the budget ratio)."""
-    fresh = [r for r in done if not r.get("reused")]
-    if not fresh:
-        return None
-    by_budget: dict[int, list[float]] = {}
-    for r in fresh:
-        by_budget.setdefault(r["budget"], []).append(r["wall_s"])
-    means = {b: statistics.fmean(ts) for b, ts in by_budget.items()}
-    left = 0.0
-    for run in remaining:
-        if run.budget in means:
-            left += means[run.budget]
+        if validate_only:
+            curve = [(0, trainer.validate("before")[EM], 0.0)]
+            records: list[dict[str, Any]] = []
         else:
-            b, t = next(iter(means.items()))
-            left += t * run.budget / b
-    return left
-
-
-def repo_path(path: Path) -> Path:
-    """``path`` relative to the repository root where it lies inside it."""
-    path = path.resolve()
-    return path.relative_to(HERE.parent) if path.is_relative_to(HERE.parent) else path
-
-
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    m, s = divmod(round(seconds), 60)
-    return f"{m}m{s:02d}s"
-
-
-# --------------------------------------------------------------------------- summary
-
-
-def stat(xs: list[float]) -> dict[str, float | int | None]:
-    """{"mean", "std" (sample std; None for fewer than two values), "n"} of the finite xs."""
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
+            trainer.run()
+            lines = (Path(cfg.trainer.run_dir) / "metrics.jsonl").read_text().splitlines()
+            records = [json.loads(x) for x in lines]
+    if not validate_only:
+        spent, tokens = 0.0, {0: 0.0}
+        for r in records:
+            if "tree/generated_tokens" in r:
+                spent += r["tree/generated_tokens"]
+                tokens[r["step"]] = spent
+        curve = [(r["step"], r[EM], tokens.get(r["step"], spent)) for r in records if EM in r]
+    steps = [r for r in records if "tree/generated_tokens" in r]
+    leaves = sum(r["tree/leaves_per_prompt"] for r in steps) * cfg.data.train_batch_size
+    tools = sum(r["tree/tool_calls"] for r in steps)
     return {
-        "mean": statistics.fmean(xs) if xs else None,
-        "std": statistics.stdev(xs) if len(xs) > 1 else None,
-        "n": len(xs),
+        "overrides": ov,
+        "curve": curve,  # (step, held-out EM, generated tokens so far)
+        "final_em": curve[-1][1],
+        "generated_tokens": sum(r["tree/generated_tokens"] for r in steps),
+        "tool_calls": tools,
+        "trajectories": leaves,
+        "tool_calls_per_trajectory": tools / leaves if leaves else None,
+        "train_reward": [r["critic/score/mean"] for r in steps],
+        "step_s": [r["timing_s/step"] for r in steps],
+        "wall_s": time.perf_counter() - start,
     }
 
 
-def pm(s: dict[str, Any], fmt: str) -> str:
-    """A stat() as "mean ± std" ("mean" alone for one value)."""
-    if s["mean"] is None:
-        return "-"
-    mean = fmt.format(s["mean"])
-    return mean if s["std"] is None else f"{mean} ± {fmt.format(s['std']).lstrip('+')}"
+def run_cached(run_dir: Path, ov: list[str], **kw: Any) -> dict[str, Any]:
+    record = reuse(run_dir, ov)
+    if record is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = train(ov, **kw)
+        (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        gc.collect()
+    return record
 
 
-KEYS = ("train_reward_mean", "generated_tokens", "tool_calls", "leaves", "wall_s")
+# --------------------------------------------------------------------------- statistics
 
 
-def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and std over seeds per (budget, mode), then per budget the paired difference
-    tree - chain (same seed: the same prompts and validation questions)."""
-    out: list[dict[str, Any]] = []
-    for budget in sorted({r["budget"] for r in records}):
-        cell = {m: [r for r in records if r["budget"] == budget and r["mode"] == m] for m in MODES}
-        for mode in MODES:
-            rs = cell[mode]
-            if not rs:
-                continue
-            sources = sorted({s for r in rs for s in r["val_em"]})
-            out.append(
-                {
-                    "budget": budget,
-                    "mode": mode,
-                    "label": Run(budget, mode, 0).label,
-                    "seeds": [r["seed"] for r in rs],
-                    **{key: stat([r[key] for r in rs]) for key in KEYS},
-                    "val_em": {
-                        s: stat([r["val_em"].get(s, math.nan) for r in rs]) for s in sources
-                    },
-                }
-            )
-        chain = {r["seed"]: r for r in cell["chain"]}
-        pairs = [(t, chain[t["seed"]]) for t in cell["tree"] if t["seed"] in chain]
-        if pairs:
-            sources = sorted({s for t, c in pairs for s in t["val_em"] if s in c["val_em"]})
-            out.append(
-                {
-                    "budget": budget,
-                    "mode": "tree - chain",
-                    "label": "tree - chain (paired by seed)",
-                    "seeds": [t["seed"] for t, _ in pairs],
-                    **{key: stat([t[key] - c[key] for t, c in pairs]) for key in KEYS},
-                    "val_em": {
-                        s: stat([t["val_em"][s] - c["val_em"][s] for t, c in pairs])
-                        for s in sources
-                    },
-                }
-            )
-    return out
+def t95(n: int) -> float:
+    """Two-sided 95% Student t quantile for n - 1 degrees of freedom."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, n - 1)) if n > 1 else math.inf
 
 
-def tables(summary: list[dict[str, Any]], before: dict[str, float]) -> str:
-    """The markdown report: one table of the main numbers, one of EM per data source."""
-    sources = sorted({s for row in summary for s in row["val_em"]} - {"all"})
-    rows, per_source = [], []
-    for row in summary:
-        sign = "+" if row["mode"] == "tree - chain" else ""
-        em = row["val_em"]
-        rows.append(
-            [
-                f"~{row['budget']}",
-                row["label"],
-                len(row["seeds"]),
-                pm(em.get("all", stat([])), f"{{:{sign}.3f}}"),
-                pm(row["train_reward_mean"], f"{{:{sign}.3f}}"),
-                pm(row["generated_tokens"], f"{{:{sign},.0f}}"),
-                pm(row["tool_calls"], f"{{:{sign}.0f}}"),
-                pm(row["leaves"], f"{{:{sign}.0f}}"),
-                pm(row["wall_s"], f"{{:{sign}.0f}}"),
-            ]
-        )
-        per_source.append(
-            [f"~{row['budget']}", row["label"]]
-            + [pm(em.get(s, stat([])), f"{{:{sign}.3f}}") for s in sources]
-        )
-    head = ["budget", "mode", "seeds", "held-out EM", "mean train reward"]
-    head += ["generated tokens", "tool calls", "leaves", "wall s"]
-    start = ", ".join(f"{s} {v:.3f}" for s, v in sorted(before.items()))
-    return (
-        f"Held-out EM of the starting policy (before training): {start or '-'}.\n\n"
-        f"{markdown_table(head, rows)}\n\n"
-        "Held-out EM after training, per data source:\n\n"
-        f"{markdown_table(['budget', 'mode', *sources], per_source)}\n"
+def mean_ci(xs: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high) of a 95% t interval over seeds."""
+    m = statistics.fmean(xs)
+    if len(xs) < 2:
+        return m, -math.inf, math.inf
+    half = t95(len(xs)) * statistics.stdev(xs) / math.sqrt(len(xs))
+    return m, m - half, m + half
+
+
+def verdict(low: float, high: float, paper_sign: int) -> str:
+    """The paper claims a difference of ``paper_sign`` (+1: the first arm is better)."""
+    if paper_sign * low > 0 and paper_sign * high > 0:
+        return "reproduced"
+    if paper_sign * low < 0 and paper_sign * high < 0:
+        return "not reproduced (opposite sign)"
+    return "inconclusive (CI holds 0)"
+
+
+def fmt_ci(m: float, lo: float, hi: float) -> str:
+    return f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" if math.isfinite(lo) else f"{m:+.3f}"
+
+
+def summarise(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int]) -> dict[str, Any]:
+    per_arm = {}
+    for arm in ARMS:
+        runs = [results[arm.name][s] for s in seeds]
+        em = mean_ci([r["final_em"] for r in runs])
+        per_arm[arm.name] = {
+            "label": arm.label,
+            "budget": arm.budget,
+            "final_em": [r["final_em"] for r in runs],
+            "final_em_mean_ci": em,
+            "generated_tokens_mean": statistics.fmean(r["generated_tokens"] for r in runs),
+            "tool_calls_mean": statistics.fmean(r["tool_calls"] for r in runs),
+            "trajectories_mean": statistics.fmean(r["trajectories"] for r in runs),
+            "tool_calls_per_trajectory_mean": statistics.fmean(
+                r["tool_calls_per_trajectory"] for r in runs
+            ),
+        }
+
+    def paired(a: str, b: str) -> dict[str, Any]:
+        diffs = [results[a][s]["final_em"] - results[b][s]["final_em"] for s in seeds]
+        base = statistics.fmean(results[b][s]["final_em"] for s in seeds)
+        m, lo, hi = mean_ci(diffs)
+        return {"diffs": diffs, "mean_ci": (m, lo, hi), "relative": m / base if base else None}
+
+    comparisons = {
+        "b2: tree - chain": paired("b2-tree", "b2-chain"),
+        "b4: tree - chain": paired("b4-tree", "b4-chain"),
+        "tree@2 - chain@4": paired("b2-tree", "b4-chain"),
+        "b4: tree - tree_intra": paired("b4-tree", "b4-tree_intra"),
+        "b4: tree - tree_inter": paired("b4-tree", "b4-tree_inter"),
+        "b4: tree - grpo (same tree rollouts)": paired("b4-tree", "b4-grpo"),
+    }
+    # The paper's claims (Ji et al. 2025, Table 3 and the ablations) and what we measured.
+    c = comparisons
+    claims = [
+        ("budget ~2: tree beats chain (paper: +112% relative EM)", c["b2: tree - chain"], +1),
+        ("budget ~4: tree beats chain (paper: +16% relative EM)", c["b4: tree - chain"], +1),
+        (
+            "tree at budget ~2 reaches chain at ~4 (paper: with a quarter of the tool calls); "
+            "read as: tree@2 - chain@4 is not negative",
+            c["tree@2 - chain@4"],
+            +1,
+        ),
+        (
+            "inter + intra beats intra alone (paper: intra alone is unstable)",
+            c["b4: tree - tree_intra"],
+            +1,
+        ),
+    ]
+    verdicts = []
+    for text, comp, sign in claims:
+        m, lo, hi = comp["mean_ci"]
+        v = verdict(lo, hi, sign)
+        if text.startswith("tree at budget ~2") and lo <= 0 <= hi:
+            v = "inconclusive (CI holds 0; consistent with 'reaches')"
+        verdicts.append({"claim": text, "measured": fmt_ci(m, lo, hi), "verdict": v})
+    ratio = per_arm["b2-tree"]["tool_calls_mean"] / per_arm["b4-chain"]["tool_calls_mean"]
+    b2t = per_arm["b2-tree"]["tool_calls_per_trajectory_mean"]
+    b4c = per_arm["b4-chain"]["tool_calls_per_trajectory_mean"]
+    verdicts.append(
+        {
+            "claim": "tool calls per trajectory (paper: 2.4 chain -> 3.0 tree)",
+            "measured": ", ".join(
+                f"{a.label}: {per_arm[a.name]['tool_calls_per_trajectory_mean']:.2f}"
+                for a in ARMS[:4]
+            ),
+            "verdict": "see the numbers (our 1-2 hop questions need 1-2 searches)",
+        }
     )
+    verdicts.append(
+        {
+            "claim": "tool calls spent: tree@2 against chain@4 (paper: a quarter)",
+            "measured": (
+                f"{per_arm['b2-tree']['tool_calls_mean']:.0f} vs "
+                f"{per_arm['b4-chain']['tool_calls_mean']:.0f} per run "
+                f"({ratio:.2f}x;"
+                f" per trajectory {b2t:.2f} vs {b4c:.2f})"
+            ),
+            "verdict": "measured",
+        }
+    )
+    return {"arms": per_arm, "comparisons": comparisons, "claims": verdicts}
 
 
-def plot(summary: list[dict[str, Any]], before: dict[str, float], out: Path) -> Path | None:
-    """Held-out EM against generated tokens, one line per mode over the budgets (mean and std
-    over seeds as error bars), and the starting policy's EM."""
-    try:
-        import matplotlib
+def plot(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int], out: Path) -> Path:
+    """EM against generated tokens per arm: mean over seeds, 95% CI band."""
+    from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install -c constraints.txt matplotlib)")
-        return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for mode, marker in zip(MODES, ("o", "s"), strict=True):
-        rows = [r for r in summary if r["mode"] == mode and r["val_em"].get("all", {}).get("n")]
-        if not rows:
-            continue
-        xs = [r["generated_tokens"]["mean"] for r in rows]
-        ys = [r["val_em"]["all"]["mean"] for r in rows]
-        ax.errorbar(
-            xs,
-            ys,
-            xerr=[r["generated_tokens"]["std"] or 0.0 for r in rows],
-            yerr=[r["val_em"]["all"]["std"] or 0.0 for r in rows],
-            marker=marker,
-            capsize=4,
-            label=mode,
-        )
-        for x, y, r in zip(xs, ys, rows, strict=True):
-            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
-    if "all" in before:
-        ax.axhline(
-            before["all"], color="grey", linestyle="--", linewidth=1, label="before training"
-        )
-    seeds = max((len(r["seeds"]) for r in summary), default=0)
-    ax.set_xlabel("generated tokens spent in training (sum over steps)")
-    ax.set_ylabel("held-out EM (greedy, all sources)")
-    ax.set_title(f"Tree-GRPO vs chain GRPO: mean ± std over {seeds} seed(s)")
-    ax.margins(x=0.2, y=0.15)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig = Figure(figsize=(15, 4.2))
+    axes = fig.subplots(1, 3)
+    panels = (
+        ("budget ~2", ["b2-chain", "b2-tree"]),
+        ("budget ~4", ["b4-chain", "b4-tree"]),
+        (
+            "budget ~4: estimators on tree (2, 2, 1)",
+            ["b4-tree", "b4-tree_intra", "b4-tree_inter", "b4-grpo"],
+        ),
+    )
+    for ax, (title, names) in zip(axes, panels, strict=True):
+        for name in names:
+            curves = [results[name][s]["curve"] for s in seeds]
+            n = min(len(c) for c in curves)
+            xs = [statistics.fmean(c[i][2] for c in curves) for i in range(n)]
+            stats = [mean_ci([c[i][1] for c in curves]) for i in range(n)]
+            ys = [m for m, _, _ in stats]
+            ax.plot(xs, ys, marker="o", markersize=3, label=ARM[name].label)
+            if len(seeds) > 1:
+                ax.fill_between(
+                    xs, [lo for _, lo, _ in stats], [hi for _, _, hi in stats], alpha=0.15
+                )
+        ax.set_title(title)
+        ax.set_xlabel("generated tokens (mean over seeds)")
+        ax.set_ylabel("held-out EM (greedy)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"tiny preset, {len(seeds)} seeds, mean and 95% CI")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    fig.savefig(out, dpi=100)
     return out
 
 
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 (default 3)")
-    ap.add_argument("--steps", type=int, default=2, help="training steps per run (%(default)s)")
-    ap.add_argument("--batch", type=int, default=2, help="prompts per step (%(default)s)")
-    ap.add_argument(
-        "--val-size", type=int, default=16, help="held-out validation questions (%(default)s)"
-    )
-    ap.add_argument(
-        "--lr", type=float, default=1e-5, help="learning rate, both modes (%(default)s)"
-    )
-    ap.add_argument(
-        "--kl-coef", type=float, default=0.0, help="KL loss weight (%(default)s: no reference)"
-    )
-    ap.add_argument("--budgets", default="2,4", help="comma-separated, from: 2, 4 (%(default)s)")
-    ap.add_argument(
-        "--max-turns", type=int, default=3, help="search turns before the final one (%(default)s)"
-    )
-    ap.add_argument(
-        "--max-action-tokens", type=int, default=96, help="tokens per agent step (%(default)s)"
-    )
-    ap.add_argument(
-        "--run-dir",
-        type=Path,
-        default=None,
-        help="where the runs' directories go (bench/results/learning_runs)",
-    )
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads (default: torch's, one per core); 1 is steadier on a busy machine",
-    )
-    ap.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoint")
-    ap.add_argument("--verbose", action="store_true", help="the Trainer's progress bars and logs")
-    ap.add_argument(
-        "--quick", action="store_true", help="1 seed, 1 step, budget 2, 4 val questions"
-    )
-    ap.add_argument("--out", type=Path, default=None, help="result JSON (default: full runs only)")
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=30, help="training steps per run")
+    ap.add_argument("--val-every", type=int, default=10)
+    ap.add_argument("--arms", default=",".join(ARM), help="comma-separated arm names")
+    ap.add_argument("--run-dir", type=Path, default=RESULTS / "learning_runs")
+    ap.add_argument("--quick", action="store_true", help="1 seed, 2 steps, 2 arms, no JSON")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.quick:
-        args.seeds, args.steps, args.val_size, args.budgets = 1, 1, 4, "2"
-    try:
-        args.budgets = [int(b) for b in str(args.budgets).split(",") if b.strip()]
-    except ValueError:
-        ap.error(f"--budgets {args.budgets!r}: give comma-separated integers, e.g. 2,4")
-    unknown = [b for b in args.budgets if b not in SHAPES]
-    if unknown or not args.budgets:
-        ap.error(f"--budgets: choose from {', '.join(map(str, SHAPES))}")
-    for name in ("seeds", "steps", "batch", "val_size"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.run_dir is None:
-        sub = "learning_runs_quick" if args.quick else "learning_runs"
-        args.run_dir = RESULTS / sub
-    args.run_dir = args.run_dir.resolve()
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+        args.seeds, args.steps, args.val_every, args.arms = 1, 2, 1, "b2-chain,b2-tree"
+        args.run_dir = args.run_dir.with_name(args.run_dir.name + "_quick")
+    arms = [ARM[a] for a in args.arms.split(",")]
+    seeds = list(range(args.seeds))
     started = time.perf_counter()
-    import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.threads = torch.get_num_threads()
-    load = os.getloadavg()[0]
-    if load > 1.0:
+    # the shared starting policy, validated once (greedy: the same for every run)
+    before_ov = [*overrides(ARMS[0], 0, args)[:1], f"trainer.run_dir={args.run_dir / 'before'}"]
+    before = run_cached(args.run_dir / "before", before_ov, validate_only=True)
+    print(f"starting policy: held-out EM {before['final_em']:.3f}", flush=True)
+
+    results: dict[str, dict[int, dict[str, Any]]] = {a.name: {} for a in arms}
+    todo = [(a, s) for s in seeds for a in arms]
+    for i, (arm, seed) in enumerate(todo, 1):
+        ov = overrides(arm, seed, args)
+        t = time.perf_counter()
+        record = run_cached(args.run_dir / f"{arm.name}-seed{seed}", ov)
+        record["curve"] = [before["curve"][0], *record["curve"]]
+        results[arm.name][seed] = record
+        elapsed = (time.perf_counter() - started) / 60
         print(
-            f"note: load average {load:.1f} on {os.cpu_count()} cores: other jobs compete for "
-            "the CPU, so times (and the 60-minute budget) are not those of a quiet machine"
-            + ("; --threads 1 is steadier" if args.threads > 1 else ""),
+            f"[{i}/{len(todo)}] {arm.label} seed {seed}: EM {before['final_em']:.3f} -> "
+            f"{record['final_em']:.3f}, {record['generated_tokens']:.0f} tokens, "
+            f"{time.perf_counter() - t:.0f} s (grid {elapsed:.1f} min)",
             flush=True,
         )
-    args.run_dir.mkdir(parents=True, exist_ok=True)
-    grid = [
-        Run(budget, mode, seed)
-        for seed in range(args.seeds)  # whole seeds first: a stopped grid is balanced
-        for budget in args.budgets
-        for mode in MODES
+    total_min = (time.perf_counter() - started) / 60
+    if args.quick and args.out is None:
+        return 0
+
+    summary = summarise(results, seeds)
+    rows = []
+    for a in summary["arms"].values():
+        m, lo, hi = a["final_em_mean_ci"]
+        rows.append(
+            [
+                a["label"],
+                a["budget"],
+                f"{m:.3f} [{lo:.3f}, {hi:.3f}]",
+                f"{a['generated_tokens_mean']:.0f}",
+                f"{a['tool_calls_mean']:.0f}",
+                f"{a['tool_calls_per_trajectory_mean']:.2f}",
+            ]
+        )
+    headers = [
+        "arm",
+        "budget",
+        "final EM, mean [95% CI]",
+        "gen tokens",
+        "tool calls",
+        "tool calls / traj",
     ]
-    print(
-        f"learning experiment: {len(grid)} runs ({args.seeds} seed(s) x budgets "
-        f"{args.budgets} x {', '.join(MODES)}), {args.steps} steps x {args.batch} prompts, "
-        f"{args.val_size} validation questions, lr {args.lr}, kl_coef {args.kl_coef}, "
-        f"{args.threads} torch threads; "
-        f"runs in {args.run_dir}",
-        flush=True,
-    )
-    start = validate_start(args)
-    before = start["val_em"]
-    records, failed = [], []
-    for i, run in enumerate(grid):
-        elapsed = time.perf_counter() - started
-        print(
-            f"[{i + 1}/{len(grid)}] {run.name}: {run.label}, estimator {ESTIMATOR[run.mode]} "
-            f"(elapsed {fmt_duration(elapsed)}, ETA {fmt_duration(eta(records, grid[i:]))})",
-            flush=True,
-        )
-        try:
-            record = train_one(run, args)
-        except Exception:
-            traceback.print_exc()
-            failed.append(run.name)
-            print(f"[{i + 1}/{len(grid)}] {run.name}: FAILED (continuing)", flush=True)
-            continue
-        records.append(record)
-        em = record["val_em"].get("all", math.nan)
-        how = "reused" if record.get("reused") else f"{record['wall_s']:.0f} s"
-        print(
-            f"[{i + 1}/{len(grid)}] {run.name}: held-out EM {em:.3f} "
-            f"(before {before.get('all', math.nan):.3f}), train reward "
-            f"{record['train_reward_mean']:.3f}, {record['generated_tokens']:.0f} generated "
-            f"tokens, {record['tool_calls']:.0f} tool calls ({how})",
-            flush=True,
-        )
-
-    summary = summarise(records)
-    report = tables(summary, before)
+    print(markdown_table(headers, rows))
     print()
-    print(report)
-    grid_s = start["wall_s"] + sum(r["wall_s"] for r in records)
-    elapsed = time.perf_counter() - started
+    comp_rows = [
+        [
+            k,
+            fmt_ci(*v["mean_ci"]),
+            " ".join(f"{d:+.3f}" for d in v["diffs"]),
+            f"{100 * v['relative']:+.0f}%" if v["relative"] is not None else "-",
+        ]
+        for k, v in summary["comparisons"].items()
+    ]
+    print(markdown_table(["paired difference", "mean [95% CI]", "per seed", "relative"], comp_rows))
+    print()
     print(
-        f"grid wall time (sum of the runs' own times): {grid_s / 60:.1f} min; "
-        f"this invocation {elapsed / 60:.1f} min"
+        markdown_table(
+            ["claim", "measured", "verdict"],
+            [[c["claim"], c["measured"], c["verdict"]] for c in summary["claims"]],
+        )
     )
-
-    write = args.out is not None or not args.quick
-    if write:
-        out = args.out or RESULTS / f"{NAME}.json"
-        png = plot(summary, before, out.with_suffix(".png"))
-        complete = not failed and len(records) == len(grid)
-        payload = {
-            "title": TITLE,
-            "issue": ISSUE,
-            "targets": [
-                target(
-                    "whole grid wall time (val before + every run)",
-                    grid_s / 60 if complete else None,
-                    "<=",
-                    TIME_LIMIT_MIN,
-                    "min",
-                    note=(
-                        f"{len(grid)} runs: {args.seeds} seeds x budgets {args.budgets} x "
-                        f"chain/tree, {args.steps} steps x {args.batch} prompts, "
-                        f"{args.val_size} val questions"
-                    ),
-                )
-            ],
-            "settings": {
-                "seeds": args.seeds,
-                "steps": args.steps,
-                "batch": args.batch,
-                "val_size": args.val_size,
-                "val_seed": VAL_SEED,
-                "lr": args.lr,
-                "kl_coef": args.kl_coef,
-                "budgets": args.budgets,
-                "shapes": {str(b): SHAPES[b] for b in args.budgets},
-                "estimators": ESTIMATOR,
-                "max_turns": args.max_turns,
-                "max_action_tokens": args.max_action_tokens,
-                "torch_threads": args.threads,
-                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                "quick": args.quick,
-            },
-            "val_before": start,
-            "runs": records,
-            "failed": failed,
-            "summary": summary,
-            "table_md": report,
-            "plot": str(repo_path(png)) if png else None,
-            "grid_wall_s": grid_s,
-            "elapsed_s": elapsed,
-        }
-        path = write_results(NAME, payload, out)
-        print(f"wrote {path}" + (f" and {png}" if png else ""))
-    else:
-        print("--quick: no result file or plot written (give --out to write them)")
-    return 1 if failed else 0
+    png = plot(results, seeds, RESULTS / "learning.png")
+    print(f"\nwrote {png}; grid {total_min:.1f} min")
+    payload = {
+        "title": TITLE,
+        "issue": ISSUE,
+        "targets": [
+            target(
+                "whole grid wall time",
+                total_min,
+                "<=",
+                TIME_LIMIT_MIN,
+                "min",
+                note="includes reused runs at 0 s when resumed",
+            ),
+        ],
+        "settings": {
+            "seeds": args.seeds,
+            "steps": args.steps,
+            "val_every": args.val_every,
+            "preset": "tiny",
+        },
+        "before": before,
+        "summary": summary,
+        "runs": {k: {str(s): r for s, r in v.items()} for k, v in results.items()},
+        "plot": str(png.relative_to(HERE.parent)),
+    }
+    print(f"wrote {write_results(NAME, payload, args.out)}")
+    return 0
 
 
 if __name__ == "__main__":

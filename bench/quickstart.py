@@ -1,20 +1,21 @@
-"""Quickstart benchmark (issue 7): `treegrpo train` with no arguments, end to end, and each
-training step's wall time split by stage.
+"""Quickstart benchmark (issue 14): `treegrpo train` with no arguments, for 3 seeds.
 
-The run goes through the code `treegrpo train` runs (load_config -> Trainer.setup -> Trainer.run),
-in this process so that setup and checkpoint saves can be timed around the trainer's own
-methods. By default it starts from an empty cache (TREEGRPO_CACHE in a temporary directory):
-the GGUF conversion of the default policy, the synthetic world, the BM25 index and the SFT warm
-start are all part of the time, as on a first run on a fresh machine. ``--cache DIR`` reuses a
-cache (a warm run: all of those are loaded instead). The run directory is temporary.
+Each run is the user's command itself, ``python -m treegrpo train trainer.seed=S`` in a fresh
+process, timed from outside (imports, the one-time build and every validation included):
 
-Target: the whole run, imports included, within 15 minutes on this 2-core machine.
+- seed 0 from an EMPTY cache (``TREEGRPO_CACHE`` in a temporary directory): the synthetic
+  world, the from-scratch policy (tokenizer + random Llama), the BM25 index and the SFT warm
+  start are built, as on a first run on a fresh machine. Target: 15 minutes.
+- seeds 1 and 2 on that cache (the warm start is shared: ``model.sft_seed`` does not change
+  with ``trainer.seed``), so only RL and validation run. Target: 5 minutes each.
+- Every seed: held-out EM (greedy, ``val-core/all/acc/mean@1`` on the preset's 200 test
+  questions) before and after training. Target: after - before >= +0.10 in every seed.
+- The steps' wall time by stage, from the trainer's own timers (``timing_s/*`` in
+  metrics.jsonl): median over every step of every run. Target: one Tree-GRPO step over the
+  preset's 8 prompts with (M, N, L) = (2, 2, 1) within 10 s.
 
-Stages of a step come from the trainer's own timers (metrics.jsonl, ``timing_s/*``):
-generation (engine), tool calls, rewards, advantages, old log-probs, the update, weight sync and
-the Parquet rollout logs; checkpoint saves are timed around ``Trainer.checkpoint``.
-
-Run: .venv/bin/python bench/quickstart.py [--cache DIR] [--quick] [--out FILE]
+Run: .venv/bin/python bench/quickstart.py [--seeds 3] [--out FILE]
+     .venv/bin/python bench/quickstart.py --quick    # 2 steps, one seed, no JSON
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import markdown_table, target, write_results
 
-STARTED = time.perf_counter()  # before torch and treegrpo are imported (inside run())
-
-TITLE = "Quickstart: treegrpo train end to end, and a step by stage"
-ISSUE = 7
-TARGET_S = 15 * 60.0
+TITLE = "Quickstart: treegrpo train end to end (tiny preset), 3 seeds"
+ISSUE = 14
+COLD_TARGET_S = 15 * 60.0
+WARM_TARGET_S = 5 * 60.0
+STEP_TARGET_S = 10.0
+GAIN_TARGET = 0.10
+EM = "val-core/all/acc/mean@1"
 # (label, metrics key) of a step's stages, in the order the loop runs them.
 STAGES = (
     ("generation (engine)", "timing_s/gen"),
@@ -49,145 +52,128 @@ STAGES = (
     ("update", "timing_s/update_actor"),
     ("weight sync", "timing_s/weight_sync"),
     ("rollout logs (Parquet)", "timing_s/log"),
+    ("whole step", "timing_s/step"),
 )
-# --quick: one short step from the default cache, to check that this script runs.
-QUICK = [
-    "trainer.total_steps=1",
-    "trainer.val_before=false",
-    "trainer.val_after=false",
-    "data.train_batch_size=1",
-]
 
 
-def timed(fn: Callable[..., Any], into: list[float]) -> Callable[..., Any]:
-    """``fn``, appending the wall time of each call to ``into``."""
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            into.append(time.perf_counter() - start)
-
-    return wrapper
-
-
-def seconds(value: float) -> str:
-    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
-
-
-def run(overrides: list[str]) -> dict[str, Any]:
-    """One quickstart run; the wall time of its parts and its metrics records."""
-    from treegrpo import distributed
-    from treegrpo.config import load_config
-    from treegrpo.train import Trainer
-
-    imported = time.perf_counter()
-    cfg = load_config(None, overrides)
-    trainer = Trainer(cfg, progress=True)
-    policy_s: list[float] = []
-    checkpoint_s: list[float] = []
-    validate_s: list[float] = []
-    trainer._load_policy = timed(trainer._load_policy, policy_s)  # type: ignore[method-assign]
-    trainer.checkpoint = timed(trainer.checkpoint, checkpoint_s)  # type: ignore[method-assign]
-    trainer.validate = timed(trainer.validate, validate_s)  # type: ignore[method-assign]
-    try:
-        start = time.perf_counter()
-        trainer.setup()
-        setup_s = time.perf_counter() - start
-        start = time.perf_counter()
-        trainer.run()
-        run_s = time.perf_counter() - start
-    finally:
-        trainer.close()
-        distributed.shutdown()
-    total_s = time.perf_counter() - STARTED
-    lines = (Path(cfg.trainer.run_dir) / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
-    steps = [r for r in records if "timing_s/step" in r]
+def run(seed: int, run_dir: Path, cache: Path, extra: list[str]) -> dict[str, Any]:
+    """One ``treegrpo train`` process; its wall time and metrics records."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "treegrpo",
+        "train",
+        "--no-progress",
+        f"trainer.seed={seed}",
+        f"trainer.run_dir={run_dir}",
+        *extra,
+    ]
+    env = {**os.environ, "TREEGRPO_CACHE": str(cache)}
+    print(f"$ {' '.join(cmd[1:])}", flush=True)
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
+        raise SystemExit(f"treegrpo train (seed {seed}) failed with exit code {done.returncode}")
+    print(done.stdout.strip().splitlines()[-1], flush=True)
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in records if EM in r]
     return {
-        "overrides": overrides,
-        "total_s": total_s,
-        "imports_s": imported - STARTED,
-        "setup_s": setup_s,
-        "policy_s": policy_s[0] if policy_s else None,
-        "validate_s": validate_s,
-        "train_loop_s": run_s,
-        "checkpoint_s": checkpoint_s,
-        "steps": steps,
-        "validation": [r for r in records if any(k.startswith("val-core/") for k in r)],
+        "seed": seed,
+        "wall_s": wall,
+        "em_before": vals[0][EM],
+        "em_after": vals[-1][EM],
+        "em_curve": [(r["step"], r[EM]) for r in vals],
+        "steps": [r for r in records if "timing_s/step" in r],
+        "stdout_tail": done.stdout.strip().splitlines()[-3:],
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--cache", type=Path, default=None, help="reuse this cache (default: empty)")
-    ap.add_argument("--quick", action="store_true", help="one short step, default cache, no JSON")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="2 steps, one seed, no JSON")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    extra = ["trainer.total_steps=2", "trainer.val_every=0"] if args.quick else []
+    seeds = 1 if args.quick else args.seeds
 
+    runs = []
     with tempfile.TemporaryDirectory(prefix="treegrpo-quickstart-") as tmp:
-        if args.cache is not None:
-            cache, cold = args.cache.resolve(), False
-        elif args.quick:
-            cache, cold = None, False
-        else:
-            cache, cold = Path(tmp) / "cache", True
-        if cache is not None:
-            os.environ["TREEGRPO_CACHE"] = str(cache)
-        overrides = [f"trainer.run_dir={Path(tmp) / 'run'}", "trainer.resume=never"]
-        result = run(overrides + (QUICK if args.quick else []))
+        cache = Path(tmp) / "cache"  # empty: the first run builds everything
+        for seed in range(seeds):
+            runs.append(run(seed, Path(tmp) / f"run-{seed}", cache, extra))
 
-    steps = result["steps"]
-    median_step = statistics.median(s["timing_s/step"] for s in steps)
-    rows = []
-    for label, key in (*STAGES, ("whole step", "timing_s/step")):
-        values = [s[key] for s in steps if key in s]
-        share = statistics.median(values) / median_step
-        rows.append([label, *(seconds(v) for v in values), f"{100 * share:.1f}%"])
-    saves = result["checkpoint_s"]
-    rows.insert(-1, ["checkpoint save", *(seconds(v) for v in saves), "-"])
-    headers = ["stage", *(f"step {s['step']} (s)" for s in steps), "share of the median step"]
     print()
-    print(markdown_table(headers, rows))
-    print()
-    parts = [
-        ("imports", result["imports_s"]),
-        ("setup (data, retriever, engine, learner)", result["setup_s"] - (result["policy_s"] or 0)),
-        ("policy (conversion, SFT warm start, load)", result["policy_s"] or 0.0),
-        ("validation", sum(result["validate_s"])),
-        ("training steps", sum(s["timing_s/step"] for s in steps)),
-        ("checkpoint saves", sum(saves)),
+    rows = [
+        [
+            r["seed"],
+            "empty" if i == 0 else "warm",
+            f"{r['wall_s']:.0f}",
+            f"{r['em_before']:.3f}",
+            f"{r['em_after']:.3f}",
+            f"{r['em_after'] - r['em_before']:+.3f}",
+            " ".join(f"{em:.3f}" for _, em in r["em_curve"]),
+        ]
+        for i, r in enumerate(runs)
     ]
-    accounted = sum(v for _, v in parts)
-    parts.append(("other (logging, progress bars, teardown)", result["total_s"] - accounted))
-    parts.append(("total", result["total_s"]))
-    print(markdown_table(["part of the run", "wall s"], [[n, f"{v:.1f}"] for n, v in parts]))
-    cache_kind = "empty cache (first run)" if cold else "warm cache"
-    print(f"\ntotal {result['total_s']:.0f} s, {cache_kind} (target {TARGET_S:.0f} s)")
-
+    headers = ["seed", "cache", "wall s", "EM before", "EM after", "gain", "EM curve"]
+    print(markdown_table(headers, rows))
+    steps = [s for r in runs for s in r["steps"]]
+    stage_rows = []
+    medians: dict[str, float] = {}
+    for label, key in STAGES:
+        values = [s[key] for s in steps if key in s]
+        medians[key] = statistics.median(values) if values else float("nan")
+        stage_rows.append(
+            [label, f"{medians[key]:.3g}", f"{min(values):.3g}", f"{max(values):.3g}"]
+        )
+    print()
+    print(f"training steps by stage ({len(steps)} steps of {len(runs)} runs, seconds):")
+    print(markdown_table(["stage", "median", "min", "max"], stage_rows))
     if args.quick and args.out is None:
         return 0
-    name = f"treegrpo train (quickstart), {cache_kind}, imports included"
+
+    gains = [r["em_after"] - r["em_before"] for r in runs]
+    warm = [r["wall_s"] for r in runs[1:]]
+    targets = [
+        target(
+            "quickstart from an empty cache (build + warm start included), seed 0",
+            runs[0]["wall_s"] / 60,
+            "<=",
+            COLD_TARGET_S / 60,
+            "min",
+        ),
+        target(
+            "quickstart with the policy cached, slowest seed",
+            max(warm) / 60 if warm else None,
+            "<=",
+            WARM_TARGET_S / 60,
+            "min",
+        ),
+        target(
+            "held-out EM gain (after - before), worst seed",
+            min(gains),
+            ">=",
+            GAIN_TARGET,
+            "",
+            note="gains per seed: " + ", ".join(f"{g:+.3f}" for g in gains),
+        ),
+        target(
+            "one Tree-GRPO step, 8 prompts, (2, 2, 1): median over the runs' steps",
+            medians["timing_s/step"],
+            "<=",
+            STEP_TARGET_S,
+            "s",
+        ),
+    ]
     payload = {
         "title": TITLE,
         "issue": ISSUE,
-        "targets": [
-            target(
-                name,
-                result["total_s"] / 60,
-                "<=",
-                TARGET_S / 60,
-                "min",
-                note=(
-                    f"{len(steps)} steps, median step {median_step:.0f} s; policy (with SFT "
-                    f"on a first run) {result['policy_s'] or 0:.0f} s"
-                ),
-            )
-        ],
-        "cold_cache": cold,
-        "parts_s": dict(parts),
-        **result,
+        "targets": targets,
+        "stage_median_s": medians,
+        "runs": runs,
     }
     print(f"wrote {write_results('quickstart', payload, args.out)}")
     return 0

@@ -143,8 +143,12 @@ class ModelConfig:
       RL (0 = none); the result is cached, so later runs skip it. Neither small model follows
       the tool format on its own.
     - ``sft_batch_size`` / ``sft_lr``: its batch (episodes) and learning rate.
-    - ``sft_episodes``: warm start on this many gold episodes (a seeded subset; 0 = all), so
-      that RL meets questions the warm start never showed.
+    - ``sft_episodes``: warm start on the first N gold episodes only (0 = all); RL then
+      trains on the OTHER train questions, which the warm start never showed (a policy that
+      memorised its warm-start questions learns little from RL on them).
+    - ``sft_corpus_docs``: corpus pages added to each warm-start step, trained on every token
+      (language modelling; 0 = none): every name of the world gets a trained embedding, so
+      the policy can copy names it has not seen in a gold episode.
     - ``sft_seed``: the warm start's episode draws (not ``trainer.seed``: runs that differ
       only in their RL seed share one warm start).
     - ``sft_micro_batch_tokens``: padded tokens per warm-start forward pass (gradient
@@ -160,6 +164,7 @@ class ModelConfig:
     sft_lr: float = 1e-4
     sft_episodes: int = 0
     sft_seed: int = 0
+    sft_corpus_docs: int = 0
     sft_micro_batch_tokens: int = 2048
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: Literal["cpu", "cuda", "auto"] = "auto"
@@ -172,6 +177,7 @@ class ModelConfig:
             "model.sft_micro_batch_tokens", self.sft_micro_batch_tokens, MAX_TOKENS, "MAX_TOKENS"
         )
         _need(self.sft_episodes >= 0, "model.sft_episodes must be >= 0 (0 = all)")
+        _need(self.sft_corpus_docs >= 0, "model.sft_corpus_docs must be >= 0 (0 = none)")
         _need(self.sft_batch_size >= 1, "model.sft_batch_size must be >= 1")
         _at_most(
             "model.sft_batch_size", self.sft_batch_size, MAX_LEAVES_PER_STEP, "MAX_LEAVES_PER_STEP"

@@ -38,6 +38,21 @@ class RunData:
 
     style: str = "search_r1"
 
+    def without(self, indices: set[int], *, seed: int) -> RunData:
+        """These data with the training questions of these train-split indices
+        (``extra_info.index``) left out, the rest in a new seeded order."""
+        from dataclasses import replace
+
+        train = [x for x in self.train if int(x.extra_info.get("index", -1)) not in indices]
+        if not train:
+            raise InvalidArgumentError(
+                f"no training question is left for RL: the warm start uses all {len(self.train)} "
+                "(lower model.sft_episodes, or raise data.synth_train)"
+            )
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        return replace(self, train=train, order=order)
+
     def prompt(self, example: Example, tokenizer: Any) -> Prompt:
         """The rollout's view of a question: its rendered prompt ids and reward inputs."""
         ids = prompt_ids(example.prompt, example.question, tokenizer, self.style)

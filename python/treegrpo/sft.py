@@ -24,23 +24,41 @@ if TYPE_CHECKING:
 __all__ = ["add_subcommand", "episodes", "warm_start"]
 
 
-def episodes(
-    path: Path, tokenizer: Any, *, max_hops: int = 0, prompt: str = "search_r1"
-) -> list[tuple[list[int], list[bool]]]:
-    """(token ids, loss mask) of every gold episode in a ``sft.parquet`` file: the rendered
-    prompt (``prompt``: see :func:`treegrpo.data.prompt_ids`), then each step's action
-    (trained) and observation (masked)."""
+def gold_rows(path: Path, *, max_hops: int = 0, limit: int = 0) -> list[dict[str, Any]]:
+    """The rows of a ``sft.parquet`` file the warm start uses: those with at most ``max_hops``
+    hops (0 = all), the first ``limit`` of them in file order (0 = all)."""
     import pyarrow.parquet as pq
 
+    rows = []
+    for row in pq.read_table(path).to_pylist():
+        hops = int((row.get("extra_info") or {}).get("hops", 1))
+        if not max_hops or hops <= max_hops:
+            rows.append(row)
+    return rows[:limit] if limit else rows
+
+
+def warm_start_questions(path: Path, *, max_hops: int = 0, limit: int = 0) -> set[int]:
+    """The train-split indices (``extra_info.index``) of the questions whose gold episodes the
+    warm start trains on: with ``model.sft_episodes`` set, RL trains on the others."""
+    return {int(r["extra_info"]["index"]) for r in gold_rows(path, max_hops=max_hops, limit=limit)}
+
+
+def episodes(
+    path: Path,
+    tokenizer: Any,
+    *,
+    max_hops: int = 0,
+    prompt: str = "search_r1",
+    limit: int = 0,
+) -> list[tuple[list[int], list[bool]]]:
+    """(token ids, loss mask) of the gold episodes of :func:`gold_rows`: the rendered prompt
+    (``prompt``: see :func:`treegrpo.data.prompt_ids`), then each step's action (trained) and
+    observation (masked)."""
     from treegrpo import Forest
     from treegrpo.data import prompt_ids
 
-    table = pq.read_table(path).to_pylist()
     forest, leaves = Forest(), []
-    for row in table:
-        hops = int((row.get("extra_info") or {}).get("hops", 1))
-        if max_hops and hops > max_hops:
-            continue
+    for row in gold_rows(path, max_hops=max_hops, limit=limit):
         ids = prompt_ids(row["prompt"], str(row.get("question") or ""), tokenizer, prompt)
         node = forest.add_root(len(leaves), ids)
         steps = row["steps"]
@@ -56,13 +74,29 @@ def episodes(
     return out
 
 
+def corpus_pages(path: Path, tokenizer: Any) -> list[tuple[list[int], list[bool]]]:
+    """(token ids, loss mask) of every page of a JSONL corpus, every token after the first
+    trained: language modelling on the world's own pages gives every name of the world a
+    trained embedding, not only the names the gold episodes happen to show."""
+    out = []
+    with path.open() as f:
+        for line in f:
+            row = json.loads(line)
+            ids = tokenizer.encode(str(row.get("contents") or ""), add_special_tokens=False)
+            if len(ids) > 1:
+                out.append((ids, [False] + [True] * (len(ids) - 1)))
+    return out
+
+
 def _key(base: str, sft_file: Path, cfg: ModelConfig, max_hops: int, prompt: str) -> str:
     h = hashlib.sha256()
     h.update(str(base).encode())
     h.update(hashlib.sha256(sft_file.read_bytes()).digest())
     settings: list[Any] = [cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, max_hops]
-    if prompt != "search_r1" or cfg.sft_episodes:  # earlier warm starts keep their keys
+    if prompt != "search_r1" or cfg.sft_episodes or cfg.sft_corpus_docs:  # old keys stay valid
         settings += [prompt, cfg.sft_episodes]
+    if cfg.sft_corpus_docs:
+        settings.append(cfg.sft_corpus_docs)
     h.update(json.dumps(settings).encode())
     return h.hexdigest()[:16]
 
@@ -143,12 +177,11 @@ def warm_start(
         return out
     torch.manual_seed(seed)
     model, tokenizer = load_policy(base, device=device, dtype=torch.float32)
-    data = episodes(sft_file, tokenizer, max_hops=max_hops, prompt=prompt)
+    data = episodes(sft_file, tokenizer, max_hops=max_hops, prompt=prompt, limit=cfg.sft_episodes)
     if not data:
         raise ValueError(f"{sft_file} holds no gold episode with at most {max_hops} hops")
+    pages = corpus_pages(sft_file.parent / "corpus.jsonl", tokenizer) if cfg.sft_corpus_docs else []
     rng = random.Random(seed)
-    if cfg.sft_episodes:  # a seeded subset: fewer episodes leave more for RL to learn
-        data = rng.sample(data, min(cfg.sft_episodes, len(data)))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -157,6 +190,7 @@ def warm_start(
     total = float("nan")
     for _ in bar:
         batch = rng.sample(data, min(cfg.sft_batch_size, len(data)))
+        batch += rng.sample(pages, min(cfg.sft_corpus_docs, len(pages)))
         n_tokens = sum(sum(m) for _, m in batch)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
@@ -182,6 +216,7 @@ def warm_start(
                     "max_hops": max_hops,
                     "prompt": prompt,
                     "episodes_used": len(data),
+                    "corpus_docs_per_step": cfg.sft_corpus_docs,
                     "final_loss": total,
                     "seconds": time.perf_counter() - started,
                 },

@@ -108,6 +108,14 @@ class Trainer:
         # (data files, the corpus, a retriever or server URL) fails before it.
         with distributed.main_first():
             self.data = data_module.prepare(cfg.data, seed=cfg.trainer.seed)
+            if cfg.model.sft_episodes and cfg.model.sft_steps and self.data.sft is not None:
+                # RL on the questions the warm start never showed (ModelConfig.sft_episodes)
+                from treegrpo.sft import warm_start_questions
+
+                seen = warm_start_questions(
+                    self.data.sft, max_hops=cfg.data.max_hops, limit=cfg.model.sft_episodes
+                )
+                self.data = self.data.without(seen, seed=cfg.trainer.seed)
             self.retriever = data_module.retriever(cfg.env, self.data.corpus)
             if cfg.engine.kind == "sglang":
                 from treegrpo.engine import sglang_client
