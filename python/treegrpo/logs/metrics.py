@@ -49,8 +49,9 @@ def check_sinks(sinks: list[str]) -> None:
             module, extra = _PACKAGES[sink]
             if importlib.util.find_spec(module) is None:
                 raise MissingDependencyError(
-                    f"trainer.logger={sink} needs the {module} package: "
-                    f"pip install 'treegrpo[{extra}]', or drop {sink} from trainer.logger"
+                    f"trainer.logger includes {sink}, but the {module} package is not installed: "
+                    f"pip install 'treegrpo[{extra}]' (or pip install {module}), or drop {sink} "
+                    "from trainer.logger"
                 )
 
 
