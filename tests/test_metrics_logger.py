@@ -72,6 +72,16 @@ def test_the_rewrite_at_start_is_atomic(tmp_path, monkeypatch):
     assert lines(path) == history(tmp_path)[:1]
 
 
+def test_record_kinds():
+    from treegrpo.logs.metrics import record_kind
+
+    val = {"step": 3, "val-core/all/acc/mean@1": 0.5, "timing_s/validate": 1.0}
+    assert record_kind(val) == "val"
+    assert record_kind({"step": 3, "critic/score/mean": 0.1}) == "train"
+    assert record_kind({**val, "critic/score/mean": 0.1}) == "train"  # trainer.val_every
+    assert record_kind({"step": 3}) == "train"
+
+
 def test_each_step_and_kind_is_recorded_once(tmp_path):
     write_history(tmp_path)
     log = MetricsLogger(tmp_path, ["jsonl"], resume_step=3)

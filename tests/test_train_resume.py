@@ -63,7 +63,8 @@ def test_stop_at_step_3_and_continue_to_6_equals_an_uninterrupted_run(
     tiny_dir, tmp_path, monkeypatch
 ):
     whole = tmp_path / "whole"
-    final = train(tiny_dir, whole, steps=6)
+    every = {"trainer.val_every": "2"}  # validations inside the run too (steps 2 and 4)
+    final = train(tiny_dir, whole, steps=6, **every)
     # The other run is killed after step 4's metrics and rollout logs were written, before its
     # checkpoint: it continues from step 3's checkpoint and rolls step 4 out again.
     stopped = tmp_path / "stopped"
@@ -76,16 +77,17 @@ def test_stop_at_step_3_and_continue_to_6_equals_an_uninterrupted_run(
 
     monkeypatch.setattr(Trainer, "checkpoint", killed_at_step_4)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_dir, stopped, steps=6)
+        train(tiny_dir, stopped, steps=6, **every)
     monkeypatch.undo()
     assert metric_steps(stopped) == [1, 2, 3, 4]
     assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == [
         "step_000002",
         "step_000003",
     ]
-    again = train(tiny_dir, stopped, steps=6)
+    again = train(tiny_dir, stopped, steps=6, **every)
     assert records(stopped) == records(whole)
     assert [r["step"] for r in records(whole)] == [0, 1, 2, 3, 4, 5, 6, 6]
+    assert [r["step"] for r in records(whole) if "val-core/all/acc/mean@1" in r] == [0, 2, 4, 6]
     for table in ("nodes", "trajectories"):
         a, b = rollouts(whole, table), rollouts(stopped, table)
         assert a.height > 0 and a.equals(b), table

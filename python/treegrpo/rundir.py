@@ -61,6 +61,7 @@ MAY_CHANGE = (
     "trainer.val_before",
     "trainer.val_after",
     "trainer.val_every",
+    "trainer.plot",
     "learner.total_steps",
     "learner.micro_batch_tokens",
     "learner.logprob_chunk_tokens",

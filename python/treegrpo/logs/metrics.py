@@ -1,7 +1,8 @@
 """Training metrics: to the console, ``metrics.jsonl``, TensorBoard and Weights & Biases.
 
-A record is ``{"step": N, name: value, ...}``: the metrics of training step N, or of a
-validation run after step N (it holds ``val-core/*`` names; :func:`record_kind`). Each
+A record is ``{"step": N, name: value, ...}``: the metrics of training step N (with those of
+a validation run after it, under ``trainer.val_every``), or of a validation run alone after
+step N (only ``val-core/*`` names and ``timing_s/validate``; :func:`record_kind`). Each
 (step, kind) is recorded once:
 
 - On resume from the checkpoint of step S, the records of steps after S are dropped (those steps
@@ -56,8 +57,12 @@ def check_sinks(sinks: list[str]) -> None:
 
 
 def record_kind(record: dict[str, Any]) -> str:
-    """``"val"`` for a validation's record (``val-core/*`` metrics), ``"train"`` otherwise."""
-    return "val" if any(k.startswith("val-core/") for k in record) else "train"
+    """``"val"`` for a validation's own record (nothing but ``val-core/*`` and
+    ``timing_s/validate``), ``"train"`` for a training step's (validation metrics may ride
+    along)."""
+    names = [k for k in record if k != "step"]
+    alone = all(k.startswith("val-core/") or k == "timing_s/validate" for k in names)
+    return "val" if names and alone else "train"
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
