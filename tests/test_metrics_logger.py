@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,8 @@ def read_wandb_log(path: Path) -> list[Any]:
             pos += block - pos % block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -155,11 +158,23 @@ def read_wandb_log(path: Path) -> list[Any]:
     return records
 
 
+def finished_wandb_log(path: Path, timeout: float = 60.0) -> list[Any]:
+    """The records of a W&B run once they end with its exit record: ``run.finish()`` returns
+    before W&B's service process has written everything down."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_wandb_log(path)
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        assert time.monotonic() < deadline, f"{path}: no exit record after {timeout} s"
+        time.sleep(0.1)
+
+
 def wandb_history(run_dir: Path) -> dict[int, dict[str, Any]]:
     """Step -> the metrics W&B recorded for it, over every offline run in `run_dir/wandb`."""
     out: dict[int, dict[str, Any]] = {}
     for file in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
-        for record in read_wandb_log(file):
+        for record in finished_wandb_log(file):
             if record.WhichOneof("record_type") == "history":
                 items = {
                     i.key or "/".join(i.nested_key): json.loads(i.value_json)

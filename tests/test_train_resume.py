@@ -204,7 +204,7 @@ def test_resume_replace_starts_over_and_removes_the_old_run_whole(tiny_dir, tmp_
     assert metric_steps(run) == [1, 2]
 
 
-def test_resume_removes_the_temporaries_of_a_killed_run(tiny_dir, tmp_path):
+def test_resume_removes_the_temporaries_and_torn_line_of_a_killed_run(tiny_dir, tmp_path):
     run = tmp_path / "run"
     quick = {"trainer.val_before": "false", "trainer.val_after": "false"}
     train(tiny_dir, run, steps=1, **quick)
@@ -215,7 +215,10 @@ def test_resume_removes_the_temporaries_of_a_killed_run(tiny_dir, tmp_path):
     killed_part.write_bytes(b"PAR1")
     mine = run / "checkpoints" / "README"
     mine.write_text("not treegrpo's")
-    train(tiny_dir, run, steps=2, **quick)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "critic/score/me')  # killed while writing step 2's line
+    with pytest.warns(RuntimeWarning, match="torn last line 2"):
+        train(tiny_dir, run, steps=2, **quick)
     assert not killed_save.exists() and not killed_part.exists() and mine.exists()
     assert not list(run.rglob("*.tmp")) and metric_steps(run) == [1, 2]
 

@@ -37,6 +37,7 @@ import os
 import shutil
 import socket
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +200,9 @@ class RunDir:
         if (self._real / "metrics.jsonl").exists():  # a bad line fails now, before set-up
             from treegrpo.logs.metrics import read_records
 
-            read_records(self._real / "metrics.jsonl")
+            with warnings.catch_warnings():  # a torn last line: the logger drops it and says so
+                warnings.simplefilter("ignore", RuntimeWarning)
+                read_records(self._real / "metrics.jsonl")
         self.record = found
         self.continuing = True
         self.changed = config_differences(found["config"], config, changeable=True)
