@@ -255,6 +255,25 @@ def test_sampling_is_deterministic_with_a_seed(policy, prompts):
     assert outputs(7) != outputs(8)
 
 
+def test_a_restored_state_samples_what_the_engine_would_have_sampled_next(policy, prompts):
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, n=2)
+    requests = [GenerateRequest(ids, params) for ids in prompts]
+
+    def outputs(engine: EmbeddedEngine) -> list[tuple[int, ...]]:
+        return [c.output_ids for cs in engine.generate_sync(requests) for c in cs]
+
+    running = engine_for(policy, seed=7)
+    outputs(running)
+    running.bump_weight_version()
+    state = running.state_dict()
+    expected = outputs(running)  # the second call of an engine that never stopped
+    restored = engine_for(policy, seed=0)  # a new process: another seed, an empty cache
+    restored.load_state_dict(state)
+    assert restored.weight_version == "1"
+    assert outputs(restored) == expected
+    assert outputs(engine_for(policy, seed=7)) != expected  # re-seeding would not do
+
+
 def test_n_siblings_share_one_prefill(policy, prompts):
     engine = engine_for(policy)
     params = SamplingParams(max_new_tokens=10, temperature=1.0, n=3)

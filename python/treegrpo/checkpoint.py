@@ -1,10 +1,13 @@
 """Checkpoints: the policy in Hugging Face format (safetensors) plus everything needed to
-continue exactly: optimizer, learner schedule position, RNG states, data cursor and step.
+continue exactly: optimizer, learner schedule position and counters, RNG states (Python,
+NumPy, torch CPU and CUDA), and what the trainer passes in ``state`` (step, data cursor, the
+embedded engines' sampling generators; docs/architecture.md, "Exact resume").
 
 Layout: ``<run_dir>/checkpoints/step_000003/`` holding ``model.safetensors`` (+ config and
 tokenizer files), ``trainer_state.pt`` and ``COMPLETE``. A checkpoint is written into a
-temporary directory and renamed into place, and the marker is written last, so a process
-killed at any moment leaves either the previous checkpoint or the new one, never half of one.
+temporary directory (``.step_000003.*``) and renamed into place, and the marker is written
+last, so a process killed at any moment leaves either the previous checkpoint or the new one,
+never half of one; :func:`remove_temporaries` deletes what a killed save left.
 
 The weights are the full model and the optimizer state is keyed by parameter name, whatever
 the data-parallel strategy: under FSDP2 every rank calls :func:`save` (the shards are gathered)
@@ -20,9 +23,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["latest", "load", "save"]
+__all__ = ["latest", "load", "remove_temporaries", "save"]
 
 MARKER = "COMPLETE"
+_TEMPORARY = ".step_*.*"  # save's mkdtemp(prefix=".step_000003.")
 
 
 def _dir(run_dir: Path) -> Path:
@@ -56,10 +60,14 @@ def save(
                 "optimizer": optimizer_state,
                 "learner_steps": learner.steps,
                 "learner_updates": learner.updates,
+                "learner_skipped_updates": learner.skipped_updates,
+                "learner_nonfinite_in_a_row": learner._nonfinite_in_a_row,
                 "rng": {
                     "python": random.getstate(),
                     "numpy": np.random.get_state(),
                     "torch": torch.get_rng_state(),
+                    # only once CUDA is in use (reading it would initialise CUDA otherwise)
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
                 },
             },
             tmp / "trainer_state.pt",
@@ -73,6 +81,18 @@ def save(
     for old in _complete(run_dir)[:-2]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporary directories (``checkpoints/.step_*``) of saves that a killed process
+    left behind (a model's weights plus optimizer state each); returns what was removed. Call
+    it only while holding the run's lock (treegrpo.rundir): a live save's temporary looks the
+    same."""
+    root = _dir(run_dir)
+    found = [p for p in root.glob(_TEMPORARY) if p.is_dir()] if root.is_dir() else []
+    for p in found:
+        shutil.rmtree(p)
+    return found
 
 
 def _complete(run_dir: Path) -> list[Path]:
@@ -113,8 +133,15 @@ def load(path: Path, model: Any, learner: Any) -> dict[str, Any]:
     learner.load_state_dicts(weights, state.pop("optimizer"))
     learner.steps = state.pop("learner_steps")
     learner.updates = state.pop("learner_updates")
+    learner.skipped_updates = state.pop("learner_skipped_updates", 0)
+    learner._nonfinite_in_a_row = state.pop("learner_nonfinite_in_a_row", 0)
     rng = state.pop("rng")
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
+    cuda = rng.get("cuda")
+    # CUDA generators: restored onto the same number of GPUs; otherwise they keep their seed
+    # (docs/architecture.md, "Exact resume", lists what is then not reproduced)
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     return state

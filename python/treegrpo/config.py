@@ -271,13 +271,18 @@ class TrainerConfig:
     """The loop.
 
     - ``total_steps``: training steps (one rollout + one update each).
-    - ``run_dir``: metrics, rollout logs and checkpoints (``runs/<name>`` by default).
+    - ``run_dir``: metrics, rollout logs and checkpoints of one run (``~`` is expanded); a
+      second run on the same directory is refused while the first runs (treegrpo.rundir).
     - ``val_before`` / ``val_after``: greedy chain validation around training.
     - ``val_every``: also validate after every N steps (0 = only before and after).
     - ``plot``: write ``learning_curve.png`` (held-out EM and mean training reward against
       generated tokens) into the run directory after training (needs matplotlib).
     - ``save_every``: checkpoint every N steps (and always after the last).
-    - ``resume``: ``auto`` (continue from the last complete checkpoint in run_dir), ``never``.
+    - ``resume``: ``auto`` (continue the run in run_dir from its last complete checkpoint if
+      its recorded config is compatible, else refuse and list what differs; start a run in an
+      empty directory), ``never`` (start a run; refuse a directory that holds anything) or
+      ``replace`` (start a run; a treegrpo run already in run_dir is deleted whole, once
+      set-up has passed).
     - ``logger``: any of ``console``, ``jsonl``, ``tensorboard``, ``wandb``.
     - ``seed``: everything random in the run.
     """
@@ -289,7 +294,7 @@ class TrainerConfig:
     val_every: int = 0
     plot: bool = True
     save_every: int = 1
-    resume: Literal["auto", "never"] = "auto"
+    resume: Literal["auto", "never", "replace"] = "auto"
     logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])
     seed: int = 0
 
@@ -298,7 +303,11 @@ class TrainerConfig:
         _need(self.save_every >= 1, "trainer.save_every must be >= 1")
         _need(self.val_every >= 0, "trainer.val_every must be >= 0 (0 = before and after only)")
         _seed("trainer.seed", self.seed)
-        _one_of("trainer.resume", self.resume, ("auto", "never"))
+        _one_of("trainer.resume", self.resume, ("auto", "never", "replace"))
+        _need(
+            bool(str(self.run_dir).strip()),
+            "trainer.run_dir must name a directory (it is empty); e.g. trainer.run_dir=runs/a",
+        )
         for name in self.logger:
             _one_of("trainer.logger entries", name, ("console", "jsonl", "tensorboard", "wandb"))
 

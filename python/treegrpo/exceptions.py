@@ -14,6 +14,7 @@ __all__ = [
     "RetrieverTimeoutError",
     "RetrieverUnavailableError",
     "RewardError",
+    "RunDirError",
     "RunFormatError",
     "RunNotFoundError",
     "StaleHandleError",
@@ -111,3 +112,9 @@ class RunFormatError(TreeGRPOError, ValueError):
     """Rollout logs that are not what treegrpo writes: an unreadable Parquet file, a table
     without the columns the analysis needs, a metrics line that is not JSON. The message names
     the file and what is wrong."""
+
+
+class RunDirError(TreeGRPOError, ValueError):
+    """A run directory that this run may not use: held by a live run (the message names its
+    pid, host and start time), holding another run or a run of an incompatible config (the
+    message lists each difference), or not a directory. Nothing in it has been changed."""

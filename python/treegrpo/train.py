@@ -10,8 +10,11 @@ The choices this loop makes, in order (algorithm.md):
    once (tree packing) with weights that make the loss equal the per-trajectory one.
 5. Weight sync: the embedded engine shares the learner's weights (version bump + cache flush);
    SGLang servers get them from disk or over NCCL.
-6. Log: verl metric names plus tree/*, to console/JSONL/TensorBoard; rollouts as Parquet.
-7. Checkpoint: policy (safetensors) + optimizer + scheduler + RNG + data cursor, atomically.
+6. Log: verl metric names plus tree/*, to console/JSONL/TensorBoard/W&B, each step's records
+   once (treegrpo.logs.metrics); rollouts as Parquet.
+7. Checkpoint: policy (safetensors) + optimizer + scheduler + RNG + data cursor + the engine's
+   sampling generator, atomically; a resumed run continues exactly. The run directory belongs
+   to one run, locked while it runs, written only once set-up has passed (treegrpo.rundir).
 
 Run with no arguments for the embedded quickstart (SmolLM2-135M-Instruct warm-started on the
 synthetic world's gold episodes, local BM25, tree (2, 2, 1)); ``--config FILE`` and dotted
@@ -25,8 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import importlib.util
-import json
 import random
 import sys
 import time
@@ -36,7 +37,8 @@ from typing import Any
 
 from treegrpo import distributed
 from treegrpo.config import TrainConfig, add_config_arguments, load_config
-from treegrpo.exceptions import InvalidArgumentError, MissingDependencyError
+from treegrpo.exceptions import InvalidArgumentError
+from treegrpo.rundir import RunDir
 
 __all__ = ["Trainer", "add_subcommand", "main"]
 
@@ -50,7 +52,9 @@ class Trainer:
         # and checkpoints and prints; every rank rolls out its share of the prompts
         self.world = distributed.world()
         self.progress = progress and self.world.is_main
-        self.run_dir = Path(cfg.trainer.run_dir)
+        self.run_dir = Path(cfg.trainer.run_dir).expanduser()
+        self.rundir = RunDir(cfg.trainer.run_dir, resume=cfg.trainer.resume)
+        self._engine_states: list[Any] | None = None  # the checkpoint's, restored after set-up
         self.step = 0
         self.cursor = 0  # index into the shuffled training prompts
         # One event loop for the run: HTTP sessions (SGLang, retrievers) live on it.
@@ -66,12 +70,15 @@ class Trainer:
         self.close()
 
     def close(self) -> None:
-        """Release the engine (aborting in-flight requests) and the event loop."""
-        if self.loop.is_closed():
-            return
-        if hasattr(self, "engine"):
-            self._await(self.engine.close())
-        self.loop.close()
+        """Release the engine (aborting in-flight requests), the event loop and the run
+        directory's lock."""
+        try:
+            if not self.loop.is_closed():
+                if hasattr(self, "engine"):
+                    self._await(self.engine.close())
+                self.loop.close()
+        finally:
+            self.rundir.close()
 
     # ------------------------------------------------------------------ set-up
 
@@ -96,12 +103,10 @@ class Trainer:
             )
         self.preflight()
         self.reward_fn = data_module.reward_function(cfg.env)
+        if world.is_main:  # the lock, and whether this run continues the one in run_dir
+            self.rundir.open(cfg.to_dict())
         torch.manual_seed(cfg.trainer.seed)
         random.seed(cfg.trainer.seed)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if world.is_main:
-            text = json.dumps(cfg.to_dict(), indent=2, default=str)
-            (self.run_dir / "config.json").write_text(text)
 
         # rank 0 first: it fills the caches (synthetic world, retriever index, converted model,
         # warm start) that the other ranks then read. The model loads last: what fails fast
@@ -178,9 +183,15 @@ class Trainer:
             self.model, learner_cfg, on_step=on_step, hold=hold, data_parallel=world.parallel
         )
         self._resume()
+        # Set-up has passed: only now is anything written into the run directory.
+        if world.is_main:
+            for note in self.rundir.commit(cfg.to_dict(), step=self.step):
+                print(note)
+        distributed.barrier()
         # SGLang servers start from their own copy of the weights: push the (warm-started or
         # resumed) policy before the first rollout.
         self._sync_weights(self.step)
+        self._restore_engine()
 
     def preflight(self) -> None:
         """What costs nothing to check, before anything is read, written or loaded: a run
@@ -206,12 +217,9 @@ class Trainer:
                 f"data.corpus={cfg.data.corpus}: no such file; pass a JSONL corpus (one "
                 '{"id", "contents"} object a line), or leave it unset for the synthetic world\'s'
             )
-        for backend, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
-            if backend in cfg.trainer.logger and importlib.util.find_spec(package) is None:
-                raise MissingDependencyError(
-                    f"trainer.logger includes {backend}, but the {package} package is not "
-                    f"installed: pip install {package}, or drop {backend} from trainer.logger"
-                )
+        from treegrpo.logs.metrics import check_sinks
+
+        check_sinks(cfg.trainer.logger)
 
     def _load_policy(self) -> tuple[Any, Any]:
         import torch
@@ -245,12 +253,21 @@ class Trainer:
 
     def run(self) -> dict[str, float]:
         """Validate, train ``trainer.total_steps`` steps (resuming if asked), validate."""
+        from treegrpo.logs.metrics import MetricsLogger
+
         cfg = self.cfg.trainer
         final: dict[str, float] = {}
-        sinks = cfg.logger if self.world.is_main else []  # other ranks: a null logger
-        with Logger(self.run_dir, sinks, resume_step=self.step) as log:
+        main = self.world.is_main
+        with MetricsLogger(
+            self.run_dir if main else None,  # other ranks: a null logger
+            cfg.logger,
+            resume_step=self.step,
+            run_id=self.rundir.run_id or None,
+            config=self.cfg.to_dict(),
+        ) as log:
             self.log = log
-            if cfg.val_before and self.step == 0:
+            # a validation already recorded (a kill after it, a re-run) is not run again
+            if cfg.val_before and self.step == 0 and not self._recorded(0):
                 log.write(0, self.validate("before"))
             while self.step < cfg.total_steps:
                 metrics = self.train_step()
@@ -261,7 +278,9 @@ class Trainer:
                 log.write(self.step, metrics)
                 if self.step % cfg.save_every == 0 or last:
                     self.checkpoint()  # every rank (FSDP2 gathers shards); rank 0 writes
-            if cfg.val_after:
+            if cfg.val_after and self._recorded(self.step):
+                final = log.get(self.step, "val") if self.world.is_main else {}
+            elif cfg.val_after:
                 final = self.validate("after")
                 log.write(self.step, final)
         if self.world.is_main:
@@ -284,6 +303,14 @@ class Trainer:
             f"treegrpo logs tree {run}",
             flush=True,
         )
+
+    def _recorded(self, step: int) -> bool:
+        """Whether rank 0's metrics hold a validation of `step` (every rank gets its answer,
+        so every rank skips, or runs, the same validation)."""
+        found = self.world.is_main and self.log.has(step, "val")
+        if found:
+            print(f"validation of step {step}: already in metrics.jsonl, not run again")
+        return bool(distributed.gather_objects(found)[0])
 
     def train_step(self) -> dict[str, float]:
         from treegrpo.logs import write_rollout
@@ -432,7 +459,15 @@ class Trainer:
         return save(self.run_dir, self.step, self.model, self.tokenizer, self.learner, self.state())
 
     def state(self) -> dict[str, Any]:
-        return {"step": self.step, "cursor": self.cursor}
+        """The trainer's part of a checkpoint (every rank calls it): step, data cursor, and
+        every rank's engine state (the embedded engine's sampling generator and weight
+        version; SGLang servers keep none: docs/architecture.md, "Exact resume")."""
+        engine = self.engine.state_dict() if hasattr(self.engine, "state_dict") else None
+        return {
+            "step": self.step,
+            "cursor": self.cursor,
+            "engine": distributed.gather_objects(engine),
+        }
 
     def _resume(self) -> None:
         if self.cfg.trainer.resume != "auto":
@@ -444,11 +479,26 @@ class Trainer:
             return
         state = load(ckpt, self.model, self.learner)
         self.step, self.cursor = state["step"], state["cursor"]
+        self._engine_states = state.get("engine")
         if hasattr(self.engine, "bump_weight_version") and not self.learner.fsdp:
             self.engine.bump_weight_version()  # weights changed under the engine's cache
         # (FSDP2: setup's _sync_weights refreshes the engine's replica next)
         if self.world.is_main:
-            print(f"resumed from {ckpt} (step {self.step})")
+            print(f"resumed from {ckpt} (step {self.step}, run {self.rundir.run_id})")
+
+    def _restore_engine(self) -> None:
+        """After the first weight sync: the engine's sampling generator and weight version as
+        the checkpoint saved them, so the next rollout draws what an uninterrupted run would."""
+        states = self._engine_states
+        if not states or not hasattr(self.engine, "load_state_dict"):
+            return
+        if len(states) == self.world.size and states[self.world.rank] is not None:
+            self.engine.load_state_dict(states[self.world.rank])
+        elif self.world.is_main:
+            print(
+                f"note: the checkpoint was written by {len(states)} processes, this run has "
+                f"{self.world.size}: the engines' samplers restart from their seeds"
+            )
 
 
 # Policy names that are not directories: converted or built by treegrpo (treegrpo.engine.models).
@@ -519,47 +569,6 @@ def rollout_metrics(result: Any, adv: Any) -> dict[str, float]:
         "tree/prefill_tokens": float(total.prefill_tokens),
         "tree/tool_calls": float(total.tool_calls),
     }
-
-
-class Logger:
-    """Metrics to the console, ``metrics.jsonl`` and TensorBoard. On resume, JSONL lines of
-    steps after the checkpoint are dropped, so no step is lost or duplicated."""
-
-    def __init__(self, run_dir: Path, sinks: list[str], *, resume_step: int = 0) -> None:
-        self.run_dir, self.sinks = run_dir, sinks
-        self.jsonl = run_dir / "metrics.jsonl"
-        self._tb: Any = None
-        if "jsonl" in sinks and self.jsonl.exists():
-            keep = [
-                line
-                for line in self.jsonl.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.jsonl.write_text("".join(f"{x}\n" for x in keep))
-        if "tensorboard" in sinks:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def __enter__(self) -> Logger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._tb is not None:
-            self._tb.close()
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if "console" in self.sinks:
-            shown = ("critic/score/mean", "actor/pg_loss", "actor/grad_norm", "timing_s/step")
-            parts = [f"{k}={metrics[k]:.4g}" for k in shown if k in metrics]
-            extra = [f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("val-core/")]
-            print(f"step {step}: " + " ".join(parts + extra), flush=True)
-        if "jsonl" in self.sinks:
-            with self.jsonl.open("a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self._tb is not None:
-            for k, v in metrics.items():
-                self._tb.add_scalar(k, v, step)
 
 
 # ---------------------------------------------------------------------- command line

@@ -34,7 +34,9 @@ until the blocks held fit the budget. A weight update flushes the cache.
 
 Sampling: per-row temperature (0 = greedy, the argmax of the raw logits), top-k, top-p (the
 smallest set of top tokens whose mass reaches ``top_p``), drawn from one ``torch.Generator``
-seeded with ``seed``: the same calls in the same order give the same samples. ``log_probs`` are
+seeded with ``seed``: the same calls in the same order give the same samples;
+:meth:`EmbeddedEngine.state_dict` / :meth:`~EmbeddedEngine.load_state_dict` carry the generator
+and the weight version through a checkpoint, so a resumed run samples on. ``log_probs`` are
 ``log_softmax(logits / temperature)`` at the sampled token, before top-k/top-p truncation (what
 SGLang returns by default); greedy rows use temperature 1. With temperature 1 they equal a fresh
 forward pass's log-softmax.
@@ -412,6 +414,21 @@ class EmbeddedEngine:
     def stats(self) -> EngineStats:
         """A snapshot of the counters (see :class:`EngineStats`)."""
         return self._stats
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs for the engine to continue as if never stopped: the sampling
+        generator's state and the weight version (the KV cache is not kept: a resumed engine
+        recomputes it, and a weight update flushes it anyway)."""
+        with self._held():
+            return {"generator": self._generator.get_state(), "weight_version": self._version}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s state (flushing the cache: the weights may differ from
+        the ones it was filled with)."""
+        with self._held():
+            self._generator.set_state(state["generator"])
+            self._version = int(state["weight_version"])
+            self._flush()
 
     def reset_stats(self) -> EngineStats:
         """Zero the counters; returns the values they had."""

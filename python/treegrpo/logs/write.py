@@ -12,13 +12,16 @@ node and tree ids are per rank, so ``(step, rank, node)`` identifies a node; gro
 global. Each file carries the key-value metadata ``treegrpo.schema_version`` and
 ``treegrpo.table``. A file appears under its final name only
 once complete (written to a temporary name in the same directory, then renamed), so a crash
-mid-write leaves nothing a reader picks up. The columns are documented in docs/architecture.md;
-:mod:`treegrpo.logs.analysis` reads them back (docs/analysis.md).
+mid-write leaves nothing a reader picks up; a killed run leaves the temporary
+(``.part-0.parquet.*.tmp``), which :func:`remove_temporaries` deletes when the run resumes. The
+columns are documented in docs/architecture.md; :mod:`treegrpo.logs.analysis` reads them back
+(docs/analysis.md).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,9 +34,20 @@ if TYPE_CHECKING:
     from treegrpo import Table
     from treegrpo.rollout import RolloutResult
 
-__all__ = ["SCHEMA_VERSION", "partition", "write_rollout", "write_table_atomic"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "partition",
+    "remove_steps_after",
+    "remove_temporaries",
+    "write_rollout",
+    "write_table_atomic",
+    "write_text_atomic",
+]
 
 SCHEMA_VERSION = "1"
+TABLES = ("nodes", "trajectories")
+# The temporaries of write_table_atomic / write_text_atomic: ".{final name}.{random}.tmp".
+_PART_TEMPORARY = ".part-*.parquet.*.tmp"
 
 
 def partition(run_dir: str | Path, table: str, step: int) -> Path:
@@ -58,6 +72,51 @@ def write_table_atomic(table: pa.Table, path: Path, *, name: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(text: str, path: Path) -> Path:
+    """Write `text` to `path` via a temporary file in the same directory, fsync and a rename:
+    a reader (or a process killed mid-write) sees the old file whole or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def remove_temporaries(run_dir: str | Path, files: tuple[str, ...] = ()) -> list[Path]:
+    """Delete the temporaries that a killed process left in a run directory: Parquet parts
+    (``{nodes,trajectories}/step=*/.part-*.parquet.*.tmp``) and those of the `files` (names in
+    the run directory) written with :func:`write_text_atomic` (``.metrics.jsonl.*.tmp``). Only
+    these patterns; returns what was removed. Call it only while holding the run's lock."""
+    root = Path(run_dir)
+    found = [p for t in TABLES for p in root.glob(f"{t}/step=*/{_PART_TEMPORARY}")]
+    found += [p for name in files for p in root.glob(f".{name}.*.tmp") if p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
+
+
+def remove_steps_after(run_dir: str | Path, step: int) -> list[Path]:
+    """Delete the rollout-log partitions of steps after `step`: a run resumed from the
+    checkpoint of `step` rolls those steps out again, and every step is logged once."""
+    root = Path(run_dir)
+    found = []
+    for table in TABLES:
+        for part in root.glob(f"{table}/step=*"):
+            number = part.name.removeprefix("step=")
+            if part.is_dir() and number.isdigit() and int(number) > step:
+                found.append(part)
+    for p in found:
+        shutil.rmtree(p)
+    return found
 
 
 def write_rollout(
