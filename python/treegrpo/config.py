@@ -351,7 +351,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "model": {
             "path": "scratch",
-            "sft_steps": 120,
+            "sft_steps": 400,
             "sft_batch_size": 16,
             "sft_lr": 3e-3,
             "sft_micro_batch_tokens": 16384,
