@@ -127,7 +127,7 @@ def test_stop_strings_and_cut() -> None:
 def test_search_gives_wrapped_documents() -> None:
     env, retriever = make_env()
     (r,) = step(env, StepInput("<think>hm</think>\n<search> paris </search>", 0))
-    body = "Doc 1(Title: paris page 1) some text\nDoc 2(Title: paris page 2) some text"
+    body = 'Doc 1(Title: "paris page 1") some text\nDoc 2(Title: "paris page 2") some text'
     assert r.observation_text == wrap_information(body)  # stripped body, as the reference
     assert env.tokenizer.decode(r.observation_ids) == r.observation_text
     assert (r.leaf_reason, r.tool, r.query, r.answer, r.valid) == (
@@ -232,7 +232,7 @@ def test_long_observation_is_cut_inside_the_body(tokenizer: ChunkTokenizer) -> N
     (r,) = step(env, StepInput("<search> q </search>", 0))
     assert len(r.observation_ids) <= 100
     assert len(r.observation_ids) >= 97  # cut, not emptied
-    assert r.observation_text.startswith("\n\n<information>Doc 1(Title: q page 1) word word")
+    assert r.observation_text.startswith('\n\n<information>Doc 1(Title: "q page 1") word word')
     assert r.observation_text.endswith("</information>\n\n")
     assert list(r.observation_ids) == tokenizer.encode(r.observation_text, add_special_tokens=False)
 

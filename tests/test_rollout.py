@@ -84,7 +84,7 @@ def test_observations_are_masked_and_hold_the_documents():
     assert searched and all(info[i].query.startswith("q") for i in searched)
     ids, mask = result.forest.tokens(searched[0])
     observation = tok.decode([t for t, m in zip(ids.tolist(), mask.tolist(), strict=True) if not m])
-    assert "<information>Doc 1(Title: Page) about q0</information>" in observation
+    assert '<information>Doc 1(Title: "Page") about q0</information>' in observation
 
 
 def test_forced_final_turn_and_truncation_are_leaves():
