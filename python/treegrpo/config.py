@@ -197,6 +197,9 @@ class EnvConfig:
     - ``retriever``: ``bm25`` (local, over ``data.corpus``), ``dense`` (all-MiniLM-L6-v2) or
       ``http`` (a Search-R1 ``/retrieve`` server at ``retriever_url``).
     - ``topk``: documents per search. ``max_obs_tokens``: observation token limit.
+    - ``truncated_action``: a step cut by the per-turn token limit without a complete tag:
+      ``invalid`` (the reference: the invalid-action message, the episode goes on) or ``leaf``
+      (it ends the episode as a leaf ``truncated``).
     - ``format_reward``: the Tree-GRPO QA runs' format-shaped reward instead of plain EM.
     - ``reward_fn``: a user reward ``module:function`` with verl's signature (overrides both).
     """
@@ -205,11 +208,13 @@ class EnvConfig:
     retriever_url: str | None = None
     topk: int = 3
     max_obs_tokens: int = 500
+    truncated_action: Literal["invalid", "leaf"] = "invalid"
     format_reward: bool = True
     reward_fn: str | None = None
 
     def __post_init__(self) -> None:
         _one_of("env.retriever", self.retriever, ("bm25", "dense", "http"))
+        _one_of("env.truncated_action", self.truncated_action, ("invalid", "leaf"))
         _need(
             self.retriever != "http" or bool(self.retriever_url),
             "env.retriever_url is required with env.retriever=http",
