@@ -155,7 +155,7 @@ class LearnerConfig:
     max_nonfinite_updates: int = 5
     """Raise :class:`NonFiniteLossError` after this many skipped updates in a row."""
     reuse_on_policy_log_probs: bool = True
-    """When a step makes one update (``ppo_epochs == mini_batches == 1``) the weights being
+    """When a step makes one update (``ppo_epochs == 1``, one mini-batch) the weights being
     updated are those that computed the old log-probs, so :meth:`Learner.step` skips that
     forward pass and uses the update's own log-probs, detached (ratio 1, the same loss and
     gradient). False always runs it."""

@@ -101,6 +101,10 @@ class Trainer:
                 f"{world.size} data-parallel processes: every rank rolls out the same number "
                 "of prompts"
             )
+        # each rank's prompts must split into the step's mini-batches (raises naming the field)
+        cfg.learner.updates_per_epoch(
+            cfg.data.train_batch_size, cfg.data.train_batch_size // world.size
+        )
         self.preflight()
         self.reward_fn = data_module.reward_function(cfg.env)
         if world.is_main:  # the lock, and whether this run continues the one in run_dir
