@@ -2,53 +2,54 @@
 
 The audit reads python/treegrpo with ``ast``: a field counts as read where code loads
 ``<receiver>.<field>`` and the receiver is known to hold that field's config class: a parameter
-annotated with the class, ``self.X`` assigned from one, a TrainConfig section
-(``cfg.tree``, ``self.cfg.engine``...), or a ``dataclasses.replace`` of one. Reads inside the
-class's own ``__post_init__`` (validation) do not count. A field nothing reads must be listed
-in ``REFUSED`` with the reason it needs no reader, and a test below checks that refusal.
+annotated with the class, ``self.X`` assigned from one, a section of one (``cfg.tree``,
+``self.cfg.engine``, ``cfg.model.scratch``...), or a ``dataclasses.replace`` of one. The
+classes are TrainConfig and every dataclass its fields hold, found from the type hints. Reads
+inside the class's own ``__post_init__`` (validation) do not count. A field nothing reads must
+be listed in ``NOT_READ`` with the reason it needs no reader, and a test below checks that
+reason's behaviour (a refusal, or where else the value acts).
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
-from treegrpo.config import (
-    AlgorithmConfig,
-    ConfigError,
-    DataConfig,
-    EngineConfig,
-    EnvConfig,
-    ModelConfig,
-    TrainConfig,
-    TrainerConfig,
-    load_config,
-)
-from treegrpo.learner import LearnerConfig
-from treegrpo.rollout import RolloutConfig
+from treegrpo.config import ConfigError, TrainConfig, load_config
 
 PACKAGE = Path(__file__).resolve().parents[1] / "python" / "treegrpo"
-SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-CLASSES = {
-    c.__name__: c
-    for c in (
-        DataConfig,
-        ModelConfig,
-        EnvConfig,
-        EngineConfig,
-        RolloutConfig,
-        AlgorithmConfig,
-        LearnerConfig,
-        TrainerConfig,
-        TrainConfig,
-    )
-}
-# Fields no code needs to read, each with the reason and a test of the refusal below.
-REFUSED = {
+
+
+def config_classes(root: type) -> tuple[dict[str, type], dict[str, dict[str, str]]]:
+    """``root`` and every dataclass its fields hold (recursively), by name, and for each the
+    fields that hold another one (field -> class name)."""
+    classes: dict[str, type] = {}
+    nested: dict[str, dict[str, str]] = {}
+    todo = [root]
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ in classes:
+            continue
+        classes[cls.__name__] = cls
+        nested[cls.__name__] = {}
+        for name, hint in typing.get_type_hints(cls).items():
+            if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+                nested[cls.__name__][name] = hint.__name__
+                todo.append(hint)
+    return classes, nested
+
+
+CLASSES, NESTED = config_classes(TrainConfig)
+# Fields no code needs to read, each with the reason and the test of that behaviour below.
+NOT_READ = {
     ("EngineConfig", "weight_sync"): "one value is accepted, 'disk', what the trainer does; "
     "'nccl' is refused in EngineConfig.__post_init__ (test_weight_sync_nccl_is_refused)",
+    ("TrainConfig", "preset"): "load_config applies the preset to the raw mapping before the "
+    "dataclass is built; the field records which one in config.json "
+    "(test_the_preset_acts_before_the_dataclass_is_built)",
 }
 
 
@@ -70,8 +71,8 @@ def _annotation_class(node: ast.expr | None, known: dict[str, type]) -> str | No
 class _Reads(ast.NodeVisitor):
     """Collects (class name, field) pairs loaded through receivers of a known config class."""
 
-    def __init__(self, known: dict[str, type], sections: dict[str, str], whole: str) -> None:
-        self.known, self.sections, self.whole = known, sections, whole
+    def __init__(self, known: dict[str, type], nested: dict[str, dict[str, str]]) -> None:
+        self.known, self.nested = known, nested
         self.reads: set[tuple[str, str]] = set()
         self.self_attrs: dict[str, str] = {}  # self.<attr> -> class, for the class being read
         self.env: dict[str, str] = {}  # local name -> class, in the function being read
@@ -85,9 +86,8 @@ class _Reads(ast.NodeVisitor):
                 if self.owner is not None:
                     return None  # a field of the class itself: read as self.<field> below
                 return self.self_attrs.get(node.attr)
-            if self.resolve(node.value) == self.whole:
-                return self.sections.get(node.attr)
-            return None
+            owner = self.resolve(node.value)
+            return self.nested.get(owner, {}).get(node.attr) if owner else None
         if isinstance(node, ast.Call):
             name = node.func.attr if isinstance(node.func, ast.Attribute) else None
             name = node.func.id if isinstance(node.func, ast.Name) else name
@@ -155,7 +155,15 @@ class _Reads(ast.NodeVisitor):
                 self._bind(sub, self.env)
         for sub in ast.walk(stmt):
             if isinstance(sub, ast.Attribute) and isinstance(sub.ctx, ast.Load):
-                owner = self.env.get("self") if _is_self(sub.value) else self.resolve(sub.value)
+                if _is_self(sub.value):
+                    owner = self.env.get("self")
+                elif isinstance(sub.value, ast.Attribute) and _is_self(sub.value.value):
+                    # self.<section>.<field> inside a config class's own method
+                    outer = self.env.get("self")
+                    owner = self.nested.get(outer, {}).get(sub.value.attr) if outer else None
+                    owner = owner or self.resolve(sub.value)
+                else:
+                    owner = self.resolve(sub.value)
                 if owner is not None:
                     self.reads.add((owner, sub.attr))
             if isinstance(sub, ast.FunctionDef | ast.AsyncFunctionDef):
@@ -170,26 +178,24 @@ def _is_self(node: ast.expr) -> bool:
 
 
 def reads_in(
-    sources: list[str], known: dict[str, type], sections: dict[str, str], whole: str
+    sources: list[str], known: dict[str, type], nested: dict[str, dict[str, str]]
 ) -> set[tuple[str, str]]:
-    visitor = _Reads(known, sections, whole)
+    visitor = _Reads(known, nested)
     for source in sources:
         visitor.visit(ast.parse(source))
     return visitor.reads
 
 
 def unread_fields(
-    sources: list[str], known: dict[str, type], sections: dict[str, str], whole: str
+    sources: list[str], known: dict[str, type], nested: dict[str, dict[str, str]]
 ) -> list[tuple[str, str]]:
-    """(class, field) of every field of ``known`` (but ``whole``, the class of sections) that no
-    code in ``sources`` reads."""
-    reads = reads_in(sources, known, sections, whole)
+    """(class, field) of every field of ``known`` that no code in ``sources`` reads (a field
+    holding a nested config class is checked through its own fields)."""
+    reads = reads_in(sources, known, nested)
     out = []
     for name, cls in known.items():
-        if name == whole:
-            continue
         for f in dataclasses.fields(cls):
-            if (name, f.name) not in reads:
+            if f.name not in nested[name] and (name, f.name) not in reads:
                 out.append((name, f.name))
     return out
 
@@ -198,34 +204,33 @@ def package_sources() -> list[str]:
     return [p.read_text() for p in sorted(PACKAGE.rglob("*.py"))]
 
 
-def section_names() -> dict[str, str]:
-    return {
-        name: kind if isinstance(kind, str) else kind.__name__ for name, kind in SECTIONS.items()
-    }
-
-
 def test_every_config_field_is_read_or_refused_with_a_reason() -> None:
-    unread = unread_fields(package_sources(), CLASSES, section_names(), "TrainConfig")
-    unexplained = [f"{c}.{f}" for c, f in unread if (c, f) not in REFUSED]
+    assert {"ModelConfig", "ScratchConfig", "RolloutConfig", "LearnerConfig"} <= CLASSES.keys()
+    unread = unread_fields(package_sources(), CLASSES, NESTED)
+    unexplained = [f"{c}.{f}" for c, f in unread if (c, f) not in NOT_READ]
     assert not unexplained, f"config fields nothing reads (use them or refuse them): {unexplained}"
-    stale = [f"{c}.{f}" for c, f in REFUSED if (c, f) not in unread]
+    stale = [f"{c}.{f}" for c, f in NOT_READ if (c, f) not in unread]
     assert not stale, f"listed as refused but read somewhere: {stale}"
 
 
+@dataclasses.dataclass
+class Part:
+    """The audit's control case: a section with a field only its validation reads."""
+
+    used: int = 0
+    checked_only: int = 0
+    via_replace: int = 0
+
+    def __post_init__(self) -> None:
+        assert self.checked_only >= 0
+
+
+@dataclasses.dataclass
+class Whole:
+    part: Part
+
+
 def test_the_audit_finds_an_unread_field_and_follows_receivers() -> None:
-    @dataclasses.dataclass
-    class Part:
-        used: int = 0
-        checked_only: int = 0
-        via_replace: int = 0
-
-        def __post_init__(self) -> None:
-            assert self.checked_only >= 0
-
-    @dataclasses.dataclass
-    class Whole:
-        part: Part
-
     source = """
 from dataclasses import replace
 
@@ -244,13 +249,23 @@ class Runner:
 def unrelated(x):
     return x.checked_only  # an unknown receiver: not a read of Part
 """
-    known = {"Part": Part, "Whole": Whole}
-    unread = unread_fields([source], known, {"part": "Part"}, "Whole")
+    known, nested = config_classes(Whole)
+    assert known == {"Whole": Whole, "Part": Part}
+    unread = unread_fields([source], known, nested)
     assert ("Part", "checked_only") in unread
     assert ("Part", "used") not in unread and ("Part", "via_replace") not in unread
 
 
 # ---------------------------------------------------------------------- refusals and defaults
+
+
+def test_the_preset_acts_before_the_dataclass_is_built() -> None:
+    from treegrpo.config import PRESETS
+
+    tiny = load_config(None, ["preset=tiny"])
+    assert tiny.preset == "tiny" and tiny.to_dict()["preset"] == "tiny"
+    assert tiny.model.path == PRESETS["tiny"]["model"]["path"] != "default"
+    assert load_config(None, ["preset=smollm2"]).model.path == "default"
 
 
 def test_weight_sync_nccl_is_refused() -> None:
@@ -261,12 +276,17 @@ def test_weight_sync_nccl_is_refused() -> None:
     assert load_config(None, ["engine.weight_sync=disk"]).engine.weight_sync == "disk"
 
 
-def test_defaults_follow_the_reference() -> None:
-    cfg = load_config(None)
+@pytest.mark.parametrize("preset", ["smollm2", "tiny"])
+def test_defaults_follow_the_reference(preset: str) -> None:
+    cfg = load_config(None, [f"preset={preset}"])
     assert cfg.env.truncated_action == "invalid"  # a cut step gets the invalid-action message
+    assert cfg.env.format_reward  # Tree-GRPO's format-shaped reward
     assert cfg.tree.overexpand_penalty == 0.0  # uniform draws, no penalty
-    assert cfg.learner.ppo_mini_batch_size == "auto"  # 8 updates a step where the batch allows
     assert cfg.tree.max_model_len is None  # the model's context length
+    # the reference's settings (smollm2, the dataclass defaults): 8 updates a step where the
+    # batch allows; the tiny preset keeps the one update a step it was tuned with
+    expect = {"smollm2": "auto", "tiny": None}[preset]
+    assert cfg.learner.ppo_mini_batch_size == expect
     assert TrainConfig().learner.ppo_mini_batch_size == "auto"
 
 
