@@ -142,7 +142,13 @@ def test_a_step_goes_on_past_an_answer_inside_a_search_as_the_references_cut():
     assert (first.tool, first.query) == ("search", "a <answer> b </answer> c")
     assert first.finish_reason == "stop"
     assert len(engine.requests) == 3  # the step, its continuation, then the answer
-    assert engine.requests[1].input_ids[-1] == engine.requests[1].input_ids[-1]
+    # the continuation goes on from the step's context + what the step generated so far
+    partial = "<think>x</think><search> a <answer> b </answer>"
+    tok = engine.tokenizer
+    assert list(engine.requests[1].input_ids) == [
+        *engine.requests[0].input_ids,
+        *tok.encode(partial, add_special_tokens=False),
+    ]
     assert engine.requests[1].sampling.max_new_tokens == cfg.max_action_tokens - len(
         "<think>x</think><search> a <answer> b </answer>"
     )
