@@ -182,7 +182,7 @@ def bench_throughput(
         for packed in (False, True):
             model = copy.deepcopy(bases[packed]).to(device)
             kw = {"micro_batch_tokens": micro} if micro else {}
-            cfg = LearnerConfig(total_steps=100, packed=packed, **kw)
+            cfg = LearnerConfig(total_steps=100, packed=packed, ppo_mini_batch_size=None, **kw)
             learner = Learner(model, cfg)
             _reset_peak(device)
             _sync(device)
@@ -263,7 +263,8 @@ def memory_worker(spec: dict) -> dict:
     model = random_model(spec["layers"], device=device)
     forest = chain_forest()
     model_rss = _vm("VmRSS")
-    learner = Learner(model, LearnerConfig(total_steps=100, **spec["config"]))
+    cfg = LearnerConfig(total_steps=100, ppo_mini_batch_size=None, **spec["config"])
+    learner = Learner(model, cfg)  # one update a step, as measured
     _reset_peak(device)
     start = time.perf_counter()
     metrics = learner.step(forest)

@@ -13,10 +13,10 @@ What both sides train on, per step (the same for every side):
   temperature 1 with no top-p / top-k filtering, at most ``--max-new-tokens`` tokens each.
 - Update: one optimizer step per training step (TRL: ``num_iterations=1``,
   ``per_device_train_batch_size`` = the step's trajectories, ``gradient_accumulation_steps=1``;
-  treegrpo: ``ppo_epochs=1``, ``mini_batches=1``), AdamW at the same constant learning rate
-  (no warmup), weight decay 0.01, gradient clip 1.0, PPO clip 0.2, token-mean loss (TRL's
-  ``dapo``), k3 KL to a frozen reference at 0.001 and an entropy bonus of 0.001 (treegrpo's
-  defaults, set on TRL too), no gradient checkpointing, no bf16.
+  treegrpo: ``ppo_epochs=1``, ``ppo_mini_batch_size=None``), AdamW at the same constant
+  learning rate (no warmup), weight decay 0.01, gradient clip 1.0, PPO clip 0.2, token-mean
+  loss (TRL's ``dapo``), k3 KL to a frozen reference at 0.001 and an entropy bonus of 0.001
+  (treegrpo's defaults, set on TRL too), no gradient checkpointing, no bf16.
 
 Sides: ``trl`` (GRPOTrainer, generation with transformers ``generate``), ``chain`` (treegrpo,
 ``tree.m=4 tree.n=0``, GRPO advantages: the same algorithm as TRL) and, unless ``--no-tree``,
@@ -228,6 +228,7 @@ def treegrpo_trainer(mode: str, s: Settings, run_dir: Path, total_steps: int) ->
             kl_coef=s.kl_coef,
             entropy_coeff=s.entropy_coef,
             loss_agg_mode="token-mean",
+            ppo_mini_batch_size=None,  # one update a step, as TRL's num_iterations=1
         ),
         trainer=TrainerConfig(
             total_steps=total_steps,

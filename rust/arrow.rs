@@ -71,11 +71,11 @@ fn u32s(values: impl Iterator<Item = u32>) -> ArrayRef {
     Arc::new(values.collect::<UInt32Array>())
 }
 
-/// Leaf reasons as a dictionary array over the three fixed names (no per-row hashing).
+/// Leaf reasons as a dictionary array over the fixed names (no per-row hashing).
 fn reasons(values: impl Iterator<Item = Option<LeafReason>>) -> ArrayRef {
     let keys: Int8Array = values.map(|r| r.map(|r| r as i8)).collect();
     let names = StringArray::from(LeafReason::ALL.iter().map(|r| r.as_str()).collect::<Vec<_>>());
-    Arc::new(DictionaryArray::<Int8Type>::try_new(keys, Arc::new(names)).expect("keys index the three names"))
+    Arc::new(DictionaryArray::<Int8Type>::try_new(keys, Arc::new(names)).expect("keys index the fixed names"))
 }
 
 /// A float column, null where the value is NaN (a node without kept leaves has no V).

@@ -19,18 +19,26 @@ pub enum LeafReason {
     Answer,
     /// The forced final turn after `max_turns` search-enabled turns.
     ForcedFinal,
-    /// Generation hit a length limit (per turn or per trajectory).
+    /// Generation hit the per-turn length limit (without a complete action tag).
     Truncated,
+    /// The trajectory reached the model's context length (`max_model_len`).
+    ContextLimit,
 }
 
 impl LeafReason {
-    pub const VALID: &'static str = "'answer', 'forced_final', 'truncated'";
+    pub const VALID: &'static str = "'answer', 'forced_final', 'truncated', 'context_limit'";
     /// Every reason, in discriminant order (the Arrow dictionary's values).
-    pub const ALL: [LeafReason; 3] = [LeafReason::Answer, LeafReason::ForcedFinal, LeafReason::Truncated];
-    const TABLE: [(&'static str, LeafReason); 3] = [
+    pub const ALL: [LeafReason; 4] = [
+        LeafReason::Answer,
+        LeafReason::ForcedFinal,
+        LeafReason::Truncated,
+        LeafReason::ContextLimit,
+    ];
+    const TABLE: [(&'static str, LeafReason); 4] = [
         ("answer", LeafReason::Answer),
         ("forced_final", LeafReason::ForcedFinal),
         ("truncated", LeafReason::Truncated),
+        ("context_limit", LeafReason::ContextLimit),
     ];
 
     pub fn parse(name: &str) -> Result<Self> {
@@ -42,6 +50,7 @@ impl LeafReason {
             LeafReason::Answer => "answer",
             LeafReason::ForcedFinal => "forced_final",
             LeafReason::Truncated => "truncated",
+            LeafReason::ContextLimit => "context_limit",
         }
     }
 }

@@ -91,14 +91,19 @@ impl Forest {
     }
 
     /// Like [`Forest::select`], but each candidate is drawn with probability proportional to
-    /// `weights[node]` (one finite, non-negative weight per node of the forest). A tree whose
-    /// candidates all weigh 0 falls back to uniform draws. Uncertainty-guided rules (e.g.
-    /// surprisal of a step's action tokens, discounted for nodes already expanded) set the weights.
+    /// `weights[node]` (one finite, non-negative weight per node of the forest) divided by
+    /// `1 + penalty * expansions`, where a candidate's expansions are its children but the
+    /// first (a root's initial chain, a step's own continuation: branches earlier draws made)
+    /// plus the draws it already got in this call. So the penalty acts within a round, as the
+    /// draws are made: with replacement a node drawn once weighs less for the tree's next draw. A tree whose candidates all
+    /// weigh 0 falls back to uniform draws. Uncertainty-guided rules (e.g. surprisal of a
+    /// step's action tokens) set the weights; `penalty = 0` leaves them as given.
     pub fn select_weighted(
         &self,
         n: usize,
         seed: u64,
         weights: &[f64],
+        penalty: f64,
         opts: SelectOptions,
     ) -> Result<Vec<u32>> {
         if weights.len() != self.nodes.len() {
@@ -117,11 +122,22 @@ impl Forest {
                 "weight {w} of node {node} is not a finite number >= 0"
             )));
         }
+        if !(penalty.is_finite() && penalty >= 0.0) {
+            return Err(TreeError::InvalidArgument(format!(
+                "overexpand penalty {penalty} is not a finite number >= 0"
+            )));
+        }
         use rand::RngExt;
         let mut picks = Vec::with_capacity(n * self.trees.len());
-        let (mut cands, mut cum) = (Vec::new(), Vec::new());
+        let (mut cands, mut cum, mut expansions) = (Vec::new(), Vec::new(), Vec::new());
         for t in 0..self.trees.len() as u32 {
             self.candidates_into(t, opts.include_root, &mut cands);
+            expansions.clear();
+            expansions.extend(
+                cands
+                    .iter()
+                    .map(|&c| self.nodes[c as usize].num_children.saturating_sub(1)),
+            );
             let mut rng = rng_for(seed, t as u64);
             let draws = if opts.replace { n } else { n.min(cands.len()) };
             for _ in 0..draws {
@@ -130,8 +146,8 @@ impl Forest {
                 }
                 cum.clear();
                 let mut total = 0.0;
-                for &c in &cands {
-                    total += weights[c as usize];
+                for (&c, &e) in cands.iter().zip(&expansions) {
+                    total += weights[c as usize] / (1.0 + penalty * f64::from(e));
                     cum.push(total);
                 }
                 let i = if total > 0.0 {
@@ -141,8 +157,11 @@ impl Forest {
                     rng.random_range(0..cands.len())
                 };
                 picks.push(cands[i]);
-                if !opts.replace {
+                if opts.replace {
+                    expansions[i] += 1;
+                } else {
                     cands.remove(i);
+                    expansions.remove(i);
                 }
             }
         }
@@ -227,13 +246,13 @@ mod tests {
         w[a as usize] = 3.0;
         w[root as usize] = 1.0;
         let picks = f
-            .select_weighted(40_000, 5, &w, SelectOptions::default())
+            .select_weighted(40_000, 5, &w, 0.0, SelectOptions::default())
             .unwrap();
         let share = picks.iter().filter(|&&p| p == a).count() as f64 / picks.len() as f64;
         assert!((share - 0.75).abs() < 0.01, "{share}");
         let zero = vec![0.0; f.nodes.len()];
         let uniform = f
-            .select_weighted(40_000, 5, &zero, SelectOptions::default())
+            .select_weighted(40_000, 5, &zero, 0.0, SelectOptions::default())
             .unwrap();
         let share = uniform.iter().filter(|&&p| p == a).count() as f64 / uniform.len() as f64;
         assert!((share - 0.5).abs() < 0.01, "{share}");
@@ -242,6 +261,7 @@ mod tests {
                 5,
                 0,
                 &w,
+                0.0,
                 SelectOptions {
                     replace: false,
                     include_root: true,
@@ -250,10 +270,63 @@ mod tests {
             .unwrap();
         assert_eq!(distinct.len(), 2);
         assert!(f
-            .select_weighted(1, 0, &w[..1], SelectOptions::default())
+            .select_weighted(1, 0, &w[..1], 0.0, SelectOptions::default())
+            .is_err());
+        assert!(f
+            .select_weighted(1, 0, &w, -1.0, SelectOptions::default())
             .is_err());
         w[0] = f64::NAN;
-        assert!(f.select_weighted(1, 0, &w, SelectOptions::default()).is_err());
+        assert!(f
+            .select_weighted(1, 0, &w, 0.0, SelectOptions::default())
+            .is_err());
+    }
+
+    #[test]
+    fn overexpand_penalty_acts_on_the_draws_of_one_call() {
+        // a chain root -> a -> b (leaf): root and a each have their one continuation, no
+        // expansion yet; equal weights
+        let (f, root, a, _) = small();
+        let mut w = vec![0.0; f.nodes.len()];
+        w[a as usize] = 1.0;
+        w[root as usize] = 1.0;
+        let opts = SelectOptions::default();
+        let (mut repeats_free, mut repeats_penalised) = (0, 0);
+        for seed in 0..200 {
+            let free = f.select_weighted(2, seed, &w, 0.0, opts).unwrap();
+            repeats_free += usize::from(free[0] == free[1]);
+            let penalised = f.select_weighted(2, seed, &w, 1e9, opts).unwrap();
+            repeats_penalised += usize::from(penalised[0] == penalised[1]);
+            // the first draw of a call sees no earlier draw: the same for any penalty
+            assert_eq!(free[0], penalised[0]);
+        }
+        assert!(repeats_free > 60, "{repeats_free}"); // ~ half of 200
+        assert_eq!(repeats_penalised, 0); // once drawn, a node weighs ~0 for the next draw
+                                          // penalty 1: a node's weight halves after its first draw, so the second draw repeats
+                                          // it with probability (1/2) / (1/2 + 1) = 1/3
+        let draws: Vec<Vec<u32>> = (0..30_000)
+            .map(|s| f.select_weighted(2, s, &w, 1.0, opts).unwrap())
+            .collect();
+        let again = draws.iter().filter(|d| d[0] == d[1]).count() as f64 / draws.len() as f64;
+        assert!((again - 1.0 / 3.0).abs() < 0.02, "{again}");
+    }
+
+    #[test]
+    fn overexpand_penalty_counts_the_children_after_the_first() {
+        // root has its chain (a -> b) and one more branch (c, a leaf): one expansion; a none
+        let (mut f, root, a, _) = small();
+        f.add_step(root as u64, &[9], &[], Some(LeafReason::Answer))
+            .unwrap();
+        let mut w = vec![0.0; f.nodes.len()];
+        w[a as usize] = 1.0;
+        w[root as usize] = 1.0;
+        let firsts: Vec<u32> = (0..30_000)
+            .map(|s| {
+                f.select_weighted(1, s, &w, 1.0, SelectOptions::default())
+                    .unwrap()[0]
+            })
+            .collect();
+        let share = firsts.iter().filter(|&&p| p == root).count() as f64 / firsts.len() as f64;
+        assert!((share - 1.0 / 3.0).abs() < 0.02, "{share}"); // 1/2 against 1
     }
 
     #[test]

@@ -18,6 +18,9 @@ def test_demo_prints_the_worked_example(capsys):
     assert "Forest(groups=1, trees=2, nodes=10, leaves=6)" in out
     advantages = sorted(round(float(line.split()[-1]), 3) for line in out.splitlines()[2:8])
     assert advantages == sorted([1.849, 1.849, -1.678, 0.054, -2.127, 0.054])
+    assert (
+        "arrives" not in out and "`treegrpo train` (no arguments: the embedded quickstart)" in out
+    )
 
 
 def test_version_from_the_installed_command():

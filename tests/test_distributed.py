@@ -117,7 +117,8 @@ def one_step(case: dict[str, Any], groups: list[int], data_parallel: bool) -> tu
         warmup_steps=0,
         loss_agg_mode=case["mode"],
         packed=case["packed"],
-        mini_batches=MINI_BATCHES,
+        # verl's meaning: prompts per update over both ranks (one of each rank's per update)
+        ppo_mini_batch_size=WORLD * PROMPTS_PER_RANK // MINI_BATCHES,
         micro_batch_tokens=case.get("micro_batch_tokens", 60),  # several: gradient accumulation
         logprob_chunk_tokens=16,
         kl_coef=0.1,

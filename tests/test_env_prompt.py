@@ -154,6 +154,6 @@ def test_real_hf_tokenizer() -> None:
 
     (r,) = asyncio.run(env.step([StepInput("<search> hamlet </search>", 0)]))
     assert len(r.observation_ids) <= 120
-    assert r.observation_text.startswith("\n\n<information>Doc 1(Title: Hamlet) Hamlet")
+    assert r.observation_text.startswith('\n\n<information>Doc 1(Title: "Hamlet") Hamlet')
     assert r.observation_text.endswith("</information>\n\n")
     assert list(r.observation_ids) == tok.encode(r.observation_text, add_special_tokens=False)

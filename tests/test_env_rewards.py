@@ -13,6 +13,7 @@ from treegrpo.env.rewards import (
     em_check,
     exact_match_score,
     extract_answer,
+    f1_format_reward,
     f1_score,
     format_reward,
     golds_from_ground_truth,
@@ -74,9 +75,18 @@ def test_exact_match(prediction: str, golds: list[str] | str, em: int) -> None:
         ("cat cat", ["cat"], 2 / 3),  # P = 1/2, R = 1
         ("dog", ["cat"], 0.0),
         ("cat dog", ["dog", "cat dog"], 1.0),  # best gold
-        ("the", ["a"], 1.0),  # both normalise to nothing
+        ("the", ["a"], 0.0),  # both normalise to nothing: no shared token (Tree-GRPO)
+        ("", [""], 0.0),
         ("the", ["cat"], 0.0),
         (None, ["cat"], 0.0),
+        # yes / no / noanswer get no partial credit (Tree-GRPO's qa_f1_format)
+        ("no", ["no way"], 0.0),
+        ("no way", ["no"], 0.0),
+        ("yes it is", ["yes"], 0.0),
+        ("No.", ["no"], 1.0),
+        ("noanswer", ["no answer"], 0.0),
+        ("no", ["no way", "no"], 1.0),  # best gold
+        ("no way", ["no", "way"], 2 / 3),  # against "way": P = 1/2, R = 1
     ],
 )
 def test_f1(prediction: str | None, golds: list[str], f1: float) -> None:
@@ -163,8 +173,9 @@ def test_is_valid_format_has_no_model_marker() -> None:
         (False, True, True, 0.2),
         (False, False, True, 0.1),
         (False, True, False, 0.2),
-        (False, False, False, 0.0),
+        (False, False, False, 0.1),  # no answer scores as a wrong one (the reference's effect)
         (True, True, False, 0.2),  # correct needs an answer
+        (True, False, False, 0.1),
     ],
 )
 def test_format_reward_table(correct: bool, valid: bool, has_answer: bool, reward: float) -> None:
@@ -175,7 +186,18 @@ def test_format_reward_table(correct: bool, valid: bool, has_answer: bool, rewar
 
 
 @pytest.mark.parametrize(
-    "source", ["nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle"]
+    "source",
+    [
+        "nq",
+        "triviaqa",
+        "popqa",
+        "web_questions",
+        "hotpotqa",
+        "2wikimultihopqa",
+        "musique",
+        "bamboogle",
+        "strategyqa",
+    ],
 )
 def test_qa_sources_use_exact_match(source: str) -> None:
     assert is_qa_source(source)
@@ -221,8 +243,10 @@ def test_bad_ground_truth(ground_truth: object, match: str) -> None:
 
 
 def test_only_the_response_is_scored() -> None:
-    # The prompt's example answer is "Beijing"; a response without an answer scores 0.
+    # The prompt's example answer is "Beijing"; a response without an answer is never correct
+    # (the reference reads the prompt's example and scores it 0.8 when the gold is Beijing).
     assert compute_score("nq", "<think>no idea</think>", ["Beijing"]) == 0.0
+    assert compute_score("nq", "<think>no idea</think>", ["Beijing"], format_shaped=True) == 0.1
 
 
 @pytest.mark.parametrize(
@@ -232,12 +256,39 @@ def test_only_the_response_is_scored() -> None:
         ("<answer>Paris</answer>", "Paris", 0.8),
         ("<think>t</think><answer>Rome</answer>", "Paris", 0.2),
         ("<answer>Rome</answer>", "Paris", 0.1),
-        ("<think>t</think> junk", "Paris", 0.0),
+        # no answer can be extracted: scored as a wrong answer, never as a correct one
+        ("<think>t</think> junk", "Paris", 0.1),
+        ("<think>t</think><answer>Paris", "Paris", 0.1),  # unclosed (cut by the limit)
+        ("<think>t</think><Answer>Paris</Answer>", "Paris", 0.1),  # other case
+        ("<think>t</think>< answer >Paris</ answer >", "Paris", 0.1),  # spaced tags
+        ("<think>t</think><search> Paris </search>", "Paris", 0.1),  # a final turn searching
     ],
 )
 def test_format_shaped_score(response: str, gold: str, reward: float) -> None:
     assert compute_score("hotpotqa", response, [gold], format_shaped=True) == reward
     assert compute_score("hotpotqa", response, [gold]) == float(reward == 1.0 or reward == 0.8)
+
+
+@pytest.mark.parametrize(
+    ("response", "reward"),
+    [
+        ("<think>t</think><answer> cat sat on mat </answer>", 1.0),
+        ("<answer> cat sat on mat </answer>", 0.8),
+        ("<think>t</think><answer> cat sat </answer>", 2 / 3),  # the F1 itself, when valid
+        ("<answer> cat sat </answer>", 2 / 3 - 0.2),  # F1 - 0.2, when invalid
+        ("<answer> cat </answer>", 0.4 - 0.2),
+        ("<think>t</think><answer> dog </answer>", 0.2),  # no overlap, valid
+        ("<answer> dog </answer>", 0.0),  # no overlap, invalid
+        ("<think>t</think> junk", 0.0),  # no answer
+    ],
+)
+def test_format_shaped_f1_is_tree_grpos(response: str, reward: float) -> None:
+    gold = {"target": ["cat sat on mat"]}
+    valid = is_valid_format(response)
+    assert f1_format_reward(f1_score(extract_answer(response), gold["target"]), valid) == (
+        pytest.approx(reward)
+    )
+    assert compute_score("deep_search", response, gold, format_shaped=True) == pytest.approx(reward)
 
 
 # ---- user reward functions

@@ -127,7 +127,7 @@ def test_stop_strings_and_cut() -> None:
 def test_search_gives_wrapped_documents() -> None:
     env, retriever = make_env()
     (r,) = step(env, StepInput("<think>hm</think>\n<search> paris </search>", 0))
-    body = "Doc 1(Title: paris page 1) some text\nDoc 2(Title: paris page 2) some text"
+    body = 'Doc 1(Title: "paris page 1") some text\nDoc 2(Title: "paris page 2") some text'
     assert r.observation_text == wrap_information(body)  # stripped body, as the reference
     assert env.tokenizer.decode(r.observation_ids) == r.observation_text
     assert (r.leaf_reason, r.tool, r.query, r.answer, r.valid) == (
@@ -149,7 +149,7 @@ def test_answer_is_a_leaf_without_observation() -> None:
     assert retriever.calls == []
 
 
-@pytest.mark.parametrize("text", ["no tags at all", "<search> unclosed", "<search>  </search>"])
+@pytest.mark.parametrize("text", ["no tags at all", "<search> unclosed", "<Search> q </Search>"])
 def test_invalid_action_gets_the_message(text: str) -> None:
     env, retriever = make_env()
     (r,) = step(env, StepInput(text, 0))
@@ -157,6 +157,42 @@ def test_invalid_action_gets_the_message(text: str) -> None:
     assert env.tokenizer.decode(r.observation_ids) == INVALID_ACTION
     assert (r.leaf_reason, r.valid, r.tool, r.query) == (None, False, None, None)
     assert retriever.calls == []
+
+
+def test_empty_query_is_sent_to_the_retriever_as_the_reference_sends_it() -> None:
+    env, retriever = make_env()
+    (r,) = step(env, StepInput("<think>x</think><search>  </search>", 0))
+    assert retriever.calls == [[""]]  # Search-R1 posts the stripped content, ""
+    assert (r.leaf_reason, r.valid, r.tool, r.query) == (None, True, "search", "")
+    body = 'Doc 1(Title: " page 1") some text\nDoc 2(Title: " page 2") some text'
+    assert r.observation_text == wrap_information(body)
+
+
+def test_first_complete_tag_decides_as_the_references_regex() -> None:
+    env, _ = make_env()
+    # <(search|answer)>(.*?)</\1> with re.search: the search opens first and closes last
+    a = env.parse("<search>a<answer>b</answer></search>")
+    assert (a.kind, a.content) == ("tool", "a<answer>b</answer>")
+    assert env.parse("<answer>b</answer><search>q</search>").kind == "answer"
+
+
+@pytest.mark.parametrize(
+    ("text", "goes_on"),
+    [
+        ("<search> a <answer> b </answer>", True),  # the answer inside an unclosed search
+        ("thinking </answer>", True),  # a stray closing tag: no action yet
+        ("<think>x</think><answer> b </answer>", False),  # an answer: the same either way
+        ("<answer> b </answer>", False),
+        ("<search> q </search>", False),  # stopped at a tool's tag: the reference's cut
+        ("<search> unclosed", False),  # not stopped at </answer>
+    ],
+)
+def test_continues_past_answer_where_the_reference_would_cut_later(
+    text: str, goes_on: bool
+) -> None:
+    env, _ = make_env()
+    assert env.continues_past(text) is goes_on
+    assert env.ends_tool_call("<search> q </search>") and not env.ends_tool_call(text[:-1])
 
 
 def test_invalid_action_message_is_verbatim() -> None:
@@ -194,8 +230,9 @@ def test_max_turns_zero_allows_no_search() -> None:
     assert r.leaf_reason == "forced_final" and retriever.calls == []
 
 
-def test_length_limit() -> None:
-    env, retriever = make_env()
+@pytest.mark.parametrize("rule", ["invalid", "leaf"])
+def test_length_limit(rule: str) -> None:
+    env = SearchEnv(ChunkTokenizer(), retriever=FakeRetriever(), truncated_action=rule)  # type: ignore[arg-type]
     no_tag, search, answer = step(
         env,
         StepInput("<think> went on and on", 0, truncated=True),
@@ -203,10 +240,24 @@ def test_length_limit() -> None:
         StepInput("<search> q </search>", 0, truncated=True),
         StepInput("<answer> a </answer>", 0, truncated=True),
     )
-    assert (no_tag.leaf_reason, no_tag.valid, no_tag.observation_ids) == ("truncated", False, ())
+    if rule == "invalid":  # the reference: the invalid-action message, the episode goes on
+        assert (no_tag.leaf_reason, no_tag.valid) == (None, False)
+        assert no_tag.observation_text == INVALID_ACTION
+    else:
+        assert (no_tag.leaf_reason, no_tag.valid, no_tag.observation_ids) == (
+            "truncated",
+            False,
+            (),
+        )
     assert (search.leaf_reason, search.query, search.valid) == (None, "q", True)
     assert (answer.leaf_reason, answer.answer) == ("answer", "a")
-    assert retriever.calls == [["q"]]
+
+
+def test_default_truncation_rule_is_the_references_and_bad_values_are_refused() -> None:
+    env, _ = make_env()
+    assert env.truncated_action == "invalid"
+    with pytest.raises(ValueError, match="truncated_action must be 'invalid'"):
+        make_env(truncated_action="stop")
 
 
 @pytest.mark.parametrize("turn", [-1, 4, True, 1.0])
@@ -232,7 +283,7 @@ def test_long_observation_is_cut_inside_the_body(tokenizer: ChunkTokenizer) -> N
     (r,) = step(env, StepInput("<search> q </search>", 0))
     assert len(r.observation_ids) <= 100
     assert len(r.observation_ids) >= 97  # cut, not emptied
-    assert r.observation_text.startswith("\n\n<information>Doc 1(Title: q page 1) word word")
+    assert r.observation_text.startswith('\n\n<information>Doc 1(Title: "q page 1") word word')
     assert r.observation_text.endswith("</information>\n\n")
     assert list(r.observation_ids) == tokenizer.encode(r.observation_text, add_special_tokens=False)
 
@@ -343,5 +394,6 @@ def test_bad_configuration(kwargs: dict[str, object], match: str) -> None:
 def test_repr() -> None:
     env, _ = make_env()
     assert repr(env) == (
-        "SearchEnv(tools=[search:<search>], answer_tag='answer', max_turns=3, max_obs_tokens=500)"
+        "SearchEnv(tools=[search:<search>], answer_tag='answer', max_turns=3, max_obs_tokens=500, "
+        "truncated_action='invalid')"
     )

@@ -79,7 +79,9 @@ def rel(a: float | torch.Tensor, b: float | torch.Tensor) -> float:
 
 
 def config(**kw: object) -> LearnerConfig:
-    return LearnerConfig(**{"total_steps": 10, **kw})  # type: ignore[arg-type]
+    """A test config: one update per epoch unless asked (the default, "auto", would split the
+    test forests' prompts into several)."""
+    return LearnerConfig(**{"total_steps": 10, "ppo_mini_batch_size": None, **kw})  # type: ignore[arg-type]
 
 
 def perturbed_loss(
@@ -199,9 +201,9 @@ def test_micro_batches_accumulate_to_one_batch(packed: bool) -> None:
         assert met_many[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
-def test_mini_batches_hold_whole_trees_and_normalise_each() -> None:
-    forest = tree_forest(prompts=2, m=2)
-    learner = Learner(tiny_model(), config(mini_batches=2, kl_coef=0.0))
+def test_mini_batches_hold_whole_prompts_and_normalise_each() -> None:
+    forest = tree_forest(prompts=2, m=2)  # prompt 0: trees 0 and 1; prompt 1: trees 2 and 3
+    learner = Learner(tiny_model(), config(ppo_mini_batch_size=1, kl_coef=0.0))
     batch = learner.prepare(forest)
     assert len(batch.mini_batches) == 2
     # each mini-batch's loss is normalised over itself: at ratio 1 the pg loss of a token-mean
@@ -215,8 +217,95 @@ def test_mini_batches_hold_whole_trees_and_normalise_each() -> None:
         mask = flat["loss_mask"][rows]
         expect = -(flat["advantages"][rows] * mask).sum() / mask.sum()
         assert metrics["actor/pg_loss"] == pytest.approx(expect, rel=1e-5, abs=1e-6)
-    with pytest.raises(treegrpo.InvalidArgumentError, match="whole trees"):
-        Learner(tiny_model(), config(mini_batches=5, kl_coef=0.0)).prepare(forest)
+    with pytest.raises(treegrpo.InvalidArgumentError, match="does not divide the step's 2"):
+        Learner(tiny_model(), config(ppo_mini_batch_size=3, kl_coef=0.0)).prepare(forest)
+    with pytest.raises(treegrpo.InvalidArgumentError, match="pass the Forest"):
+        Learner(tiny_model(), config(ppo_mini_batch_size=1, kl_coef=0.0)).prepare(pack)
+
+
+@pytest.mark.parametrize(
+    ("prompts", "updates"), [(1, 1), (2, 2), (3, 3), (8, 8), (12, 6), (16, 8), (512, 8), (7, 7)]
+)
+def test_auto_mini_batches_follow_the_references_ratio(prompts: int, updates: int) -> None:
+    assert LearnerConfig(warmup_steps=0).ppo_mini_batch_size == "auto"  # the default
+    assert LearnerConfig(warmup_steps=0).updates_per_epoch(prompts) == updates
+    # verl's meaning: prompts per update, over every rank; each rank's share splits evenly
+    assert LearnerConfig(warmup_steps=0, ppo_mini_batch_size=64).updates_per_epoch(512) == 8
+    assert LearnerConfig(warmup_steps=0).updates_per_epoch(16, per_rank=4) == 4
+    with pytest.raises(treegrpo.InvalidArgumentError, match="split each data-parallel rank"):
+        LearnerConfig(warmup_steps=0, ppo_mini_batch_size=3).updates_per_epoch(6, per_rank=3)
+
+
+def reference_ppo_step(
+    model: torch.nn.Module, forest: Forest, lr: float, *, stale_old: bool = False
+) -> torch.nn.Module:
+    """A slow, plain PPO step on ``forest`` with one mini-batch per prompt (in group order): per
+    trajectory a full forward of its own tokens; old log-probs from the weights before the step
+    (``stale_old``: wrongly, from the weights at each mini-batch, i.e. no recomputation before
+    the step); the dual-clip loss per token, token-mean over the mini-batch; AdamW."""
+    import polars as pl
+
+    model = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.01)
+    leaves = pl.DataFrame(forest.leaves()).filter(pl.col("kept")).sort("leaf")
+
+    def log_probs(net: torch.nn.Module, leaf: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask, adv = forest.trajectory(leaf)
+        ids = torch.as_tensor(ids)
+        logits = net(input_ids=ids[None]).logits[0, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0]
+        keep = torch.as_tensor(mask[1:])
+        return lp[keep], torch.as_tensor(adv[1:])[keep]
+
+    with torch.no_grad():
+        before = {leaf: log_probs(model, leaf)[0] for leaf in leaves["leaf"]}
+    for group in sorted(set(leaves["group"])):
+        batch = leaves.filter(pl.col("group") == group)["leaf"].to_list()
+        with torch.no_grad():
+            old = {leaf: log_probs(model, leaf)[0] for leaf in batch} if stale_old else before
+        total, tokens = 0.0, 0
+        for leaf in batch:
+            lp, adv = log_probs(model, leaf)
+            ratio = torch.exp(lp - old[leaf])
+            clipped = torch.clamp(ratio, 0.8, 1.2)
+            loss = torch.maximum(-adv * ratio, -adv * clipped)
+            loss = torch.where(adv < 0, torch.minimum(loss, -adv * 3.0), loss)
+            total = total + loss.sum()
+            tokens += len(lp)
+        opt.zero_grad()
+        (total / tokens).backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_old_log_probs_stay_those_before_the_step_over_several_updates(packed: bool) -> None:
+    forest = tree_forest(prompts=2)
+    model = tiny_model()
+    lr = 3e-3
+    cfg = config(
+        ppo_mini_batch_size=1,  # 2 updates: the second one's weights differ from the old ones
+        lr=lr,
+        warmup_steps=0,
+        kl_coef=0.0,
+        entropy_coeff=0.0,
+        grad_clip=None,
+        packed=packed,
+        reuse_on_policy_log_probs=True,  # a step with 2 updates must not reuse: it recomputes
+    )
+    learner = Learner(copy.deepcopy(model), cfg)
+    metrics = learner.step(forest)
+    assert metrics["actor/updates"] == 2
+    assert metrics["actor/ppo_kl"] != 0  # the second update's ratios left 1
+    ours = torch.cat([p.detach().flatten() for p in learner.model.parameters()])
+    right = torch.cat(
+        [p.detach().flatten() for p in reference_ppo_step(model, forest, lr).parameters()]
+    )
+    stale = reference_ppo_step(model, forest, lr, stale_old=True)
+    wrong = torch.cat([p.detach().flatten() for p in stale.parameters()])
+    start = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert rel(ours - start, right - start) < 1e-4
+    assert rel(wrong - start, right - start) > 5e-3  # the check tells the two apart (~2e-2)
 
 
 def _rows(table: object) -> list[dict]:
@@ -256,7 +345,7 @@ def test_non_finite_loss_skips_the_update_and_raises_when_it_persists() -> None:
     calls = []
     learner = Learner(
         model,
-        config(kl_coef=0.0, max_nonfinite_updates=3, mini_batches=1),
+        config(kl_coef=0.0, max_nonfinite_updates=3, ppo_mini_batch_size=None),
         on_step=lambda: calls.append(1),
     )
     forest = tree_forest(prompts=1)
@@ -291,7 +380,9 @@ def test_non_finite_loss_skips_the_update_and_raises_when_it_persists() -> None:
         ({"kl_type": "k3"}, "kl_type must be one of 'low_var_kl'"),
         ({"autocast": "fp8"}, "autocast must be one of"),
         ({"ppo_epochs": 0}, "LearnerConfig.ppo_epochs must be an int >= 1"),
-        ({"mini_batches": 1.5}, "LearnerConfig.mini_batches"),
+        ({"ppo_mini_batch_size": 1.5}, "LearnerConfig.ppo_mini_batch_size"),
+        ({"ppo_mini_batch_size": 0}, "LearnerConfig.ppo_mini_batch_size"),
+        ({"ppo_mini_batch_size": "all"}, "LearnerConfig.ppo_mini_batch_size"),
         ({"micro_batch_tokens": 0}, "LearnerConfig.micro_batch_tokens must be None"),
         ({"logprob_chunk_tokens": 0}, "LearnerConfig.logprob_chunk_tokens"),
         ({"kl_coef": -0.1}, "LearnerConfig.kl_coef"),
@@ -312,7 +403,7 @@ def test_config_needs_total_steps_for_a_warmup_ratio() -> None:
 
 
 def test_step_progress_bar_counts_every_forward_pass(capsys: pytest.CaptureFixture) -> None:
-    cfg = config(warmup_steps=0, ppo_epochs=2, mini_batches=2, micro_batch_tokens=40)
+    cfg = config(warmup_steps=0, ppo_epochs=2, ppo_mini_batch_size=1, micro_batch_tokens=40)
     learner = Learner(tiny_model(), cfg)
     passes = sum(len(m) for m in learner.prepare(tree_forest(prompts=2)).mini_batches)
     assert passes > 2  # several micro-batches per mini-batch
@@ -373,7 +464,7 @@ def test_step_wiring_modes_reference_and_metrics() -> None:
     model.eval()
     learner = Learner(
         model,
-        config(kl_coef=0.0, ppo_epochs=2, mini_batches=2, warmup_steps=0),
+        config(kl_coef=0.0, ppo_epochs=2, ppo_mini_batch_size=1, warmup_steps=0),
         on_step=lambda: events.append("on_step"),
         hold=Hold,
     )

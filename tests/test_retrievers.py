@@ -99,8 +99,8 @@ def test_read_corpus_wiki18_format(tmp_path: Path) -> None:
     )
     docs = read_corpus(path)
     assert [(d.id, d.title, d.text) for d in docs] == [
-        ("a", "Title A", "Text of A"),
-        ("7", "Title B", "Text of B"),
+        ("a", '"Title A"', "Text of A"),  # the first line as it is: quotes kept
+        ("7", '"Title B"', "Text of B"),
     ]
     corpus = Corpus.scan(path)
     assert len(corpus) == 2
@@ -286,10 +286,8 @@ def test_bm25_is_a_retriever_and_thread_safe(bm25: BM25Retriever) -> None:
 
 def test_search_tool_formats_bm25_documents(bm25: BM25Retriever) -> None:
     [body] = asyncio.run(SearchTool(bm25, topk=1).call(["zorblax"]))
-    assert (
-        body
-        == "Doc 1(Title: Zorblax) The zorblax is a fictional creature that hums in quiet valleys.\n"
-    )
+    text = "The zorblax is a fictional creature that hums in quiet valleys."
+    assert body == f'Doc 1(Title: "Zorblax") {text}\n'  # the title line as it is
 
 
 def test_load_retriever_by_name(corpus_file: Path, cache: Path) -> None:
@@ -457,7 +455,7 @@ def test_client_reads_documents_without_scores(fake: Any) -> None:
         )
     )
     [docs] = HttpRetriever(server.url + "/retrieve").retrieve(["q"], topk=3)
-    assert [(d.id, d.title, d.score) for d in docs] == [("1", "T", None), ("", "no id", None)]
+    assert [(d.id, d.title, d.score) for d in docs] == [("1", '"T"', None), ("", "no id", None)]
 
 
 def test_client_retries_a_5xx_then_succeeds(fake: Any) -> None:

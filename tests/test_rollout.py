@@ -12,6 +12,8 @@ from fake_tokenizer import ChunkTokenizer
 from scripted import FixedRetriever, Policy, ScriptedEngine
 from treegrpo.env import SearchEnv
 from treegrpo.env.rewards import compute_score
+from treegrpo.env.steps import INVALID_ACTION
+from treegrpo.exceptions import InvalidArgumentError
 from treegrpo.logs import write_rollout
 from treegrpo.rollout import Prompt, RolloutConfig, rollout
 
@@ -30,10 +32,20 @@ def search_then_answer(answer_at: int = 2) -> Policy:
     return policy
 
 
-def run(policy: Policy, config: RolloutConfig, n_prompts: int = 2, max_turns: int = 3):
+def run(
+    policy: Policy,
+    config: RolloutConfig,
+    n_prompts: int = 2,
+    max_turns: int = 3,
+    *,
+    engine_options: dict | None = None,
+    **env_options,
+):
     tok = ChunkTokenizer()
-    engine = ScriptedEngine(tok, policy)
-    env = SearchEnv(tok, retriever=FixedRetriever(), max_turns=max_turns, max_obs_tokens=200)
+    engine = ScriptedEngine(tok, policy, **(engine_options or {}))
+    env = SearchEnv(
+        tok, retriever=FixedRetriever(), max_turns=max_turns, max_obs_tokens=200, **env_options
+    )
     prompts = [
         Prompt(g, tok.encode(f"Q{g}?", add_special_tokens=False), "nq", {"target": ["Paris0"]})
         for g in range(n_prompts)
@@ -84,7 +96,7 @@ def test_observations_are_masked_and_hold_the_documents():
     assert searched and all(info[i].query.startswith("q") for i in searched)
     ids, mask = result.forest.tokens(searched[0])
     observation = tok.decode([t for t, m in zip(ids.tolist(), mask.tolist(), strict=True) if not m])
-    assert "<information>Doc 1(Title: Page) about q0</information>" in observation
+    assert '<information>Doc 1(Title: "Page") about q0</information>' in observation
 
 
 def test_forced_final_turn_and_truncation_are_leaves():
@@ -92,10 +104,129 @@ def test_forced_final_turn_and_truncation_are_leaves():
     result, _, _ = run(never, RolloutConfig(m=1, n=0, max_turns=2), max_turns=2)
     leaves = pa.table(result.forest.leaves()).to_pylist()
     assert {(x["leaf_reason"], x["depth"]) for x in leaves} == {("forced_final", 3)}
+
+
+def test_a_step_cut_by_the_token_limit_goes_on_with_the_invalid_action_message():
     rambling = lambda ctx, i: ("no tags at all", "length")  # noqa: E731
+    # the reference's rule (the default): an invalid action, the episode goes on to the final
+    # turn, whose cut step is a leaf "truncated"
     result, _, _ = run(rambling, RolloutConfig(m=1, n=0))
     leaves = pa.table(result.forest.leaves()).to_pylist()
+    assert {(x["leaf_reason"], x["depth"]) for x in leaves} == {("truncated", 4)}
+    steps = [x for x in result.info.values() if x.finish_reason == "length"]
+    assert len(steps) == 4 * 2  # 4 turns x 2 prompts
+    assert sum(x.observation_text == INVALID_ACTION for x in steps) == 3 * 2
+    # treegrpo's earlier rule, as an option: the cut step is a leaf
+    result, _, _ = run(rambling, RolloutConfig(m=1, n=0), truncated_action="leaf")
+    leaves = pa.table(result.forest.leaves()).to_pylist()
     assert {(x["leaf_reason"], x["depth"]) for x in leaves} == {("truncated", 1)}
+
+
+def nested_search(context: str, i: int) -> tuple[str, str]:
+    """Turn 0 writes a search whose query holds an answer pair; turn 1 answers."""
+    step = "<think>x</think><search> a <answer> b </answer> c </search>"
+    if "</information>" in context:
+        return "<answer> done </answer>", "stop"
+    for cut in range(len(step), 0, -1):  # a continuation: write the rest of the step
+        if context.endswith(step[:cut]):
+            return step[cut:], "stop"
+    return step, "stop"
+
+
+def test_a_step_goes_on_past_an_answer_inside_a_search_as_the_references_cut():
+    # Search-R1 cuts a turn at its first </search>; stop strings stopped it at </answer>
+    cfg = RolloutConfig(m=1, n=0)
+    result, engine, _ = run(nested_search, cfg, n_prompts=1, engine_options={"stops": True})
+    first = next(x for x in result.info.values() if x.parent == 0)
+    assert first.action_text == "<think>x</think><search> a <answer> b </answer> c </search>"
+    assert (first.tool, first.query) == ("search", "a <answer> b </answer> c")
+    assert first.finish_reason == "stop"
+    assert len(engine.requests) == 3  # the step, its continuation, then the answer
+    # the continuation goes on from the step's context + what the step generated so far
+    partial = "<think>x</think><search> a <answer> b </answer>"
+    tok = engine.tokenizer
+    assert list(engine.requests[1].input_ids) == [
+        *engine.requests[0].input_ids,
+        *tok.encode(partial, add_special_tokens=False),
+    ]
+    assert engine.requests[1].sampling.max_new_tokens == cfg.max_action_tokens - len(
+        "<think>x</think><search> a <answer> b </answer>"
+    )
+    nodes = pl.DataFrame(result.forest.nodes())
+    assert result.total.generated_tokens == nodes["action_len"].sum()
+
+
+def test_a_stray_answer_tag_without_a_later_search_is_cut_back_to_it():
+    def policy(context: str, i: int) -> tuple[str, str]:
+        if context.endswith("hmm </answer>"):
+            return " more words", "stop"  # ends at EOS: no tool tag closes
+        if "</answer>" in context or "</information>" in context:
+            return "<answer> done </answer>", "stop"
+        return "hmm </answer> more words", "stop"
+
+    result, engine, _ = run(policy, RolloutConfig(m=1, n=0), 1, engine_options={"stops": True})
+    first = next(x for x in result.info.values() if x.parent == 0)
+    assert first.action_text == "hmm </answer>"  # the reference's cut at the first </answer>
+    assert first.observation_text == INVALID_ACTION and first.tool is None
+    assert len(engine.requests) == 3
+    nodes = pl.DataFrame(result.forest.nodes())
+    dropped = len(" more words")
+    assert result.total.generated_tokens == nodes["action_len"].sum() + dropped
+
+
+def test_a_plain_answer_is_not_continued():
+    answer = lambda ctx, i: ("<think>x</think><answer> b </answer> and more", "stop")  # noqa: E731
+    result, engine, _ = run(answer, RolloutConfig(m=1, n=0), 1, engine_options={"stops": True})
+    assert len(engine.requests) == 1
+    (leaf,) = [x for x in result.info.values() if x.answer is not None]
+    assert leaf.action_text == "<think>x</think><answer> b </answer>"
+
+
+def always_search(context: str, i: int) -> tuple[str, str]:
+    return "<think>more</think> <search> q </search>", "stop"
+
+
+@pytest.mark.parametrize("max_model_len", [60, 100, 130])
+def test_a_trajectory_at_max_model_len_ends_as_a_leaf_not_an_engine_error(max_model_len):
+    cfg = RolloutConfig(m=2, n=2, l=1, max_turns=6, max_model_len=max_model_len, seed=1)
+    # the engine raises if a request could pass its context length: it never does
+    options = {"stops": True, "context_length": max_model_len}
+    result, engine, _ = run(always_search, cfg, max_turns=6, engine_options=options)
+    assert all(
+        len(r.input_ids) + r.sampling.max_new_tokens < max_model_len for r in engine.requests
+    )
+    leaves = pl.DataFrame(result.forest.leaves())
+    assert set(leaves["leaf_reason"].cast(pl.Utf8)) == {"context_limit"}
+    for leaf in leaves["leaf"]:
+        assert len(result.forest.tokens(leaf)[0]) <= max_model_len - 1  # the whole trajectory
+    assert set(leaf_counts(result).values()) == {3}  # every tree still has 1 + L*N leaves
+
+
+def test_max_model_len_comes_from_the_engine_and_a_too_long_prompt_is_refused():
+    options = {"stops": True, "context_length": 80}
+    result, _, _ = run(always_search, RolloutConfig(m=1, n=0, max_turns=6), 1, 6,
+                       engine_options=options)  # fmt: skip
+    assert set(pl.DataFrame(result.forest.leaves())["leaf_reason"].cast(pl.Utf8)) == {
+        "context_limit"
+    }
+    with pytest.raises(InvalidArgumentError, match="max_model_len=3"):
+        run(always_search, RolloutConfig(m=1, n=0, max_model_len=3), 1)
+
+
+def test_overexpand_penalty_changes_the_draws_within_a_round():
+    def repeats(penalty: float) -> int:
+        """Nodes that got two branches in the expansion round, over seeds."""
+        out = 0
+        for seed in range(12):
+            cfg = RolloutConfig(m=1, n=2, l=1, seed=seed, overexpand_penalty=penalty)
+            result, _, _ = run(search_then_answer(), cfg, n_prompts=1)
+            # every open node had one child (its chain) before the round
+            children = pl.DataFrame(result.forest.nodes())["num_children"]
+            out += int((children >= 3).sum())
+        return out
+
+    assert repeats(0.0) > 0  # the reference: with replacement, a node can be drawn twice
+    assert repeats(1e9) == 0  # a node drawn once weighs ~0 for the round's next draw
 
 
 def test_k_subsampling_and_rewards():

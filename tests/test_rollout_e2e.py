@@ -4,10 +4,11 @@ structurally valid, the random policy's garbage is handled by the environment's 
 budget adds up, and the Parquet logs read back with polars equal the Forest's contents.
 
 A random policy writes a near-uniform token stream, so its steps almost never hold a tag: each
-one either hits the per-turn token limit (a "truncated" leaf) or ends on a stop id (an invalid
-action: it gets the invalid-action message and the episode goes on, up to the forced final
-turn). The stop ids below make both outcomes common, so trees grow past depth 1 and expansions
-draw non-root nodes.
+one either hits the per-turn token limit or ends on a stop id; either way it is an invalid
+action (the reference's rule: it gets the invalid-action message and the episode goes on), up
+to the final turn, a leaf ("truncated" when the limit cut it, else "forced_final"). The stop
+ids below make both outcomes common, so both leaf reasons occur and expansions draw non-root
+nodes.
 """
 
 from __future__ import annotations
@@ -165,9 +166,10 @@ def expected_leaf_reason(env: SearchEnv, depth: int, action_text: str, finish: s
     action = env.parse(action_text)
     if action.kind == "answer":
         return "answer"
-    if action.kind == "invalid" and finish != "stop":
+    final = depth - 1 == env.max_turns
+    if action.kind == "invalid" and finish != "stop" and (final or env.truncated_action == "leaf"):
         return "truncated"
-    if depth - 1 == env.max_turns:
+    if final:
         return "forced_final"
     return None
 
@@ -386,3 +388,38 @@ def test_logs_read_back_with_polars_equal_the_forest(rollouts, tmp_path, engine,
     assert traj["turns"].to_list() == leaves["depth"].to_list()
     assert traj["response"].to_list() == [result.response_text(x) for x in traj["leaf"]]
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("engine", ["embedded", "sglang"])
+def test_trajectories_end_at_the_models_context_length_not_in_the_engine(prompts, engine):
+    # A model whose context holds the prompt and little more: before max_model_len bounded the
+    # rollout, its engine refused the first context that reached it (an engine error).
+    longest = max(len(p.input_ids) for p in prompts)
+    context = longest + 40
+    model, tok = tiny_policy(seed=0, max_position_embeddings=context)
+    cfg = RolloutConfig(m=2, n=2, l=1, max_turns=6, max_action_tokens=12, seed=3)
+    env = SearchEnv(tok, retriever=FixedRetriever(), max_turns=6, max_obs_tokens=24)
+    stop: Any = None
+    if engine == "embedded":
+        gen: Any = EmbeddedEngine(model, tok, seed=0)  # max_model_len: its context_length
+    else:  # the SGLang client does not know the server's context: the trainer sets it
+        _, url, stop = start_standin_server((model, tok))
+        gen = SGLangClient(url, tokenizer=tok)
+        cfg = RolloutConfig(**{**cfg.__dict__, "max_model_len": context})
+    runner = Rollout(gen, env, text_reward, cfg, tokenizer=tok, eos_token_ids=STOP_IDS)
+
+    async def go() -> RolloutResult:
+        try:
+            return await runner.run(prompts)
+        finally:
+            await gen.close()
+
+    try:
+        result = asyncio.run(go())
+    finally:
+        if stop is not None:
+            stop()
+    leaves = pl.DataFrame(result.forest.leaves()).with_columns(pl.col("leaf_reason").cast(pl.Utf8))
+    assert "context_limit" in set(leaves["leaf_reason"])
+    for leaf in leaves["leaf"]:
+        assert len(result.forest.tokens(leaf)[0]) <= context - 1

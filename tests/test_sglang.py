@@ -600,6 +600,56 @@ def test_predicted_cached_tokens_match_the_server_on_a_tree(make_standin, policy
         assert kid.cached_tokens == (node_len - 1) - (node_len - 1) % page_size
 
 
+def test_reported_cached_tokens_are_what_the_engine_reused(make_standin, policy):
+    # The stand-in measures its engine's KV reuse; the client's cache model plays no part: a
+    # client that models a far smaller cache predicts evictions the server never made.
+    server = make_standin()
+    ids = prompt(policy[1], "Answer the given question. Question: where is the bridge?")
+    step = SamplingParams(max_new_tokens=4)
+
+    engine = server.server.engine
+
+    async def go() -> tuple[list[Completion], Any]:
+        async with client_for(server.url, policy, cache_tokens=8) as client:
+            out = []
+            for tail in ([], [40], [41], None, [42]):
+                if tail is None:  # the engine loses its KV behind everyone's back
+                    engine.flush_cache()
+                    continue
+                [[c]] = await client.generate([GenerateRequest([*ids, *tail], step)])
+                out.append(c)
+            return out, client.cache_report()
+
+    before = engine.stats.cached_tokens
+    (cold, warm, sibling, lost), report = run(go())
+    assert cold.cached_tokens == 0
+    assert warm.cached_tokens >= len(ids)  # the prompt (and some output) was in the engine's KV
+    assert sibling.cached_tokens >= len(ids)
+    assert lost.cached_tokens == 0  # nothing left in the engine's cache: nothing reused
+    # every reported token is one the engine served from its cache (it also counts the reuse
+    # of its own decode chunks, so at least as many)
+    assert engine.stats.cached_tokens - before >= warm.cached_tokens + sibling.cached_tokens
+    assert report.mismatches  # the client's 8-token model predicted no reuse
+    assert all(r.predicted == 0 for r in report.records)
+
+
+def test_a_weight_update_that_keeps_the_cache_is_refused(policy, tmp_path):
+    tok = policy[1]
+    server = Standin((tiny_model(len(tok), seed=0), tok))
+    checkpoint = tmp_path / "step-1"
+    tiny_model(len(tok), seed=1).save_pretrained(checkpoint)
+
+    async def go() -> None:
+        async with client_for(server.url, policy) as client:
+            with pytest.raises(ServerControlError, match="send flush_cache=true"):
+                await client.update_weights_from_disk(str(checkpoint), "v", flush_cache=False)
+
+    try:
+        run(go())
+    finally:
+        server.stop()
+
+
 def test_lru_eviction_is_predicted_too(make_standin, policy):
     server = make_standin(cache_tokens=64)
 

@@ -66,7 +66,7 @@ def test_an_override_that_is_not_yaml_names_the_override():
         ("env.topk=5000", r"env\.topk must be <= 1000"),
         ("learner.logprob_chunk_tokens=99999999", r"learner\.logprob_chunk_tokens = 99,999,999"),
         ("learner.micro_batch_tokens=99999999", r"learner\.micro_batch_tokens = 99,999,999"),
-        ("learner.mini_batches=99999999", r"learner\.mini_batches = 99,999,999"),
+        ("learner.ppo_epochs=99999999", r"learner\.ppo_epochs = 99,999,999"),
         ("data.synth_docs=9999999999", r"data\.synth_docs = 9,999,999,999 is above"),
         ("data.val_size=9999999999", r"data\.val_size = 9,999,999,999 is above"),
         ("model.sft_batch_size=9999999999", r"model\.sft_batch_size = 9,999,999,999 is above"),

@@ -13,7 +13,7 @@ BUILD_PROFILE: str
 
 _Tokens = npt.ArrayLike | Iterable[int]
 _Estimator = Literal["tree", "tree_intra", "tree_inter", "grpo"]
-_LeafReason = Literal["answer", "forced_final", "truncated"]
+_LeafReason = Literal["answer", "forced_final", "truncated", "context_limit"]
 
 @final
 class Table:
@@ -58,6 +58,7 @@ class Forest:
         seed: int = 0,
         replace: bool = True,
         include_root: bool = True,
+        overexpand_penalty: float = 0.0,
     ) -> list[int]: ...
     def keep_leaves(self, k: int, *, seed: int = 0) -> None: ...
     def advantages(self, estimator: _Estimator = "tree", *, scale_std: bool = True) -> Table: ...

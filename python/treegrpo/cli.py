@@ -57,7 +57,7 @@ def _demo(args: argparse.Namespace) -> int:
             f"{columns['a_inter'][i]:>8.3f} {columns['a_intra'][i]:>8.3f} "
             f"{columns['advantage'][i]:>10.3f}"
         )
-    print("(full training arrives with `treegrpo train`; see README)")
+    print("Train a search agent with `treegrpo train` (no arguments: the embedded quickstart).")
     return 0
 
 

@@ -197,6 +197,9 @@ class EnvConfig:
     - ``retriever``: ``bm25`` (local, over ``data.corpus``), ``dense`` (all-MiniLM-L6-v2) or
       ``http`` (a Search-R1 ``/retrieve`` server at ``retriever_url``).
     - ``topk``: documents per search. ``max_obs_tokens``: observation token limit.
+    - ``truncated_action``: a step cut by the per-turn token limit without a complete tag:
+      ``invalid`` (the reference: the invalid-action message, the episode goes on) or ``leaf``
+      (it ends the episode as a leaf ``truncated``).
     - ``format_reward``: the Tree-GRPO QA runs' format-shaped reward instead of plain EM.
     - ``reward_fn``: a user reward ``module:function`` with verl's signature (overrides both).
     """
@@ -205,14 +208,21 @@ class EnvConfig:
     retriever_url: str | None = None
     topk: int = 3
     max_obs_tokens: int = 500
+    truncated_action: Literal["invalid", "leaf"] = "invalid"
     format_reward: bool = True
     reward_fn: str | None = None
 
     def __post_init__(self) -> None:
         _one_of("env.retriever", self.retriever, ("bm25", "dense", "http"))
+        _one_of("env.truncated_action", self.truncated_action, ("invalid", "leaf"))
         _need(
             self.retriever != "http" or bool(self.retriever_url),
             "env.retriever_url is required with env.retriever=http",
+        )
+        _need(
+            self.retriever == "http" or not self.retriever_url,
+            f"env.retriever_url is only used with env.retriever=http (got {self.retriever}): "
+            "set env.retriever=http or leave the URL out",
         )
         _need(self.topk >= 1, "env.topk must be >= 1")
         _need(
@@ -229,7 +239,10 @@ class EngineConfig:
     - ``kind``: ``embedded`` (transformers in this process, KV prefix reuse) or ``sglang``
       (HTTP to SGLang servers at ``urls``; weights pushed after each update).
     - ``kv_budget_tokens``: embedded engine's prefix-cache capacity, in tokens.
-    - ``weight_sync``: ``disk`` (checkpoint the server reads) or ``nccl`` (sglang only).
+    - ``weight_sync``: ``disk``: after each update the trainer writes the policy to
+      ``sync_dir`` and the SGLang servers load it (``/update_weights_from_disk``); the
+      embedded engine shares the learner's weights either way. ``nccl`` (a broadcast to the
+      servers) is refused until the trainer drives it (a separate issue).
     - ``sync_dir``: where the disk path writes weights (must be readable by the servers).
     - ``retry_window_s``: seconds an SGLang server may fail (refused connections, HTTP 5xx,
       timeouts) before the run stops; retries back off from 0.5 s, doubling, up to 4 s apart.
@@ -257,8 +270,20 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _one_of("engine.kind", self.kind, ("embedded", "sglang"))
         _one_of("engine.weight_sync", self.weight_sync, ("disk", "nccl"))
+        _need(
+            self.weight_sync != "nccl",
+            "engine.weight_sync=nccl is not supported yet: the trainer pushes weights to SGLang "
+            "servers from disk only; use engine.weight_sync=disk (the default), with "
+            "engine.sync_dir on a filesystem the servers can read",
+        )
         _one_of("engine.dtype", self.dtype, ("auto", "policy", "float32", "bfloat16"))
         _need(self.kind != "sglang" or bool(self.urls), "engine.urls is required with kind=sglang")
+        for name in ("urls", "sync_dir"):
+            _need(
+                self.kind == "sglang" or not getattr(self, name),
+                f"engine.{name} is only used with engine.kind=sglang (the embedded engine "
+                "shares the learner's weights): set engine.kind=sglang or leave it out",
+            )
         _need(self.kv_budget_tokens >= 0, "engine.kv_budget_tokens must be >= 0")
         _need(
             math.isfinite(self.retry_window_s) and 0 <= self.retry_window_s <= 86400,
@@ -358,7 +383,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "engine": {"dtype": "policy"},  # a 1.3M-parameter model gains nothing from bfloat16
         "tree": {"max_action_tokens": 64},
-        "learner": {"lr": 3e-4, "warmup_ratio": 0.0, "micro_batch_tokens": 16384},
+        # one update a step, as the preset was tuned (the reference's ratio, "auto", would make 8)
+        "learner": {
+            "lr": 3e-4,
+            "warmup_ratio": 0.0,
+            "micro_batch_tokens": 16384,
+            "ppo_mini_batch_size": None,
+        },
         "trainer": {"total_steps": 30, "val_every": 10, "save_every": 10},
     },
     # SmolLM2-135M-Instruct (the real pretrained LM; ~100 s a step on 2 CPU cores) with the
@@ -398,6 +429,21 @@ class TrainConfig:
         if self.preset not in PRESETS:
             raise ValueError(_unknown_preset(self.preset))
         _check_sizes(self)
+        # the learner's log-probs are those of the sampling distribution: train sets them from
+        # tree.temperature (learner.temperature is for a Learner used on its own)
+        _need(
+            self.learner.temperature in (1.0, self.tree.temperature),
+            f"learner.temperature={self.learner.temperature} has no effect in training: the "
+            "learner uses tree.temperature (the rollout's); set tree.temperature instead",
+        )
+        mini = self.learner.ppo_mini_batch_size
+        batch = self.data.train_batch_size
+        _need(
+            not isinstance(mini, int) or batch % mini == 0,
+            f"learner.ppo_mini_batch_size={mini} (prompts per update) must divide "
+            f"data.train_batch_size={batch}: use a divisor of it, or 'auto' (the reference's "
+            "8 updates a step where the batch allows)",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -427,10 +473,7 @@ def _check_sizes(cfg: TrainConfig) -> None:
         value = getattr(learner, name)
         if value is not None:
             _at_most(f"learner.{name}", value, MAX_TOKENS, "MAX_TOKENS")
-    for name in ("ppo_epochs", "mini_batches"):
-        _at_most(
-            f"learner.{name}", getattr(learner, name), MAX_LEAVES_PER_STEP, "MAX_LEAVES_PER_STEP"
-        )
+    _at_most("learner.ppo_epochs", learner.ppo_epochs, MAX_LEAVES_PER_STEP, "MAX_LEAVES_PER_STEP")
 
 
 def _seed(key: str, value: int) -> None:

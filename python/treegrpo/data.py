@@ -118,9 +118,10 @@ def prepare(cfg: DataConfig, *, seed: int = 0) -> RunData:
 
 def synthetic_world(cfg: DataConfig) -> Path:
     """The synthetic world's directory, generated on first use (deterministic per parameters)."""
-    from treegrpo.env.synth import synthesize
+    from treegrpo.env.synth import FILES_VERSION, synthesize
 
     name = f"seed{cfg.synth_seed}-docs{cfg.synth_docs}-train{cfg.synth_train}-test{cfg.synth_test}"
+    name += f"-v{FILES_VERSION}"  # files of an older format are not reused
     out = cache_root() / "synth" / name
     if not (out / "sft.parquet").exists():
         synthesize(

@@ -6,11 +6,13 @@ per-token weights that Rust computed (``rust/pack.rs``).
 
 What one :meth:`Learner.step` does (docs/algorithm.md, section 4):
 
-1. Split the trajectories into ``mini_batches`` of whole trees, and each mini-batch into
+1. Split the trajectories into mini-batches of ``ppo_mini_batch_size`` whole prompts (verl's
+   name and meaning: all of a prompt's trees in one mini-batch), and each mini-batch into
    micro-batches of at most ``micro_batch_tokens`` padded tokens (gradient accumulation).
-2. Recompute ``old_log_probs`` with the current weights (eval mode, no grad), and the frozen
-   reference model's log-probs when ``kl_coef > 0``. A step that makes a single update skips
-   the old pass: its own log-probs, detached, are the old ones (``reuse_on_policy_log_probs``).
+2. Recompute ``old_log_probs`` with the current weights (eval mode, no grad), before any
+   update of the step, for every mini-batch, and the frozen reference model's log-probs when
+   ``kl_coef > 0``. A step that makes a single update skips the old pass: its own log-probs,
+   detached, are the old ones (``reuse_on_policy_log_probs``).
 3. For ``ppo_epochs`` x each mini-batch: per micro-batch, run the model body to hidden states,
    then lm_head + log-softmax chunk by chunk (``logprob_chunk_tokens``; recomputed in backward,
    so neither pass holds a (tokens x vocab) tensor for the batch); the loss is verl's dual-clip
@@ -78,6 +80,10 @@ class NonFiniteLossError(TreeGRPOError, FloatingPointError):
     """``max_nonfinite_updates`` optimizer updates in a row had a non-finite loss or gradient."""
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _fail(name: str, value: object, valid: str) -> None:
     raise InvalidArgumentError(f"LearnerConfig.{name} must be {valid}, got {value!r}")
 
@@ -122,9 +128,15 @@ class LearnerConfig:
     """Sampling temperature of the rollout: log-probs are log_softmax(logits / temperature)."""
     ppo_epochs: int = 1
     """Passes over the step's batch."""
-    mini_batches: int = 1
-    """Optimizer updates per epoch: the batch is split into this many mini-batches of whole
-    trees (the loss is normalised over each mini-batch)."""
+    ppo_mini_batch_size: int | Literal["auto"] | None = "auto"
+    """Prompts per optimizer update (verl's ``ppo_mini_batch_size``, counted over the step's
+    whole batch, every data-parallel rank together): each epoch makes prompts / this updates,
+    on mini-batches of whole prompts (all their trees; the loss is normalised over each). It
+    must divide the step's prompts, and each rank's share into equal parts. None = all of them
+    in one update. ``"auto"`` = the reference's ratio: 8 updates a step (its 512 prompts in
+    mini-batches of 64) when each rank's prompts divide by 8, else the most updates up to 8
+    that split them evenly (one process: 2 prompts give 2 updates of 1, 12 give 6 of 2).
+    The old log-probs of every mini-batch are computed before the step's first update."""
     micro_batch_tokens: int | None = 2048
     """Padded tokens per forward pass (gradient accumulation); None = a mini-batch at once.
     Activation memory grows with it: ~1.6 GB per 1,000 tokens for SmolLM2-135M in float32
@@ -143,7 +155,7 @@ class LearnerConfig:
     max_nonfinite_updates: int = 5
     """Raise :class:`NonFiniteLossError` after this many skipped updates in a row."""
     reuse_on_policy_log_probs: bool = True
-    """When a step makes one update (``ppo_epochs == mini_batches == 1``) the weights being
+    """When a step makes one update (``ppo_epochs == 1``, one mini-batch) the weights being
     updated are those that computed the old log-probs, so :meth:`Learner.step` skips that
     forward pass and uses the update's own log-probs, detached (ratio 1, the same loss and
     gradient). False always runs it."""
@@ -198,13 +210,39 @@ class LearnerConfig:
                     f"LearnerConfig.{name} must be one of {', '.join(map(repr, valid))}, "
                     f"got {getattr(self, name)!r}"
                 )
-        for name in ("ppo_epochs", "mini_batches", "logprob_chunk_tokens", "max_nonfinite_updates"):
+        mini = self.ppo_mini_batch_size
+        if not (mini is None or mini == "auto" or (_is_int(mini) and mini >= 1)):
+            _fail("ppo_mini_batch_size", mini, 'None (one update), "auto" or an int >= 1')
+        for name in ("ppo_epochs", "logprob_chunk_tokens", "max_nonfinite_updates"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 _fail(name, value, "an int >= 1")
         mbt = self.micro_batch_tokens
         if mbt is not None and not (isinstance(mbt, int) and mbt >= 1):
             _fail("micro_batch_tokens", mbt, "None (a mini-batch per pass) or an int >= 1")
+
+    def updates_per_epoch(self, prompts: int, per_rank: int | None = None) -> int:
+        """Optimizer updates per epoch for a step of ``prompts`` prompts (``per_rank`` of them on
+        each data-parallel rank; default all): see ``ppo_mini_batch_size``."""
+        per_rank = prompts if per_rank is None else per_rank
+        mini = self.ppo_mini_batch_size
+        if mini is None or per_rank < 1:
+            return 1
+        if mini == "auto":
+            return max(d for d in range(1, 9) if per_rank % d == 0)
+        if prompts % mini:
+            raise InvalidArgumentError(
+                f"LearnerConfig.ppo_mini_batch_size={mini} does not divide the step's {prompts} "
+                "prompts: use a divisor of the prompts per step (data.train_batch_size)"
+            )
+        updates = prompts // mini
+        if per_rank % updates:
+            raise InvalidArgumentError(
+                f"LearnerConfig.ppo_mini_batch_size={mini} makes {updates} updates, which do not "
+                f"split each data-parallel rank's {per_rank} prompts evenly: use a multiple of "
+                "the number of ranks that divides the prompts per step"
+            )
+        return updates
 
     @property
     def num_warmup_steps(self) -> int:
@@ -509,6 +547,17 @@ class MicroBatch:
         return loss * self.scale, stats
 
 
+def _tree_groups(forest: Forest, pack: Pack) -> np.ndarray:
+    """The prompt (group) of each packed tree, in the packed order (_Layout's trees)."""
+    import pyarrow as pa
+
+    packed = pack.packed
+    roots = np.flatnonzero(packed["segment_parent"] < 0)
+    nodes = packed["segment_node"][roots]
+    group_of = np.asarray(pa.table(forest.nodes()).column("group").to_numpy(), dtype=np.int64)
+    return group_of[nodes.astype(np.int64)]
+
+
 @dataclass
 class StepBatch:
     """One step's data, planned: ``mini_batches[i]`` is the list of micro-batches of update i,
@@ -746,30 +795,34 @@ class Learner:
 
     def step(self, data: Forest | Pack, *, progress: str | None = None) -> dict[str, float]:
         """One learner step on a rollout batch (a Forest after ``advantages()``, or its Pack):
-        recompute old log-probs, then ``ppo_epochs`` x ``mini_batches`` optimizer updates.
-        Returns the step's metrics (verl names; means over the updates). ``progress``: the
-        label of a progress bar over the step's forward passes (None: no bar)."""
+        recompute old log-probs, then ``ppo_epochs`` x (prompts / ``ppo_mini_batch_size``)
+        optimizer updates. Returns the step's metrics (verl names; means over the updates).
+        ``progress``: the label of a progress bar over the step's forward passes (None: no
+        bar)."""
         from tqdm import tqdm
 
-        cfg = self.config
-        one_update = cfg.ppo_epochs == 1 and cfg.mini_batches == 1
-        old = not (one_update and cfg.reuse_on_policy_log_probs)
         with tqdm(desc=progress, unit="pass", disable=progress is None) as bar:
             self._bar = bar
             try:
-                return self.update(self.prepare(data, old_log_probs=old))
+                return self.update(self.prepare(data, old_log_probs=None))
             finally:
                 self._bar = None
 
-    def prepare(self, data: Forest | Pack, *, old_log_probs: bool = True) -> StepBatch:
+    def prepare(self, data: Forest | Pack, *, old_log_probs: bool | None = True) -> StepBatch:
         """Plan the step's mini- and micro-batches and compute their old (and reference)
-        log-probs with the current weights, in eval mode. Without ``old_log_probs`` the loss
-        uses each pass's own log-probs, detached: right only for the first update after this
-        call (what :meth:`step` does when it makes one update)."""
+        log-probs with the current weights, in eval mode, for every mini-batch before any
+        update. Without ``old_log_probs`` the loss uses each pass's own log-probs, detached:
+        right only for the first update after this call. None (what :meth:`step` passes):
+        computed unless the step makes one update and ``reuse_on_policy_log_probs`` is on.
+
+        A mini-batch holds whole prompts, which a Forest records (its groups); a Pack does not,
+        so with a ``ppo_mini_batch_size`` set, pass the Forest."""
         start = time.perf_counter()
         cfg = self.config
+        tree_groups = None
         if isinstance(data, Forest):
             pack = data.pack(loss_agg_mode=cfg.loss_agg_mode)
+            tree_groups = _tree_groups(data, pack)
         elif isinstance(data, Pack):
             pack = data
             if pack.loss_agg_mode != cfg.loss_agg_mode:
@@ -780,7 +833,10 @@ class Learner:
                 )
         else:
             raise TypeError(f"step() takes a treegrpo.Forest or Pack, got {type(data).__name__}")
-        batch = self._plan(pack)
+        batch = self._plan(pack, tree_groups)
+        if old_log_probs is None:
+            one_update = cfg.ppo_epochs == 1 and len(batch.mini_batches) == 1
+            old_log_probs = not (one_update and cfg.reuse_on_policy_log_probs)
         here = old_log_probs or self.ref_model is not None  # a pass per micro-batch here?
         if self._bar is not None:  # and one per micro-batch and epoch in update()
             passes = sum(len(mini) for mini in batch.mini_batches)
@@ -1008,17 +1064,12 @@ class Learner:
     def _tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=self.device)
 
-    def _plan(self, pack: Pack) -> StepBatch:
+    def _plan(self, pack: Pack, tree_groups: np.ndarray | None = None) -> StepBatch:
         cfg = self.config
         lay = _Layout(pack)
-        if lay.num_trees < cfg.mini_batches:
-            raise InvalidArgumentError(
-                f"mini_batches={cfg.mini_batches} but the batch has {lay.num_trees} trees: a "
-                "mini-batch holds whole trees"
-            )
         full_rows = np.arange(lay.rows)
         full_norm = lay.norm(full_rows, cfg.loss_agg_mode)
-        splits = np.array_split(np.arange(lay.num_trees), cfg.mini_batches)
+        splits = self._mini_batch_trees(lay.num_trees, tree_groups)
         rows_of = [np.flatnonzero(np.isin(lay.row_tree, trees)) for trees in splits]
         sizes = [lay.size(rows, cfg.loss_agg_mode) for rows in rows_of]
         if self.data_parallel:
@@ -1044,6 +1095,35 @@ class Learner:
             total_tokens=pack.total_tokens,
             unique_tokens=pack.unique_tokens,
         )
+
+    def _mini_batch_trees(self, num_trees: int, tree_groups: np.ndarray | None) -> list[np.ndarray]:
+        """The packed trees of each mini-batch: the step's prompts (this rank's share, in order
+        of first appearance) split into consecutive runs of equal size, each with all its
+        prompts' trees. The number of runs is the same on every rank."""
+        cfg = self.config
+        trees = np.arange(num_trees)
+        if cfg.ppo_mini_batch_size is None:
+            return [trees]
+        if tree_groups is None:
+            raise InvalidArgumentError(
+                f"ppo_mini_batch_size={cfg.ppo_mini_batch_size!r} splits a step by prompt, "
+                "which a Pack does not record: pass the Forest to Learner.step / prepare"
+            )
+        groups = list(dict.fromkeys(tree_groups.tolist()))  # this rank's prompts, in order
+        local = len(groups)
+        total = local
+        if self.data_parallel:
+            most, fewest = all_reduce_max([float(local), float(-local)])
+            if int(most) != -int(fewest):
+                raise InvalidArgumentError(
+                    f"ranks hold {-int(fewest)} to {int(most)} prompts: with "
+                    "ppo_mini_batch_size every rank needs the same number of prompts"
+                )
+            total = int(all_reduce_sum([float(local)])[0])
+        updates = cfg.updates_per_epoch(total, local)
+        position = {g: i for i, g in enumerate(groups)}
+        run = np.array([position[g] for g in tree_groups.tolist()]) * updates // max(local, 1)
+        return [trees[run == i] for i in range(updates)]
 
     def _empty_micro_batch(self) -> MicroBatch:
         """A one-token pass whose one predicted token has loss weight 0: its loss is 0 and its

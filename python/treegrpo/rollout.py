@@ -25,12 +25,19 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from treegrpo import Forest
-from treegrpo.engine.base import Completion, Engine, GenerateRequest, SamplingParams
+from treegrpo.engine.base import (
+    Completion,
+    Engine,
+    FinishReason,
+    GenerateRequest,
+    SamplingParams,
+)
 from treegrpo.env.steps import SearchEnv, StepInput, StepResult
+from treegrpo.exceptions import InvalidArgumentError
 
 __all__ = ["Budget", "NodeInfo", "Prompt", "Rollout", "RolloutConfig", "RolloutResult", "rollout"]
 
@@ -46,13 +53,27 @@ class RolloutConfig:
       ``l``: expansion rounds. ``k``: leaves kept per tree (None = all, ``1 + l*n``).
     - ``selection``: ``"uniform"`` (reference: uniform with replacement over root + open nodes)
       or ``"surprisal"`` (weight each candidate by the mean surprisal, -log p, of its action
-      tokens, divided by 1 + ``overexpand_penalty`` x its children; the root weighs the mean of
-      its tree's candidates; TreeRL/ARPO-style uncertainty-guided branching).
+      tokens; the root weighs the mean of its tree's candidates; TreeRL/ARPO-style
+      uncertainty-guided branching).
+    - ``overexpand_penalty``: divide each candidate's weight (1 under uniform selection) by
+      1 + penalty x its expansions: its children but the first (a root's initial chain, a
+      step's own continuation) plus the draws it already got in this round, so it acts as the
+      draws are made, from a round's second draw on (``Forest.select_weighted``). 0 (the
+      reference) draws without it; > 0 spreads a tree's N draws over more nodes (an
+      over-branching penalty).
     - ``replace``: draw with replacement (reference) or without.
     - ``include_root``: the root is a candidate (reference). False draws only open steps, so an
       expansion never re-generates a whole chain (a tree with no open step then gets no draw).
     - ``max_turns``: search-enabled turns before the forced final turn (leaf whatever it says).
     - ``max_action_tokens``: tokens per generated step. ``max_obs_tokens`` is the environment's.
+    - ``max_model_len``: the most tokens a trajectory may reach (prompt + every step), None =
+      the engine's context length (``engine.context_length``; the trainer sets the model
+      config's ``max_position_embeddings``). A step generates at most the room left below it
+      (one token short of it, as SGLang refuses ``input + max_new_tokens >= context length``);
+      a step whose trajectory then has no room for another token ends as a leaf
+      ``"context_limit"`` (its observation, if any, is dropped), never as an engine error.
+      The reference keeps a rolling window of the last tokens instead, which can cut off the
+      question and the tree's shared prefixes.
     - ``temperature``/``top_p``/``top_k``: sampling (reference: 1.0, 0.95, -1).
     - ``seed``: selection and subsampling seed (the engine has its own).
     """
@@ -64,9 +85,10 @@ class RolloutConfig:
     selection: Selection = "uniform"
     replace: bool = True
     include_root: bool = True
-    overexpand_penalty: float = 1.0
+    overexpand_penalty: float = 0.0
     max_turns: int = 3
     max_action_tokens: int = 500
+    max_model_len: int | None = None
     temperature: float = 1.0
     top_p: float = 0.95
     top_k: int = -1
@@ -95,6 +117,10 @@ class RolloutConfig:
         )
         need(self.max_turns >= 0, f"max_turns must be >= 0, got {self.max_turns}")
         need(self.max_action_tokens >= 1, "max_action_tokens must be >= 1")
+        need(
+            self.max_model_len is None or self.max_model_len >= 2,
+            f"max_model_len must be None (the engine's) or >= 2 tokens, got {self.max_model_len}",
+        )
         need(
             math.isfinite(self.temperature) and self.temperature >= 0,
             f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}",
@@ -207,6 +233,26 @@ class _Branch:
     turn: int
 
 
+@dataclass
+class _Gen:
+    """One branch's generation for one step, possibly over several engine calls (continued
+    past an answer's closing tag, see :meth:`SearchEnv.continues_past`)."""
+
+    ids: list[int]
+    log_probs: list[float]
+    finish: FinishReason
+    weight_version: str
+    budget: int  # max_new_tokens of the step
+    generated: int  # tokens generated, dropped ones included
+    # the first segment (Search-R1's cut at the first </answer> when no tool tag closes later)
+    first: tuple[int, FinishReason] | None = None
+
+    @classmethod
+    def of(cls, c: Completion, budget: int) -> _Gen:
+        ids = list(c.output_ids)
+        return cls(ids, list(c.log_probs), c.finish, c.weight_version, budget, len(ids))
+
+
 class Rollout:
     """Runs tree (or chain) rollouts with one engine, one environment and one reward function.
 
@@ -233,6 +279,15 @@ class Rollout:
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
         self._bar: Any = None  # the progress bar of the run in progress
+        # The most tokens a trajectory may reach, one short of the model's context length
+        # (SGLang refuses input + max_new_tokens >= context length); None = no bound.
+        limit = config.max_model_len or getattr(engine, "context_length", None)
+        self.max_len: int | None = int(limit) - 1 if limit else None
+
+    def _room(self, context_len: int) -> int:
+        """Tokens a step may generate after a context of ``context_len`` tokens."""
+        budget = self.config.max_action_tokens
+        return budget if self.max_len is None else min(budget, self.max_len - context_len)
 
     # ------------------------------------------------------------------ the procedure
 
@@ -256,6 +311,14 @@ class Rollout:
         if len(set(groups)) != len(groups):
             raise ValueError("prompt groups must be unique: one group id per question")
         cfg = self.config
+        for p in prompts:
+            if self._room(len(p.input_ids)) < 1:
+                assert self.max_len is not None
+                raise InvalidArgumentError(
+                    f"the prompt of group {p.group} has {len(p.input_ids)} tokens, which leaves "
+                    f"no room to generate within max_model_len={self.max_len + 1}: shorten the "
+                    "prompt or raise tree.max_model_len"
+                )
         forest = Forest()
         result = RolloutResult(forest, {}, {p.group: p for p in prompts}, {})
         for p in prompts:
@@ -294,78 +357,63 @@ class Rollout:
             branches = await self._step(branches, result)
 
     async def _step(self, branches: list[_Branch], result: RolloutResult) -> list[_Branch]:
-        cfg = self.config
         # Branches with the same context are siblings: one request with n samples. That is the
         # draws of one node, and also the M roots of one prompt, whose prompt is then prefilled
         # (and counted in the budget) once rather than M times.
         by_context: dict[tuple[int, tuple[int, ...]], list[_Branch]] = defaultdict(list)
         for b in branches:
             by_context[(b.turn, tuple(b.context))].append(b)
-        requests, owners = [], []
+        requests, owners, budgets = [], [], []
         for same in by_context.values():
             b = same[0]
-            sampling = SamplingParams(
-                max_new_tokens=cfg.max_action_tokens,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                top_k=cfg.top_k,
-                stop=tuple(self.env.stop_strings(b.turn)),
-                stop_token_ids=self.eos_token_ids,
-                n=len(same),
-            )
+            budget = self._room(len(b.context))
             # Routed by prompt: the trees of a prompt share it, and one request may serve
             # several of them (their roots), so all of them use one server's prefix cache.
-            requests.append(GenerateRequest(b.context, sampling, key=f"group-{b.group}"))
-            owners.append(same)
-        start = time.perf_counter()
-        completions = await self.engine.generate(requests)
-        result.timing["generate"] += time.perf_counter() - start
-        if len(completions) != len(requests):
-            raise RuntimeError(
-                f"engine returned {len(completions)} results for {len(requests)} requests"
+            requests.append(
+                GenerateRequest(
+                    b.context, self._sampling(b, budget, len(same)), key=f"group-{b.group}"
+                )
             )
+            owners.append(same)
+            budgets.append(budget)
+        completions = await self._generate(requests, result, [s[0].group for s in owners])
 
-        flat: list[tuple[_Branch, Completion]] = []
-        for same, outs, req in zip(owners, completions, requests, strict=True):
+        flat: list[tuple[_Branch, _Gen]] = []
+        for same, outs, budget in zip(owners, completions, budgets, strict=True):
             if len(outs) != len(same):
                 raise RuntimeError(f"engine returned {len(outs)} samples for n={len(same)}")
-            budget = result.budget[same[0].group]
-            budget.requests += 1
-            # The prompt is prefilled once for all n samples.
-            budget.cached_tokens += outs[0].cached_tokens
-            budget.prefill_tokens += len(req.input_ids) - outs[0].cached_tokens
-            flat.extend(zip(same, outs, strict=True))
+            flat.extend((b, _Gen.of(c, budget)) for b, c in zip(same, outs, strict=True))
+        await self._continue_past_answers(flat, result)
 
-        texts = [
-            self.tokenizer.decode(list(c.output_ids), skip_special_tokens=True) for _, c in flat
-        ]
+        texts = [self._decode(g.ids) for _, g in flat]
         inputs = [
-            StepInput(text, b.turn, truncated=c.finish.type != "stop")
-            for (b, c), text in zip(flat, texts, strict=True)
+            StepInput(text, b.turn, truncated=g.finish.type != "stop")
+            for (b, g), text in zip(flat, texts, strict=True)
         ]
         start = time.perf_counter()
         steps: list[StepResult] = await self.env.step(inputs)
         result.timing["tool"] += time.perf_counter() - start
 
         forest, nxt = result.forest, []
-        for (b, c), s in zip(flat, steps, strict=True):
-            action = list(c.output_ids)
+        for (b, g), s in zip(flat, steps, strict=True):
+            s = self._bounded(b, g, s)
+            action = g.ids
             observation = list(s.observation_ids)
             node = forest.add_step(b.node, action, observation, reason=s.leaf_reason)
             result.info[node] = NodeInfo(
                 parent=b.node,
                 action_text=s.action_text,
                 observation_text=s.observation_text,
-                mean_log_prob=sum(c.log_probs) / len(c.log_probs) if c.log_probs else math.nan,
-                finish_reason=c.finish.type,
+                mean_log_prob=sum(g.log_probs) / len(g.log_probs) if g.log_probs else math.nan,
+                finish_reason=g.finish.type,
                 tool=s.tool,
                 query=s.query,
                 answer=s.answer,
                 valid=s.valid,
-                weight_version=c.weight_version,
+                weight_version=g.weight_version,
             )
             budget = result.budget[b.group]
-            budget.generated_tokens += len(action)
+            budget.generated_tokens += g.generated
             budget.tool_calls += s.tool is not None
             if s.is_leaf:
                 budget.leaves += 1
@@ -377,33 +425,129 @@ class Rollout:
                 )
         return nxt
 
+    def _sampling(self, b: _Branch, budget: int, n: int) -> SamplingParams:
+        cfg = self.config
+        return SamplingParams(
+            max_new_tokens=budget,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            stop=tuple(self.env.stop_strings(b.turn)),
+            stop_token_ids=self.eos_token_ids,
+            n=n,
+        )
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    async def _generate(
+        self, requests: list[GenerateRequest], result: RolloutResult, groups: list[int]
+    ) -> list[list[Completion]]:
+        """One engine call; its time and its prompts' prefill/cache counts go to the budget."""
+        start = time.perf_counter()
+        completions = await self.engine.generate(requests)
+        result.timing["generate"] += time.perf_counter() - start
+        if len(completions) != len(requests):
+            raise RuntimeError(
+                f"engine returned {len(completions)} results for {len(requests)} requests"
+            )
+        for req, outs, group in zip(requests, completions, groups, strict=True):
+            budget = result.budget[group]
+            budget.requests += 1
+            if outs:  # the prompt is prefilled once for all n samples
+                budget.cached_tokens += outs[0].cached_tokens
+                budget.prefill_tokens += len(req.input_ids) - outs[0].cached_tokens
+        return completions
+
+    async def _continue_past_answers(
+        self, flat: list[tuple[_Branch, _Gen]], result: RolloutResult
+    ) -> None:
+        """Search-R1's cut of a step: at its first tool closing tag if the turn's generation
+        holds one, else at its first ``</answer>``. A step that stopped at ``</answer>`` where
+        a later tool tag could change its action (:meth:`SearchEnv.continues_past`) goes on to
+        its next closing tag, until a tool's closes it (the step is then all of it), or it
+        ends otherwise (the step is its first segment, up to that ``</answer>``)."""
+        answer_close = f"</{self.env.answer_tag}>"
+        pending = [
+            i
+            for i, (_, g) in enumerate(flat)
+            if _stopped_at(g.finish, answer_close)
+            and len(g.ids) < g.budget
+            and self.env.continues_past(self._decode(g.ids))
+        ]
+        for i in pending:
+            g = flat[i][1]
+            g.first = (len(g.ids), g.finish)
+        while pending:
+            requests = [
+                GenerateRequest(
+                    flat[i][0].context + flat[i][1].ids,
+                    self._sampling(flat[i][0], flat[i][1].budget - len(flat[i][1].ids), 1),
+                    key=f"group-{flat[i][0].group}",
+                )
+                for i in pending
+            ]
+            outs = await self._generate(requests, result, [flat[i][0].group for i in pending])
+            still = []
+            for i, (c,) in zip(pending, outs, strict=True):
+                g = flat[i][1]
+                g.ids += c.output_ids
+                g.log_probs += c.log_probs
+                g.finish, g.weight_version = c.finish, c.weight_version
+                g.generated += len(c.output_ids)
+                if _stopped_at(c.finish, answer_close) and len(g.ids) < g.budget:
+                    still.append(i)  # only a tool's closing tag (or the end) decides
+                elif not any(_stopped_at(c.finish, f"</{t}>") for t in self.env.tools):
+                    assert g.first is not None  # no tool tag closed: the cut at </answer>
+                    keep, g.finish = g.first
+                    del g.ids[keep:], g.log_probs[keep:]
+            pending = still
+
+    def _bounded(self, b: _Branch, g: _Gen, s: StepResult) -> StepResult:
+        """``s``, or a leaf ``"context_limit"`` when the trajectory reached max_model_len: the
+        step was cut by the room left (not by the per-turn limit), or its trajectory leaves
+        no room for another token. The observation is dropped (a leaf has none)."""
+        if self.max_len is None or s.leaf_reason == "answer":
+            return s
+        cut = g.finish.type == "length" and g.budget < self.config.max_action_tokens
+        full = len(b.context) + len(g.ids) + len(s.observation_ids) >= self.max_len
+        if not (cut or (full and not s.is_leaf)):
+            return s
+        return replace(s, observation_text="", observation_ids=(), leaf_reason="context_limit")
+
     # ------------------------------------------------------------------ selection, rewards
 
     def _select(self, result: RolloutResult, seed: int) -> list[int]:
         cfg, forest = self.config, result.forest
-        if cfg.selection == "uniform":
+        if cfg.selection == "uniform" and cfg.overexpand_penalty == 0:
             return forest.select(
                 cfg.n, seed=seed, replace=cfg.replace, include_root=cfg.include_root
             )
-        import pyarrow as pa
+        weights = [1.0] * forest.num_nodes
+        if cfg.selection == "surprisal":
+            import pyarrow as pa
 
-        nodes = pa.table(forest.nodes())
-        children = nodes.column("num_children").to_pylist()
-        trees = nodes.column("tree").to_pylist()
-        weights = [0.0] * forest.num_nodes
-        by_tree: dict[int, list[float]] = defaultdict(list)
-        for node, info in result.info.items():
-            if not math.isnan(info.mean_log_prob):
-                w = -info.mean_log_prob / (1.0 + cfg.overexpand_penalty * children[node])
-                weights[node] = max(w, 0.0)
-                by_tree[trees[node]].append(weights[node])
-        for node, parent in enumerate(nodes.column("parent").to_pylist()):
-            if parent is None:  # a root: the mean weight of its tree's steps
-                seen = by_tree.get(trees[node], [])
-                weights[node] = sum(seen) / len(seen) if seen else 0.0
-                weights[node] /= 1.0 + cfg.overexpand_penalty * (children[node] - 1)
+            nodes = pa.table(forest.nodes())
+            trees = nodes.column("tree").to_pylist()
+            weights = [0.0] * forest.num_nodes
+            by_tree: dict[int, list[float]] = defaultdict(list)
+            for node, info in result.info.items():
+                if not math.isnan(info.mean_log_prob):
+                    weights[node] = max(-info.mean_log_prob, 0.0)
+                    by_tree[trees[node]].append(weights[node])
+            for node, parent in enumerate(nodes.column("parent").to_pylist()):
+                if parent is None:  # a root: the mean weight of its tree's steps
+                    seen = by_tree.get(trees[node], [])
+                    weights[node] = sum(seen) / len(seen) if seen else 0.0
+        # The penalty divides each weight by 1 + penalty x the node's expansions, counting
+        # this round's earlier draws too (in Rust, as the draws are made).
         return forest.select_weighted(
-            cfg.n, weights, seed=seed, replace=cfg.replace, include_root=cfg.include_root
+            cfg.n,
+            weights,
+            seed=seed,
+            replace=cfg.replace,
+            include_root=cfg.include_root,
+            overexpand_penalty=cfg.overexpand_penalty,
         )
 
     def _root_fallback(self, forest: Forest, picks: list[int]) -> list[int]:
@@ -481,6 +625,10 @@ async def rollout(
         engine, env, reward_fn, config, tokenizer=tokenizer, eos_token_ids=eos_token_ids
     )
     return await runner.run(prompts, step=step)
+
+
+def _stopped_at(finish: FinishReason, stop: str) -> bool:
+    return finish.type == "stop" and finish.matched == stop
 
 
 def _mix(*parts: int) -> int:

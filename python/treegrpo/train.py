@@ -101,6 +101,10 @@ class Trainer:
                 f"{world.size} data-parallel processes: every rank rolls out the same number "
                 "of prompts"
             )
+        # each rank's prompts must split into the step's mini-batches (raises naming the field)
+        cfg.learner.updates_per_epoch(
+            cfg.data.train_batch_size, cfg.data.train_batch_size // world.size
+        )
         self.preflight()
         self.reward_fn = data_module.reward_function(cfg.env)
         if world.is_main:  # the lock, and whether this run continues the one in run_dir
@@ -135,6 +139,7 @@ class Trainer:
             topk=cfg.env.topk,
             max_turns=cfg.tree.max_turns,
             max_obs_tokens=cfg.env.max_obs_tokens,
+            truncated_action=cfg.env.truncated_action,
         )
         # The embedded engine generates from the learner's own weights, or from a replica
         # refreshed after each step (_sync_weights): under FSDP2, which shards the learner's
@@ -165,6 +170,9 @@ class Trainer:
             on_step, hold = None, None
         eos = sorted(getattr(self.engine, "eos_token_ids", ()) or ())
         tree = replace(cfg.tree, seed=cfg.tree.seed + world.rank) if world.parallel else cfg.tree
+        if tree.max_model_len is None:  # trajectories end at the policy's context length
+            length = getattr(self.model.config, "max_position_embeddings", None)
+            tree = replace(tree, max_model_len=int(length) if length else None)
         self.rollout = Rollout(
             self.engine,
             self.env,
@@ -403,7 +411,8 @@ class Trainer:
         from treegrpo.env.rewards import compute_score
         from treegrpo.rollout import Rollout
 
-        tree = replace(self.cfg.tree, m=1, n=0, k=None, temperature=0.0, top_p=1.0)
+        # the training rollout's config (max_model_len resolved), as greedy chains
+        tree = replace(self.rollout.config, m=1, n=0, k=None, temperature=0.0, top_p=1.0)
         exact = Rollout(
             self.engine,
             self.env,

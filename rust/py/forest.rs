@@ -127,8 +127,11 @@ impl PyForest {
         enter(py, || Ok(self.lock().select(n, seed, opts)))
     }
 
-    /// Draw `n` nodes per tree with probability proportional to `weights` (one per node).
-    #[pyo3(signature = (n, weights, *, seed=0, replace=true, include_root=true))]
+    /// Draw `n` nodes per tree with probability proportional to `weights` (one per node),
+    /// each divided by 1 + `overexpand_penalty` x the node's expansions so far (its children
+    /// but the first, plus its draws earlier in this call).
+    #[pyo3(signature = (n, weights, *, seed=0, replace=true, include_root=true, overexpand_penalty=0.0))]
+    #[allow(clippy::too_many_arguments)]
     fn select_weighted(
         &self,
         py: Python<'_>,
@@ -137,12 +140,16 @@ impl PyForest {
         seed: u64,
         replace: bool,
         include_root: bool,
+        overexpand_penalty: f64,
     ) -> PyResult<Vec<u32>> {
         let opts = SelectOptions {
             replace,
             include_root,
         };
-        enter(py, || self.lock().select_weighted(n, seed, &weights, opts))
+        enter(py, || {
+            self.lock()
+                .select_weighted(n, seed, &weights, overexpand_penalty, opts)
+        })
     }
 
     /// Keep a seeded random subset of `k` leaves in every tree.

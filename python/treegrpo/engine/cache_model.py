@@ -11,8 +11,9 @@ One :class:`RadixCacheModel` mirrors one server's cache, on :class:`treegrpo.Rad
 - when more tokens are cached than the capacity, least-recently-used unlocked leaves are evicted;
 - a weight update flushes everything (:meth:`reset`).
 
-The SGLang client uses it to predict ``cached_tokens`` per server; the stand-in server uses it to
-report ``cached_tokens``. One implementation keeps the two in step.
+The SGLang client uses it to predict ``cached_tokens`` per server. The stand-in server does not:
+it reports what its own engine's KV cache really reused, so tests of the prediction against it
+check this model against a real cache.
 """
 
 from __future__ import annotations

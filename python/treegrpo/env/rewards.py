@@ -14,9 +14,18 @@ Choices:
    ``think -> (tool -> information -> think)* -> answer`` with only whitespace between tags.
    The reference also requires Qwen's chat marker in the text, so runs with other models never
    got the format bonus; here the structure alone decides.
-4. :func:`compute_score` uses exact match for the QA sources (Search-R1's seven and any
-   ``synth*`` source) and token F1 for others. With ``format_shaped=True`` the answer counts as
-   correct when that score is 1.0 and the reward is the table of :func:`format_reward`.
+4. :func:`compute_score` uses exact match for the QA sources (those Tree-GRPO scores with EM:
+   Search-R1's seven, ``web_questions``, ``strategyqa``, and any ``synth*`` source) and
+   Tree-GRPO's token F1 (:func:`f1_score`) for others. With ``format_shaped=True`` an EM
+   source gets the table of :func:`format_reward` (the answer counts as correct when EM is 1)
+   and an F1 source :func:`f1_format_reward` (Tree-GRPO's ``qa_f1_format``).
+5. No extractable answer (no ``<answer>`` pair, an unclosed one, other case or spacing of the
+   tags, a final turn that searches) is never correct. Format-shaped, it scores what a wrong
+   answer scores: the reference's extraction runs over prompt + response, whose prompt holds
+   two example answer pairs, so it always finds an answer and an invalid response without one
+   effectively gets ``final_format_score`` = 0.1 (F1: 0), not the 0 its code writes for "no
+   answer". Unlike the reference, the prompt's example ("Beijing") never scores, even when it
+   is the gold answer.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ __all__ = [
     "em_check",
     "exact_match_score",
     "extract_answer",
+    "f1_format_reward",
     "f1_score",
     "format_reward",
     "golds_from_ground_truth",
@@ -56,9 +66,23 @@ __all__ = [
 # verl's reward signature: compute_score(data_source, solution_str, ground_truth, extra_info=None)
 RewardFn = Callable[..., Any]
 
+# The sources Tree-GRPO's reward manager scores with (format-shaped) exact match; others get F1.
 QA_DATA_SOURCES = frozenset(
-    {"nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle"}
+    {
+        "nq",
+        "triviaqa",
+        "popqa",
+        "web_questions",
+        "hotpotqa",
+        "2wikimultihopqa",
+        "musique",
+        "bamboogle",
+        "strategyqa",
+    }
 )
+# Answers F1 does not give partial credit: a prediction or gold that normalises to one of these
+# scores 0 against anything but itself (Tree-GRPO's qa_f1_format).
+_NO_PARTIAL_CREDIT = frozenset({"yes", "no", "noanswer"})
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -87,18 +111,23 @@ def exact_match_score(prediction: str | None, golds: str | Iterable[str]) -> flo
 
 
 def f1_score(prediction: str | None, golds: str | Iterable[str]) -> float:
-    """Best SQuAD token F1 of the prediction against the gold answers; no prediction scores 0.
+    """Best token F1 of the prediction against the gold answers, as Tree-GRPO's
+    ``qa_f1_format`` computes it; no prediction scores 0.
 
-    Two answers that normalise to nothing match each other (F1 1.0) and nothing else."""
+    SQuAD token F1 over the normalised answers, except that when either side normalises to
+    ``yes``, ``no`` or ``noanswer`` and the two differ, that gold scores 0 (``"no"`` against
+    ``"no way"``: 0, not 2/3); and an answer that normalises to nothing (empty, punctuation or
+    articles only) shares no token with anything, so it scores 0 even against an empty gold."""
     if prediction is None:
         return 0.0
-    pred = normalize_answer(prediction).split()
+    norm = normalize_answer(prediction)
+    pred = norm.split()
     best = 0.0
     for gold in _gold_list(golds):
-        ref = normalize_answer(gold).split()
-        if not pred or not ref:
-            best = max(best, float(pred == ref))
+        ref_norm = normalize_answer(gold)
+        if norm != ref_norm and (norm in _NO_PARTIAL_CREDIT or ref_norm in _NO_PARTIAL_CREDIT):
             continue
+        ref = ref_norm.split()
         same = sum((Counter(pred) & Counter(ref)).values())
         if same:
             precision, recall = same / len(pred), same / len(ref)
@@ -148,29 +177,40 @@ def is_valid_format(
 
 
 def format_reward(correct: bool, valid: bool, has_answer: bool) -> float:
-    """The Tree-GRPO QA runs' format-shaped reward (Search-R1's ``compute_score_em`` with
-    structure 0.2, final format 0.1, retrieval 0): ``correct`` counts only with an answer.
+    """The Tree-GRPO QA runs' format-shaped EM reward (Search-R1's ``compute_score_em`` with
+    structure 0.2, final format 0.1, retrieval 0): ``correct`` counts only with an answer, and
+    no answer scores as a wrong one (module docstring, choice 5).
 
     ==========  ===========  =============
     answer      valid format invalid format
     ==========  ===========  =============
     correct     1.0          0.8
     wrong       0.2          0.1
-    none        0.2          0.0
+    none        0.2          0.1
     ==========  ===========  =============
-    """
-    if not has_answer:
-        return 0.2 if valid else 0.0
-    if correct:
+
+    (A valid format ends with an answer, so "none" is always invalid in practice.)"""
+    if correct and has_answer:
         return 1.0 if valid else 0.8
     return 0.2 if valid else 0.1
+
+
+def f1_format_reward(f1: float, valid: bool) -> float:
+    """Tree-GRPO's format-shaped F1 reward (``qa_f1_format.compute_score_f1`` with structure
+    0.2, retrieval 0): a response with some overlap gets its F1 (valid format) or F1 - 0.2
+    (invalid; below 0 for F1 < 0.2); one with none (F1 0, or no answer) gets 0.2 (valid) or 0
+    (invalid)."""
+    if f1 > 0:
+        return f1 if valid else f1 - 0.2
+    return 0.2 if valid else 0.0
 
 
 # ---- the reward of one response
 
 
 def is_qa_source(data_source: str) -> bool:
-    """Whether ``data_source`` is scored by exact match: Search-R1's QA sets and ``synth*``."""
+    """Whether ``data_source`` is scored by exact match: :data:`QA_DATA_SOURCES` (Tree-GRPO's
+    EM sources) and ``synth*``."""
     ds = data_source.lower()
     return ds in QA_DATA_SOURCES or ds.startswith("synth")
 
@@ -199,16 +239,21 @@ def compute_score(
     """The outcome reward of one response, with verl's signature.
 
     ``solution_str`` is the response only (not the prompt). Exact match for QA sources, token
-    F1 otherwise (:func:`is_qa_source`); ``format_shaped`` applies :func:`format_reward` with
-    "correct" meaning a score of 1.0. ``extra_info`` is accepted for verl's signature, unused."""
+    F1 otherwise (:func:`is_qa_source`); ``format_shaped`` applies :func:`format_reward` (EM,
+    "correct" meaning EM 1) or :func:`f1_format_reward` (F1). ``extra_info`` is accepted for
+    verl's signature, unused."""
     del extra_info
     golds = golds_from_ground_truth(ground_truth)
     answer = extract_answer(solution_str)
-    metric = exact_match_score if is_qa_source(data_source) else f1_score
-    score = metric(answer, golds)
+    if is_qa_source(data_source):
+        score = exact_match_score(answer, golds)
+        if not format_shaped:
+            return score
+        return format_reward(score == 1.0, is_valid_format(solution_str), answer is not None)
+    score = f1_score(answer, golds)
     if not format_shaped:
         return score
-    return format_reward(score == 1.0, is_valid_format(solution_str), answer is not None)
+    return f1_format_reward(score, is_valid_format(solution_str))
 
 
 # ---- a user's reward function

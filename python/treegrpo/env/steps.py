@@ -8,23 +8,26 @@ actions of every active branch at one step and returns one :class:`StepResult` e
 Rules (Search-R1's, with the choices below made explicit):
 
 1. The first complete ``<tag>...</tag>`` of any known tag wins (earliest opening tag that has
-   its closing tag; DOTALL). Its content is stripped.
+   its closing tag; DOTALL), as Search-R1's ``<(search|answer)>(.*?)</\1>``. Its content is
+   stripped. ``<search>a<answer>b</answer></search>`` is a search for ``a<answer>b</answer>``
+   (the rollout lets such a step run on past ``</answer>``: :meth:`SearchEnv.continues_past`).
 2. ``<answer>`` ends the episode: leaf ``"answer"``, no observation. This holds on every turn,
    the final one included.
 3. The final turn (``turn == max_turns``, after ``max_turns`` search-enabled turns) is a leaf
    whatever it says; a tool call there is not executed. Its reason is ``"forced_final"``, or
-   ``"truncated"`` when it hit the length limit without a complete tag (see 4).
-4. A generation that hit the per-turn token limit and holds no complete tag is a leaf
-   ``"truncated"``. One that hit the limit but holds a complete tag is treated by its tag, like
-   any other step: an answer is an answer leaf, a tool call is executed. With stop strings a
-   generation ends at its first closing tag, and whether an engine reports "stop" or "length"
-   when that tag's last token is also the budget's last one varies; the action is complete and
-   well-formed either way, so it is not punished for where the budget fell.
+   ``"truncated"`` when it hit the length limit without a complete tag.
+4. A generation that hit the per-turn token limit and holds no complete tag is an invalid
+   action like any other (rule 6; the reference's rule, ``truncated_action="invalid"``), or,
+   with ``truncated_action="leaf"``, a leaf ``"truncated"``. One that hit the limit but holds a
+   complete tag is treated by its tag: with stop strings a generation ends at its first closing
+   tag, and whether an engine reports "stop" or "length" when that tag's last token is also the
+   budget's last one varies; the action is complete and well-formed either way.
 5. A tool tag runs the tool; the observation is :func:`wrap_information` of its body, the body
    stripped (as the reference does) and cut so that the whole observation fits in
    ``max_obs_tokens`` tokens: the cut falls inside the body, so the closing tags stay (the
-   reference cuts the whole string and can lose them). A tool call with an empty query is
-   invalid (rule 6): the reference would send "" to the retriever.
+   reference cuts the whole string and can lose them). An empty query (``<search> </search>``)
+   is sent to the tool as ``""``, as the reference sends it to its retriever (the local
+   retrievers answer it with no document).
 6. Anything else gets the invalid-action message as its observation; it is not a leaf (except
    on the final turn, rule 3).
 
@@ -58,6 +61,7 @@ __all__ = [
     "SearchEnv",
     "StepInput",
     "StepResult",
+    "TruncatedAction",
     "cut_at_stop",
     "parse_action",
     "stop_strings_for",
@@ -65,7 +69,8 @@ __all__ = [
 ]
 
 ActionKind = Literal["tool", "answer", "invalid"]
-LeafReason = Literal["answer", "forced_final", "truncated"]
+LeafReason = Literal["answer", "forced_final", "truncated", "context_limit"]
+TruncatedAction = Literal["invalid", "leaf"]
 
 DEFAULT_TAGS: tuple[str, ...] = ("search", "answer")
 
@@ -164,11 +169,12 @@ class StepResult:
     - ``observation_text`` / ``observation_ids``: what follows the action in the context
       (masked out of the loss); empty for a leaf.
     - ``leaf_reason``: ``None`` while the episode goes on, else ``"answer"``,
-      ``"forced_final"`` or ``"truncated"``.
+      ``"forced_final"`` or ``"truncated"`` (the rollout adds ``"context_limit"``: a trajectory
+      that reached ``max_model_len``).
     - ``tool`` / ``query``: the tool's name and the query, when a tool was called.
     - ``answer``: the answer's content, when the step answered.
-    - ``valid``: the environment accepted the action (an answer, or a tool call with a query
-      on a search-enabled turn)."""
+    - ``valid``: the environment accepted the action (an answer, or a tool call on a
+      search-enabled turn, an empty query included)."""
 
     action_text: str
     observation_text: str = ""
@@ -196,6 +202,10 @@ class SearchEnv:
     - ``max_obs_tokens``: the most tokens of one observation, tags included (reference: 500).
     - ``invalid_action_message``: the observation after an invalid action; the default is
       Search-R1's, verbatim (it names ``<search>``: reword it for other tools).
+    - ``truncated_action``: a step cut by the per-turn token limit without a complete tag gets
+      the invalid-action message and the episode goes on (``"invalid"``, the reference), or
+      ends as a leaf ``"truncated"`` (``"leaf"``: no turn is spent on an action the budget cut,
+      but trees then hold more short leaves).
     """
 
     def __init__(
@@ -209,7 +219,13 @@ class SearchEnv:
         max_turns: int = 3,
         max_obs_tokens: int = 500,
         invalid_action_message: str = INVALID_ACTION,
+        truncated_action: TruncatedAction = "invalid",
     ) -> None:
+        if truncated_action not in ("invalid", "leaf"):
+            raise ValueError(
+                f"truncated_action must be 'invalid' (the reference: the invalid-action message, "
+                f"the episode goes on) or 'leaf', got {truncated_action!r}"
+            )
         if tools is None:
             if retriever is None:
                 raise ValueError(
@@ -241,6 +257,7 @@ class SearchEnv:
         self.max_turns = max_turns
         self.tokenizer = tokenizer
         self.invalid_action_message = invalid_action_message
+        self.truncated_action: TruncatedAction = truncated_action
         self._invalid_ids = self._encode(invalid_action_message)
         wrapper = len(self._encode(wrap_information("")))
         if max_obs_tokens <= wrapper:
@@ -254,7 +271,8 @@ class SearchEnv:
         tools = ", ".join(f"{t.name}:<{tag}>" for tag, t in self.tools.items())
         return (
             f"SearchEnv(tools=[{tools}], answer_tag={self.answer_tag!r}, "
-            f"max_turns={self.max_turns}, max_obs_tokens={self.max_obs_tokens})"
+            f"max_turns={self.max_turns}, max_obs_tokens={self.max_obs_tokens}, "
+            f"truncated_action={self.truncated_action!r})"
         )
 
     # ---- what the rollout asks before generating
@@ -273,6 +291,31 @@ class SearchEnv:
     def parse(self, text: str) -> Action:
         """:func:`parse_action` with this environment's tags."""
         return parse_action(text, self.tags, answer_tag=self.answer_tag)
+
+    def continues_past(self, text: str) -> bool:
+        """Whether a step whose generation stopped at the answer's closing tag should go on.
+
+        Search-R1 generates each turn's whole budget and cuts it at the first ``</search>`` when
+        there is one, else at the first ``</answer>``; stop strings end a step at the first
+        closing tag of either kind instead. The two give the same action except when the step
+        stopped at ``</answer>`` and either holds no complete tag (a stray ``</answer>``) or
+        its answer opens inside an unclosed tool tag (``<search>a<answer>b</answer>``): a
+        later tool closing tag would then make the reference's step a tool call. The rollout
+        continues such a step up to its next closing tag, and keeps the first segment alone if
+        no tool closing tag comes (the reference's cut at the first ``</answer>``)."""
+        if not text.endswith(f"</{self.answer_tag}>"):
+            return False
+        m = _action_regex(self.tags).search(text)
+        if m is None:
+            return True
+        if m.group(1) != self.answer_tag:
+            return False
+        before = text[: m.start()]
+        return any(f"<{tag}>" in before for tag in self.tools)
+
+    def ends_tool_call(self, text: str) -> bool:
+        """Whether ``text`` ends with a tool's closing tag (where the reference cuts a step)."""
+        return any(text.endswith(f"</{tag}>") for tag in self.tools)
 
     async def step(self, inputs: Sequence[StepInput]) -> list[StepResult]:
         """Results for the actions of one agent step across branches, in input order.
@@ -335,12 +378,12 @@ class SearchEnv:
         a = self.parse(x.text)
         if a.kind == "answer":
             return StepResult(x.text, leaf_reason="answer", answer=a.content, valid=True), None
-        if a.kind == "invalid" and x.truncated:
+        if a.kind == "invalid" and x.truncated and (final or self.truncated_action == "leaf"):
             return StepResult(x.text, leaf_reason="truncated"), None
         if final:
             return StepResult(x.text, leaf_reason="forced_final"), None
-        if a.kind == "tool" and a.content:
-            assert a.tag is not None
+        if a.kind == "tool":  # an empty query goes to the tool as "" (rule 5)
+            assert a.tag is not None and a.content is not None
             tool = self.tools[a.tag].name
             return StepResult(x.text, tool=tool, query=a.content, valid=True), a.tag
         return StepResult(x.text, self.invalid_action_message, self._invalid_ids), None

@@ -49,6 +49,7 @@ from treegrpo.env.types import Document, Retriever
 from treegrpo.exceptions import InvalidArgumentError, SynthesisError
 
 __all__ = [
+    "FILES_VERSION",
     "HOP_MIX",
     "KINDS",
     "RELATIONS",
@@ -71,6 +72,10 @@ HOP_MIX = (0.25, 0.35, 0.25, 0.15)  # share of 1-, 2-, 3- and 4-hop questions
 # Share of each kind among the documents (works <= persons: every work has its own author).
 _KIND_SHARE = {"person": 0.45, "city": 0.15, "country": 0.03, "organisation": 0.17, "work": 0.20}
 _MIN_DOCS = 60
+# Bumped whenever the files' content changes for the same parameters, so that caches keyed by
+# the parameters (treegrpo.data.synthetic_world) are rebuilt: 2 = observations show each title
+# line as it is, quotes kept (Search-R1's), in the gold episodes too.
+FILES_VERSION = 2
 
 
 @dataclass(frozen=True)

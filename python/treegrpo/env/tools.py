@@ -11,7 +11,8 @@ __all__ = ["SearchTool", "format_documents"]
 
 
 def format_documents(docs: Sequence[Document]) -> str:
-    """Search-R1's observation body: one ``Doc {i}(Title: {title}) {text}`` line per document."""
+    """Search-R1's observation body: one ``Doc {i}(Title: {title}) {text}`` line per document,
+    the title being the first line of its contents as it is (wiki-18's quotes kept)."""
     return "".join(f"Doc {i}(Title: {d.title}) {d.text}\n" for i, d in enumerate(docs, start=1))
 
 

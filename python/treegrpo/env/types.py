@@ -12,7 +12,10 @@ __all__ = ["Document", "Retriever", "Tool"]
 @dataclass(frozen=True)
 class Document:
     """One corpus entry in wiki-18 format: ``contents`` is the quoted title on its first line,
-    then the text."""
+    then the text.
+
+    ``title`` is that first line as it is, quotes and spaces kept, and ``text`` the rest: the two
+    parts Search-R1's observation shows (``Doc 1(Title: "Aaron") Aaron is ...``)."""
 
     id: str
     contents: str
@@ -20,7 +23,7 @@ class Document:
 
     @property
     def title(self) -> str:
-        return self.contents.split("\n", 1)[0].strip().strip('"')
+        return self.contents.split("\n", 1)[0]
 
     @property
     def text(self) -> str:

@@ -273,7 +273,7 @@ _PAGE = r"""<!DOCTYPE html>
     const t = el("text", { x: X(r), y: Y(r) - 22, class: "treelabel" }, layer);
     t.textContent = "tree " + r.tree;
   }
-  const LETTER = { answer: "A", forced_final: "F", truncated: "T" };
+  const LETTER = { answer: "A", forced_final: "F", truncated: "T", context_limit: "C" };
   for (const n of nodes) {
     const classes = ["node"];
     if (n.leaf) classes.push(n.kept ? "kept" : "dropped");
@@ -388,7 +388,8 @@ _PAGE = r"""<!DOCTYPE html>
     `(${kept.length} kept, ${leaves.length - kept.length} dropped), ` +
     `${branches.length} branch points`;
   document.getElementById("shapes").textContent =
-    "● step   ■ leaf (A answer, F forced final, T truncated; dashed: dropped)   " +
+    "● step   ■ leaf (A answer, F forced final, T truncated, C context limit; " +
+    "dashed: dropped)   " +
     "gold ring: branch point   red outline: invalid action";
   // A link can choose the colouring and select a node: tree.html#metric=adv&node=12
   const want = new URLSearchParams(location.hash.slice(1));

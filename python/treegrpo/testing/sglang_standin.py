@@ -24,14 +24,18 @@ on, so that pointing the client at a real SGLang server changes nothing:
   and ``/continue_generation``; requests sent while paused wait.
 - ``/update_weights_from_disk`` loads an HF checkpoint into the model (waiting for running
   requests unless paused or ``abort_all_requests``), sets ``weight_version`` and flushes the
-  cache; ``/flush_cache`` (400 unless idle); ``/init_weights_update_group`` and
+  cache (``flush_cache: false`` is refused: the engine never reuses KV of old weights);
+  ``/flush_cache`` (400 unless idle); ``/init_weights_update_group`` and
   ``/update_weights_from_distributed`` really receive the tensors over a ``gloo`` process group
   (``nccl`` too where CUDA is present; refused with a clear message otherwise).
 - ``GET /health``, ``/health_generate``, ``/model_info``, ``/server_info``.
-- ``meta_info.cached_tokens`` from a token-trie emulation of the radix cache
-  (:class:`~treegrpo.engine.cache_model.RadixCacheModel`: reuse capped at prompt_len - 1, the
-  prompt inserted after prefill, prompt + output minus the last token at finish, LRU eviction
-  beyond ``--cache-tokens``).
+- ``meta_info.cached_tokens``: the prompt tokens the stand-in's own engine really served from
+  its KV prefix cache when it prefilled the sample (the embedded engine's radix cache of
+  ``--cache-tokens`` tokens: reuse capped at prompt_len - 1, the prompt inserted after
+  prefill, prompt + output minus the last token at finish, least-recently-used eviction),
+  rounded down to whole pages of ``--page-size`` as a paged SGLang server matches. It is
+  measured, not predicted: the client's cache model (engine/cache_model.py) is not used here,
+  so a test that the client predicts it checks the model against a real cache.
 
 Scheduling mimics SGLang's continuous batching: one scheduler task runs decode steps of
 ``decode_chunk`` tokens over every running sample through the embedded engine (on its own
@@ -67,7 +71,6 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from treegrpo.engine.base import GenerateRequest, SamplingParams
-from treegrpo.engine.cache_model import Admission, RadixCacheModel
 from treegrpo.env.retrievers.server import start_app_in_thread
 
 __all__ = [
@@ -135,6 +138,14 @@ _NOT_EMULATED: dict[str, Any] = {
 }
 
 
+# The engine's KV of old weights is never reused (a weight update flushes it), so the stand-in
+# cannot serve SGLang's flush_cache=false: it refuses it rather than report reuse it did not do.
+_KEEPS_NO_CACHE = (
+    "the stand-in always flushes its KV cache on a weight update (its engine never reuses KV of "
+    "old weights): send flush_cache=true"
+)
+
+
 class _BadRequest(Exception):
     """An HTTP 400 ``{"error": {"message": ...}}``."""
 
@@ -167,7 +178,7 @@ class _Sample:
     output: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
     finish: dict[str, Any] | None = None
-    admission: Admission | None = None
+    prefilled: bool = False  # the engine has run its prompt (cached_tokens is then known)
     cached_tokens: int = 0
     weight_version: str = "default"
 
@@ -196,8 +207,11 @@ class SGLangStandin:
         tokenizer: its tokenizer (``decode`` for ``text`` and stop strings, ``len`` for the
             vocabulary check).
         model_path: reported by ``/model_info`` and ``/server_info``.
-        cache_tokens: the emulated radix cache's capacity (SGLang's ``max_total_num_tokens``).
-        page_size: SGLang's ``--page-size``.
+        page_size: SGLang's ``--page-size``: reported reuse is rounded down to whole pages.
+
+    The engine's ``kv_budget_tokens`` is the cache capacity reported as SGLang's
+    ``max_total_num_tokens`` (:func:`start_standin_server` builds the engine with
+    ``cache_tokens``).
         context_length: the longest prompt + output (default: the model's
             ``max_position_embeddings``).
         decode_chunk: tokens per decode step: between steps new requests join and aborts and
@@ -213,7 +227,6 @@ class SGLangStandin:
         tokenizer: Any,
         *,
         model_path: str = "",
-        cache_tokens: int = DEFAULT_CACHE_TOKENS,
         page_size: int = 1,
         context_length: int | None = None,
         decode_chunk: int = 4,
@@ -225,9 +238,10 @@ class SGLangStandin:
         self.model = model
         self.tokenizer = tokenizer
         self.model_path = model_path
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
         self.page_size = page_size
-        self.cache_tokens = cache_tokens
-        self.cache = RadixCacheModel(cache_tokens, page_size)
+        self.cache_tokens = int(getattr(engine, "kv_budget_tokens", DEFAULT_CACHE_TOKENS))
         config = getattr(model, "config", None)
         self.vocab_size = int(
             getattr(engine, "vocab_size", 0) or getattr(config, "vocab_size", 0) or len(tokenizer)
@@ -567,7 +581,7 @@ class SGLangStandin:
             self._wake.clear()
             while self._busy() and not self._paused:
                 if not self._updating:
-                    self._admit_waiting()
+                    await self._admit_waiting()
                 batch = [s for job in self._running for s in job.samples if s.finish is None]
                 if batch:
                     try:
@@ -583,29 +597,28 @@ class SGLangStandin:
                     break  # let the weight update in
                 await asyncio.sleep(0)  # let HTTP handlers (aborts, new requests) run
 
-    def _admit_waiting(self) -> None:
-        """Move waiting jobs into the running batch: their prefill, for the cache emulation."""
+    async def _admit_waiting(self) -> None:
+        """Move waiting jobs into the running batch. A prompt with ``n > 1`` samples is first
+        prefilled alone, as SGLang does (a max_new_tokens 0 request through the engine, which
+        caches it), so that each sample then reuses it."""
         while self._waiting:
             job = self._waiting.pop(0)
-            position = 0
+            position, alone = 0, []
             for prompt in job.prompts:
                 n = job.samples[position].params.n
-                group = job.samples[position : position + n]
                 position += n
                 if n > 1:
-                    # SGLang prefills the prompt alone (max_new_tokens 0), then runs the samples.
-                    self.cache.finish(self.cache.admit(prompt), prompt)
-                for s in group:
-                    if s.finish is not None:  # aborted while waiting
-                        continue
-                    s.admission = self.cache.admit(s.prompt)
-                    s.cached_tokens = s.admission.cached_tokens
-                    if s.params.max_new_tokens == 0:
-                        s.finish = {"type": "length", "length": 0}
+                    alone.append(GenerateRequest(prompt, SamplingParams(max_new_tokens=0)))
+            if alone:
+                assert self._engine_lock is not None
+                async with self._engine_lock:
+                    await self._on_model_thread(lambda: self.engine.generate_sync(alone))  # noqa: B023
             self._running.append(job)
 
     async def _step(self, batch: list[_Sample]) -> None:
-        """One decode step of up to ``decode_chunk`` tokens for every sample of ``batch``."""
+        """One decode step of up to ``decode_chunk`` tokens for every sample of ``batch``. A
+        sample's first step prefills its prompt: the engine's reuse then is its
+        ``cached_tokens``."""
         requests = [
             GenerateRequest(
                 input_ids=s.prompt + s.output,
@@ -622,9 +635,17 @@ class SGLangStandin:
         ]
         results = await self._on_model_thread(lambda: self.engine.generate_sync(requests))
         for s, completions in zip(batch, results, strict=True):
+            completion = completions[0]
+            if not s.prefilled:  # what the engine served from its cache, in whole pages
+                s.prefilled = True
+                s.cached_tokens = completion.cached_tokens - completion.cached_tokens % (
+                    self.page_size
+                )
             if s.finish is not None:
                 continue  # aborted during the step: keep what it had
-            completion = completions[0]
+            if s.params.max_new_tokens == 0:
+                s.finish = {"type": "length", "length": 0}
+                continue
             for token, log_prob in zip(completion.output_ids, completion.log_probs, strict=True):
                 s.output.append(int(token))
                 s.log_probs.append(float(log_prob))
@@ -667,9 +688,6 @@ class SGLangStandin:
 
     def _resolve(self, job: _Job) -> None:
         for s in job.samples:
-            if s.admission is not None:
-                self.cache.finish(s.admission, s.prompt, s.output)
-                s.admission = None
             s.weight_version = self.weight_version
             if job.record:
                 kind = s.finish["type"] if s.finish is not None else "abort"
@@ -744,7 +762,6 @@ class SGLangStandin:
                 False,
                 "Cache not flushed: requests are running or waiting (flush only when idle).",
             )
-        self.cache.reset()
         await self._on_model_thread(self.engine.flush_cache)
         return _control(True, "Cache flushed.")
 
@@ -756,17 +773,18 @@ class SGLangStandin:
         if not self._paused:
             await self._wait_drained()
 
-    def _after_update(self, weight_version: Any, flush_cache: bool) -> None:
+    def _after_update(self, weight_version: Any) -> None:
+        # the engine's weight-version bump already flushed its KV cache
         if isinstance(weight_version, str):
             self.weight_version = weight_version
-        if flush_cache:
-            self.cache.reset()
 
     async def _update_weights_from_disk(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         path = body.get("model_path")
         if not isinstance(path, str) or not path:
             return _control(False, "model_path is required")
+        if body.get("flush_cache", True) is not True:
+            return _control(False, _KEEPS_NO_CACHE)
         assert self._engine_lock is not None
         self._updating += 1
         try:
@@ -776,7 +794,7 @@ class SGLangStandin:
                     await self._on_model_thread(lambda: self._load_checkpoint(path))
                 except Exception as e:
                     return _control(False, f"Failed to load weights from {path}: {e}")
-                self._after_update(body.get("weight_version"), body.get("flush_cache", True))
+                self._after_update(body.get("weight_version"))
         finally:
             self._updating -= 1
             self._poke()
@@ -850,6 +868,8 @@ class SGLangStandin:
             return _control(False, "names, dtypes and shapes must be lists")
         if not len(names) == len(dtypes) == len(shapes):
             return _control(False, "names, dtypes and shapes must have the same length")
+        if body.get("flush_cache", True) is not True:
+            return _control(False, _KEEPS_NO_CACHE)
         group_name = body.get("group_name", "weight_update_group")
         group = self._groups.get(group_name)
         if group is None:
@@ -869,7 +889,7 @@ class SGLangStandin:
                     return _control(False, f"Failed to receive weights: {e}")
                 if problems:
                     return _control(False, "; ".join(problems))
-                self._after_update(body.get("weight_version"), body.get("flush_cache", True))
+                self._after_update(body.get("weight_version"))
         finally:
             self._updating -= 1
             self._poke()
@@ -1047,10 +1067,12 @@ def _load(model_path: str | Path) -> tuple[Any, Any]:
     return load_policy(model_path)
 
 
-def _make_engine(model: Any, tokenizer: Any) -> Any:
+def _make_engine(model: Any, tokenizer: Any, cache_tokens: int = DEFAULT_CACHE_TOKENS) -> Any:
+    """The stand-in's engine: its KV prefix cache of ``cache_tokens`` tokens is the server's
+    radix cache (what ``cached_tokens`` reports and ``max_total_num_tokens`` states)."""
     from treegrpo.engine.embedded import EmbeddedEngine
 
-    return EmbeddedEngine(model, tokenizer)
+    return EmbeddedEngine(model, tokenizer, kv_budget_tokens=cache_tokens)
 
 
 def start_standin(
@@ -1077,7 +1099,8 @@ def start_standin_server(
         net, tokenizer = _load(model)
     else:
         net, tokenizer = model
-    server = SGLangStandin(_make_engine(net, tokenizer), net, tokenizer, **options)
+    engine = _make_engine(net, tokenizer, options.pop("cache_tokens", DEFAULT_CACHE_TOKENS))
+    server = SGLangStandin(engine, net, tokenizer, **options)
     url, stop = start_app_in_thread(
         server.app(),
         host,
@@ -1129,7 +1152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--cache-tokens",
         type=int,
         default=DEFAULT_CACHE_TOKENS,
-        help=f"emulated radix cache capacity in tokens (default {DEFAULT_CACHE_TOKENS})",
+        help=f"the engine's KV prefix cache in tokens (default {DEFAULT_CACHE_TOKENS})",
     )
     parser.add_argument("--page-size", type=int, default=1, help="cache page size (default 1)")
     parser.add_argument("--context-length", type=int, default=None, help="context length")
@@ -1143,11 +1166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     net, tokenizer = _load(args.model)
     server = SGLangStandin(
-        _make_engine(net, tokenizer),
+        _make_engine(net, tokenizer, args.cache_tokens),
         net,
         tokenizer,
         model_path=args.model,
-        cache_tokens=args.cache_tokens,
         page_size=args.page_size,
         context_length=args.context_length,
         decode_chunk=args.decode_chunk,
