@@ -119,14 +119,22 @@ def overrides(arm: Arm, seed: int, args: argparse.Namespace) -> list[str]:
     ]
 
 
+def resolved(ov: list[str]) -> dict[str, Any]:
+    """The whole config these overrides give with today's presets and defaults (JSON types)."""
+    from treegrpo.config import load_config
+
+    return json.loads(json.dumps(load_config(None, ov).to_dict(), default=str))
+
+
 def reuse(run_dir: Path, ov: list[str]) -> dict[str, Any] | None:
-    """A finished run's record made with these overrides; else None (and the directory of an
+    """A finished run's record made with this config (the overrides AND what they resolve to,
+    so an edit of the preset or a default reruns it); else None (and the directory of an
     unfinished or different run is removed)."""
     path = run_dir / RESULT_FILE
     if path.is_file():
         try:
             record = json.loads(path.read_text())
-            if record.get("overrides") == ov:
+            if record.get("overrides") == ov and record.get("config") == resolved(ov):
                 return record
         except ValueError:
             pass
@@ -161,14 +169,18 @@ def train(ov: list[str], *, validate_only: bool = False) -> dict[str, Any]:
     steps = [r for r in records if "tree/generated_tokens" in r]
     leaves = sum(r["tree/leaves_per_prompt"] for r in steps) * cfg.data.train_batch_size
     tools = sum(r["tree/tool_calls"] for r in steps)
+    # steps along a kept trajectory, its final step aside: the searches (or invalid actions)
+    # that trajectory made, shared prefixes counted once per trajectory as in the paper
+    turns = [r["num_turns/mean"] - 1 for r in steps if "num_turns/mean" in r]
     return {
         "overrides": ov,
+        "config": resolved(ov),
         "curve": curve,  # (step, held-out EM, generated tokens so far)
         "final_em": curve[-1][1],
         "generated_tokens": sum(r["tree/generated_tokens"] for r in steps),
         "tool_calls": tools,
         "trajectories": leaves,
-        "tool_calls_per_trajectory": tools / leaves if leaves else None,
+        "tool_calls_per_trajectory": statistics.fmean(turns) if turns else None,
         "train_reward": [r["critic/score/mean"] for r in steps],
         "step_s": [r["timing_s/step"] for r in steps],
         "wall_s": time.perf_counter() - start,
@@ -219,7 +231,8 @@ def fmt_ci(m: float, lo: float, hi: float) -> str:
 
 def summarise(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int]) -> dict[str, Any]:
     per_arm = {}
-    for arm in ARMS:
+    ran = [a for a in ARMS if a.name in results]
+    for arm in ran:
         runs = [results[arm.name][s] for s in seeds]
         em = mean_ci([r["final_em"] for r in runs])
         per_arm[arm.name] = {
@@ -230,8 +243,8 @@ def summarise(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int]) -
             "generated_tokens_mean": statistics.fmean(r["generated_tokens"] for r in runs),
             "tool_calls_mean": statistics.fmean(r["tool_calls"] for r in runs),
             "trajectories_mean": statistics.fmean(r["trajectories"] for r in runs),
-            "tool_calls_per_trajectory_mean": statistics.fmean(
-                r["tool_calls_per_trajectory"] for r in runs
+            "tool_calls_per_trajectory_mean": _mean_or_none(
+                [r["tool_calls_per_trajectory"] for r in runs]
             ),
         }
 
@@ -241,14 +254,17 @@ def summarise(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int]) -
         m, lo, hi = mean_ci(diffs)
         return {"diffs": diffs, "mean_ci": (m, lo, hi), "relative": m / base if base else None}
 
-    comparisons = {
-        "b2: tree - chain": paired("b2-tree", "b2-chain"),
-        "b4: tree - chain": paired("b4-tree", "b4-chain"),
-        "tree@2 - chain@4": paired("b2-tree", "b4-chain"),
-        "b4: tree - tree_intra": paired("b4-tree", "b4-tree_intra"),
-        "b4: tree - tree_inter": paired("b4-tree", "b4-tree_inter"),
-        "b4: tree - grpo (same tree rollouts)": paired("b4-tree", "b4-grpo"),
+    pairs = {
+        "b2: tree - chain": ("b2-tree", "b2-chain"),
+        "b4: tree - chain": ("b4-tree", "b4-chain"),
+        "tree@2 - chain@4": ("b2-tree", "b4-chain"),
+        "b4: tree - tree_intra": ("b4-tree", "b4-tree_intra"),
+        "b4: tree - tree_inter": ("b4-tree", "b4-tree_inter"),
+        "b4: tree - grpo (same tree rollouts)": ("b4-tree", "b4-grpo"),
     }
+    comparisons = {k: paired(a, b) for k, (a, b) in pairs.items() if a in results and b in results}
+    if len(comparisons) < len(pairs):  # a subset of the arms ran: no claims table
+        return {"arms": per_arm, "comparisons": comparisons, "claims": []}
     # The paper's claims (Ji et al. 2025, Table 3 and the ablations) and what we measured.
     c = comparisons
     claims = [
@@ -273,14 +289,15 @@ def summarise(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int]) -
         if text.startswith("tree at budget ~2") and lo <= 0 <= hi:
             v = "inconclusive (CI holds 0; consistent with 'reaches')"
         verdicts.append({"claim": text, "measured": fmt_ci(m, lo, hi), "verdict": v})
-    ratio = per_arm["b2-tree"]["tool_calls_mean"] / per_arm["b4-chain"]["tool_calls_mean"]
-    b2t = per_arm["b2-tree"]["tool_calls_per_trajectory_mean"]
-    b4c = per_arm["b4-chain"]["tool_calls_per_trajectory_mean"]
+    spent = per_arm["b4-chain"]["tool_calls_mean"]
+    ratio = per_arm["b2-tree"]["tool_calls_mean"] / spent if spent else math.nan
+    b2t = per_arm["b2-tree"]["tool_calls_per_trajectory_mean"] or math.nan
+    b4c = per_arm["b4-chain"]["tool_calls_per_trajectory_mean"] or math.nan
     verdicts.append(
         {
             "claim": "tool calls per trajectory (paper: 2.4 chain -> 3.0 tree)",
             "measured": ", ".join(
-                f"{a.label}: {per_arm[a.name]['tool_calls_per_trajectory_mean']:.2f}"
+                f"{a.label}: {per_arm[a.name]['tool_calls_per_trajectory_mean'] or math.nan:.2f}"
                 for a in ARMS[:4]
             ),
             "verdict": "see the numbers (our 1-2 hop questions need 1-2 searches)",
@@ -301,6 +318,22 @@ def summarise(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int]) -
     return {"arms": per_arm, "comparisons": comparisons, "claims": verdicts}
 
 
+def _mean_or_none(xs: list[float | None]) -> float | None:
+    kept = [x for x in xs if x is not None]
+    return statistics.fmean(kept) if kept else None
+
+
+def _finite(x: Any) -> Any:
+    """JSON has no infinities: an unbounded interval end (one seed) is written as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    return x
+
+
 def plot(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int], out: Path) -> Path:
     """EM against generated tokens per arm: mean over seeds, 95% CI band."""
     from matplotlib.figure import Figure
@@ -316,7 +349,7 @@ def plot(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int], out: P
         ),
     )
     for ax, (title, names) in zip(axes, panels, strict=True):
-        for name in names:
+        for name in (n for n in names if n in results):
             curves = [results[name][s]["curve"] for s in seeds]
             n = min(len(c) for c in curves)
             xs = [statistics.fmean(c[i][2] for c in curves) for i in range(n)]
@@ -354,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.seeds, args.steps, args.val_every, args.arms = 1, 2, 1, "b2-chain,b2-tree"
         args.run_dir = args.run_dir.with_name(args.run_dir.name + "_quick")
+    if args.seeds < 1 or args.steps < 1:
+        ap.error("--seeds and --steps must be >= 1")
+    unknown = [a for a in args.arms.split(",") if a not in ARM]
+    if unknown:
+        ap.error(f"unknown arm {', '.join(unknown)}: choose from {', '.join(ARM)}")
     arms = [ARM[a] for a in args.arms.split(",")]
     seeds = list(range(args.seeds))
     started = time.perf_counter()
@@ -393,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{m:.3f} [{lo:.3f}, {hi:.3f}]",
                 f"{a['generated_tokens_mean']:.0f}",
                 f"{a['tool_calls_mean']:.0f}",
-                f"{a['tool_calls_per_trajectory_mean']:.2f}",
+                f"{a['tool_calls_per_trajectory_mean'] or math.nan:.2f}",
             ]
         )
     headers = [
@@ -449,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {k: {str(s): r for s, r in v.items()} for k, v in results.items()},
         "plot": str(png.relative_to(HERE.parent)),
     }
-    print(f"wrote {write_results(NAME, payload, args.out)}")
+    print(f"wrote {write_results(NAME, _finite(payload), args.out)}")
     return 0
 
 

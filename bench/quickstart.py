@@ -76,7 +76,7 @@ def run(seed: int, run_dir: Path, cache: Path, extra: list[str]) -> dict[str, An
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
         raise SystemExit(f"treegrpo train (seed {seed}) failed with exit code {done.returncode}")
-    print(done.stdout.strip().splitlines()[-1], flush=True)
+    print((done.stdout.strip().splitlines() or ["(no output)"])[-1], flush=True)
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in records if EM in r]
     return {

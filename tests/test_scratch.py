@@ -57,7 +57,8 @@ def test_tokenizer_round_trips_every_world_text(world: Path) -> None:
     for tag in TAG_TOKENS:
         assert len(tok.encode(tag, add_special_tokens=False)) == 1
     episode = next(t for t in texts if t.startswith("<think>"))
-    assert tok.decode(tok.encode(episode, add_special_tokens=False), skip_special_tokens=True)
+    ids = tok.encode(episode, add_special_tokens=False)
+    assert tok.convert_ids_to_tokens(ids[:1]) == ["<think>"]  # a tag is one token
     name = json.loads((world / "corpus.jsonl").read_text().splitlines()[0])["contents"]
     name = name.splitlines()[0].strip('"').split()[0]
     assert len(tok.encode(" " + name, add_special_tokens=False)) == 1
@@ -210,3 +211,41 @@ def test_tiny_preset_trains_end_to_end(tmp_path: Path, cache: Path) -> None:
     sft = next((cache / "sft").iterdir())
     info = json.loads((sft / "treegrpo_sft.json").read_text())
     assert info["prompt"] == "short" and Path(info["base"]).name.startswith("scratch-")
+
+
+def test_warm_start_key_follows_every_setting(world: Path) -> None:
+    from treegrpo.config import ModelConfig
+    from treegrpo.sft import _key
+
+    base, sft = "base", world / "sft.parquet"
+    ref = _key(base, sft, ModelConfig(), 2, "short", 0)
+    changed = [
+        _key(base, sft, ModelConfig(), 2, "short", 1),  # model.sft_seed
+        _key(base, sft, ModelConfig(sft_steps=9), 2, "short", 0),
+        _key(base, sft, ModelConfig(sft_episodes=5), 2, "short", 0),
+        _key(base, sft, ModelConfig(sft_corpus_docs=2), 2, "short", 0),
+        _key(base, sft, ModelConfig(), 1, "short", 0),
+        _key(base, sft, ModelConfig(), 2, "search_r1", 0),
+        _key("other", sft, ModelConfig(), 2, "short", 0),
+    ]
+    assert ref not in changed and len(set(changed)) == len(changed)
+
+
+def test_interrupted_world_build_leaves_no_world(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import treegrpo.env.synth as synth
+    from treegrpo.data import synthetic_world
+
+    def killed(out: Path, **kw: object) -> None:
+        (Path(out) / "corpus.jsonl").write_text("{}\n")  # half a world
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synth, "synthesize", killed)
+    cfg = load_config(None, ["data.synth_docs=80", "data.synth_train=24", "data.synth_test=12"])
+    with pytest.raises(KeyboardInterrupt):
+        synthetic_world(cfg.data)
+    assert not (cache / "synth").exists() or list((cache / "synth").iterdir()) == []
+    monkeypatch.undo()
+    world = synthetic_world(cfg.data)  # the next run builds it whole
+    assert (world / "sft.parquet").is_file() and (world / "corpus.jsonl").stat().st_size > 100

@@ -202,3 +202,17 @@ def test_two_steps_against_the_sglang_standin(tiny_dir, tmp_path):
         assert set(nodes["weight_version"].drop_nulls().to_list()) == {"1"}
     finally:
         stop()
+
+
+def test_no_validation_questions_means_no_validation_record(tiny_dir, tmp_path, capsys):
+    """A run without validation questions says so and records no EM (never a made-up 0)."""
+    from dataclasses import replace
+
+    run = tmp_path / "run"
+    with Trainer(load_config(None, overrides(tiny_dir, run, steps=1)), progress=False) as trainer:
+        trainer.setup()
+        trainer.data = replace(trainer.data, val=[])
+        assert trainer.run() == {}
+    assert "validation (before) skipped: no validation questions" in capsys.readouterr().out
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records and not any(k.startswith("val-core/") for r in records for k in r)

@@ -124,13 +124,21 @@ def synthetic_world(cfg: DataConfig) -> Path:
     name += f"-v{FILES_VERSION}"  # files of an older format are not reused
     out = cache_root() / "synth" / name
     if not (out / "sft.parquet").exists():
-        synthesize(
-            out,
-            seed=cfg.synth_seed,
-            n_docs=cfg.synth_docs,
-            n_train=cfg.synth_train,
-            n_test=cfg.synth_test,
-        )
+        import shutil
+
+        from treegrpo.fsutil import atomic_directory
+
+        if out.exists():  # a half-written world of a version that wrote in place
+            shutil.rmtree(out)
+        # built beside and renamed into place: a killed build leaves no world to reuse
+        with atomic_directory(out) as tmp:
+            synthesize(
+                tmp,
+                seed=cfg.synth_seed,
+                n_docs=cfg.synth_docs,
+                n_train=cfg.synth_train,
+                n_test=cfg.synth_test,
+            )
     return out
 
 

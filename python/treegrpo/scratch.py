@@ -7,17 +7,18 @@ environment, step rules, rollout, learner and trainer as the pretrained path:
 1. Tokenizer: a ``tokenizers`` WordLevel model over every word of the world (corpus, questions,
    gold episodes, the prompt template and the invalid-action message), so an invented name is
    one token. Measured on the 1,000 gold episodes (7 minutes of warm start on 2 cores): a BPE
-   vocabulary of 8k with a 5.5M-parameter model reached 0% exact held-out actions, this
-   word-level one with 1.3M parameters 20%. The step tags (``<search>``, ``</answer>``...) are
-   added tokens (not special: decoding never drops them), newlines are tokens of their own and
-   spaces are kept on the word that follows them, so ``decode(encode(text)) == text`` for every
-   text made of the world's words; anything else maps to ``[UNK]``.
+   vocabulary of 8k with a 5.5M-parameter model reached 0% exact held-out actions, this word-
+   level one with 1.3M parameters 20% (the default shape here, over the default world's ~5.5k
+   words, has ~1.5M). The step tags (``<search>``, ``</answer>``...) are added tokens (not
+   special: decoding never drops them), newlines are tokens of their own and spaces are kept on
+   the word that follows them, so ``decode(encode(text)) == text`` for every text made of the
+   world's words; anything else maps to ``[UNK]``.
 2. Model: a ``LlamaForCausalLM`` of a few million parameters (:class:`ScratchConfig`) with
    random weights drawn from the seed, no chat template (the prompt is the short template
    :data:`SHORT_TEMPLATE`).
 3. Warm start: the usual ``treegrpo sft`` on gold episodes of the world's train questions (loss
-   on action tokens only). It is kept short (``model.sft_steps``) so that held-out EM stays well
-   below what the model can reach and RL, not more supervised learning, closes the rest.
+   on action tokens only), kept short (``model.sft_steps``) to leave room for RL: held-out EM
+   0.14 after the tiny preset's 400 steps (docs/benchmarks.md says what RL then does).
 
 The built checkpoint is cached under ``<cache root>/models/scratch-<key>``, the key hashing the
 world's files and :class:`ScratchConfig`, so a change of either builds a new one; the directory
@@ -65,7 +66,8 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 
 @dataclass(frozen=True)
 class ScratchConfig:
-    """Shape of the from-scratch Llama (the defaults: ~1.3M parameters over a ~4k vocabulary).
+    """Shape of the from-scratch Llama (the defaults: ~1.5M parameters over the ~5.5k words of
+    the default world).
 
     - ``hidden_size`` / ``num_hidden_layers`` / ``num_attention_heads`` / ``intermediate_size``:
       the Llama's width, depth, heads and MLP width.

@@ -88,7 +88,9 @@ def corpus_pages(path: Path, tokenizer: Any) -> list[tuple[list[int], list[bool]
     return out
 
 
-def _key(base: str, sft_file: Path, cfg: ModelConfig, max_hops: int, prompt: str) -> str:
+def _key(
+    base: str, sft_file: Path, cfg: ModelConfig, max_hops: int, prompt: str, seed: int = 0
+) -> str:
     h = hashlib.sha256()
     h.update(str(base).encode())
     h.update(hashlib.sha256(sft_file.read_bytes()).digest())
@@ -97,6 +99,8 @@ def _key(base: str, sft_file: Path, cfg: ModelConfig, max_hops: int, prompt: str
         settings += [prompt, cfg.sft_episodes]
     if cfg.sft_corpus_docs:
         settings.append(cfg.sft_corpus_docs)
+    if seed:  # seed 0 keeps the keys of warm starts made before the seed was part of them
+        settings.append(["seed", seed])
     h.update(json.dumps(settings).encode())
     return h.hexdigest()[:16]
 
@@ -172,7 +176,7 @@ def warm_start(
     from treegrpo.engine.models import cache_root, load_policy
     from treegrpo.fsutil import atomic_directory
 
-    out = cache_root() / "sft" / _key(base, sft_file, cfg, max_hops, prompt)
+    out = cache_root() / "sft" / _key(base, sft_file, cfg, max_hops, prompt, seed)
     if (out / "config.json").exists():
         return out
     torch.manual_seed(seed)

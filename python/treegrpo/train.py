@@ -276,7 +276,9 @@ class Trainer:
             self.log = log
             # a validation already recorded (a kill after it, a re-run) is not run again
             if cfg.val_before and self.step == 0 and not self._recorded(0):
-                log.write(0, self.validate("before"))
+                before = self.validate("before")
+                if before:  # {} when there is nothing to validate on
+                    log.write(0, before)
             while self.step < cfg.total_steps:
                 metrics = self.train_step()
                 self.step += 1
@@ -290,7 +292,8 @@ class Trainer:
                 final = log.get(self.step, "val") if self.world.is_main else {}
             elif cfg.val_after:
                 final = self.validate("after")
-                log.write(self.step, final)
+                if final:
+                    log.write(self.step, final)
         if self.world.is_main:
             self._report()
         return final
@@ -300,9 +303,13 @@ class Trainer:
         files are and how to look at them."""
         plot = None
         if self.cfg.trainer.plot and (self.run_dir / "metrics.jsonl").is_file():
+            from treegrpo.exceptions import MissingDependencyError
             from treegrpo.logs.plots import plot_learning_curve
 
-            plot = plot_learning_curve(self.run_dir, self.run_dir / "learning_curve.png")
+            try:
+                plot = plot_learning_curve(self.run_dir, self.run_dir / "learning_curve.png")
+            except MissingDependencyError as e:  # the run itself is complete: say so, go on
+                print(f"no learning curve: {e} (or set trainer.plot=false)")
         run = str(self.run_dir)
         shown = f"; learning curve {plot}" if plot else ""
         print(
@@ -407,9 +414,15 @@ class Trainer:
     # ------------------------------------------------------------------ validation
 
     def validate(self, tag: str) -> dict[str, float]:
-        """Greedy chain rollouts on the validation questions: EM per data source."""
+        """Greedy chain rollouts on the validation questions: EM per data source; ``{}`` (and a
+        note) when the run has no validation questions, never a made-up EM of 0."""
         from treegrpo.env.rewards import compute_score
         from treegrpo.rollout import Rollout
+
+        if not self.data.val:
+            if self.world.is_main:
+                print(f"validation ({tag}) skipped: no validation questions (set data.val_files)")
+            return {}
 
         # the training rollout's config (max_model_len resolved), as greedy chains
         tree = replace(self.rollout.config, m=1, n=0, k=None, temperature=0.0, top_p=1.0)
