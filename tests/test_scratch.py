@@ -249,3 +249,37 @@ def test_interrupted_world_build_leaves_no_world(
     monkeypatch.undo()
     world = synthetic_world(cfg.data)  # the next run builds it whole
     assert (world / "sft.parquet").is_file() and (world / "corpus.jsonl").stat().st_size > 100
+
+
+def test_build_key_follows_the_texts_and_the_build(
+    world: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import treegrpo.env.steps as steps
+    import treegrpo.scratch as scratch
+
+    ref = scratch._key(world, SMALL)
+    monkeypatch.setattr(steps, "INVALID_ACTION", "\nsomething else entirely\n")
+    assert scratch._key(world, SMALL) != ref  # the invalid-action message is in the vocabulary
+    monkeypatch.undo()
+    monkeypatch.setattr(scratch, "BUILD_VERSION", scratch.BUILD_VERSION + 1)
+    assert scratch._key(world, SMALL) != ref
+
+
+def test_warm_start_key_survives_a_moved_cache(
+    world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from treegrpo.config import ModelConfig
+    from treegrpo.sft import _key
+
+    keys = []
+    for root in (tmp_path / "a", tmp_path / "b"):
+        monkeypatch.setenv("TREEGRPO_CACHE", str(root))
+        keys.append(
+            _key(
+                str(root / "models" / "scratch-x"), world / "sft.parquet", ModelConfig(), 2, "short"
+            )
+        )
+    assert keys[0] == keys[1]
+    assert keys[0] != _key(
+        str(tmp_path / "c" / "x"), world / "sft.parquet", ModelConfig(), 2, "short"
+    )

@@ -63,6 +63,10 @@ SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[EOS]")
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
+BUILD_VERSION = 1
+"""Part of the cache key: bump it whenever the build changes (the word splitting, the
+pre-tokenizer, the fixed LlamaConfig fields), so no policy of an older build is reused."""
+
 
 @dataclass(frozen=True)
 class ScratchConfig:
@@ -219,6 +223,9 @@ def _key(world: Path, cfg: ScratchConfig) -> str:
     h = hashlib.sha256()
     for name in ("corpus.jsonl", "train.parquet", "test.parquet", "sft.parquet"):
         h.update(hashlib.sha256((world / name).read_bytes()).digest())
+    from treegrpo.env.steps import INVALID_ACTION
+
     h.update(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
-    h.update(SHORT_TEMPLATE.encode())
+    # the other texts the vocabulary is built from, and the build itself
+    h.update(json.dumps([SHORT_TEMPLATE, INVALID_ACTION, BUILD_VERSION]).encode())
     return h.hexdigest()[:16]

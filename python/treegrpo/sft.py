@@ -91,8 +91,13 @@ def corpus_pages(path: Path, tokenizer: Any) -> list[tuple[list[int], list[bool]
 def _key(
     base: str, sft_file: Path, cfg: ModelConfig, max_hops: int, prompt: str, seed: int = 0
 ) -> str:
+    from treegrpo.engine.models import cache_root
+
     h = hashlib.sha256()
-    h.update(str(base).encode())
+    # a base inside the cache (the converted default policy, a scratch build) by its path in
+    # the cache, so a cache moved elsewhere (TREEGRPO_CACHE) keeps its warm starts
+    root, path = cache_root().resolve(), Path(base).expanduser().resolve()
+    h.update(str(path.relative_to(root) if path.is_relative_to(root) else base).encode())
     h.update(hashlib.sha256(sft_file.read_bytes()).digest())
     settings: list[Any] = [cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, max_hops]
     if prompt != "search_r1" or cfg.sft_episodes or cfg.sft_corpus_docs:  # old keys stay valid
