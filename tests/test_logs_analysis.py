@@ -447,6 +447,7 @@ def test_failures_count_invalid_actions_truncations_and_forced_finals(logged: Lo
             assert row[column] == reasons[reason]
             assert row[f"{column}_share"] == approx(reasons[reason] / n_leaves)
         assert row["forced_final"] == reasons["forced_final"]
+        assert row["context_limit"] == reasons["context_limit"]  # 0 unless a run ran out of room
         seen.update({"invalid": invalid, **reasons})
     assert min(seen.values()) > 0, f"the scripted policy should hit every failure mode: {seen}"
 
@@ -725,3 +726,18 @@ def test_tree_page_in_headless_chromium(plain: Logged, tmp_path: Path):
     assert words["selected"] == 1
     assert action in dom, "clicking (here: #node=) shows the node's action text"
     assert f">node {pick} (tree " in dom
+
+
+def test_failures_count_leaves_that_ran_out_of_context():
+    nodes = pl.LazyFrame(
+        {
+            "step": [1, 1, 1, 1],
+            "parent": [None, 0, 1, 0],
+            "is_leaf": [False, False, True, True],
+            "valid": [True, True, True, True],
+            "leaf_reason": [None, None, "context_limit", "answer"],
+        }
+    )
+    (row,) = failures(nodes).collect().to_dicts()
+    assert (row["leaves"], row["context_limit"], row["answered"]) == (2, 1, 1)
+    assert row["context_limit_share"] == approx(0.5)

@@ -539,7 +539,7 @@ def budget(nodes: pl.LazyFrame, by: Sequence[str] = ("step",)) -> pl.LazyFrame:
 def failures(nodes: pl.LazyFrame, by: Sequence[str] = ("step",)) -> pl.LazyFrame:
     """Failure modes: ``steps`` (non-root nodes), ``invalid_actions`` and
     ``invalid_share`` (of steps); ``leaves`` with ``answered``, ``truncated``,
-    ``forced_final`` and their shares (of leaves).
+    ``forced_final``, ``context_limit`` and their shares (of leaves).
 
     Example::
 
@@ -557,11 +557,12 @@ def failures(nodes: pl.LazyFrame, by: Sequence[str] = ("step",)) -> pl.LazyFrame
         (reason == "answer").sum().alias("answered"),
         (reason == "truncated").sum().alias("truncated"),
         (reason == "forced_final").sum().alias("forced_final"),
+        (reason == "context_limit").sum().alias("context_limit"),
     ).with_columns(
         (pl.col("invalid_actions") / pl.col("steps")).alias("invalid_share"),
         *(
             (pl.col(c) / pl.col("leaves")).alias(f"{c}_share")
-            for c in ("answered", "truncated", "forced_final")
+            for c in ("answered", "truncated", "forced_final", "context_limit")
         ),
     )
 

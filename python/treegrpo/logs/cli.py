@@ -177,7 +177,8 @@ def format_summary(
         f"failures: invalid actions {fail['invalid_actions']} of {fail['steps']} steps "
         f"({f(fail['invalid_share'])}); of {fail['leaves']} leaves: truncated "
         f"{fail['truncated']} ({f(fail['truncated_share'])}), forced final "
-        f"{fail['forced_final']} ({f(fail['forced_final_share'])})",
+        f"{fail['forced_final']} ({f(fail['forced_final_share'])}), out of context "
+        f"{fail['context_limit']} ({f(fail['context_limit_share'])})",
     ]
     sections = [
         ("reward of kept leaves per data source, validation EM", tables["rewards"]),
