@@ -164,6 +164,18 @@ def test_select_counts_per_tree_and_skips_trees_without_candidates():
     assert only_leaves.select(3, seed=0, include_root=False) == []
 
 
+def test_select_refuses_more_draws_than_memory_holds_instead_of_aborting():
+    f = Forest()
+    for group in range(3):
+        f.add_root(group, [1])
+    for n in (2**40, 2**63):  # n * trees past the cap; the second overflows usize
+        with pytest.raises(treegrpo.InvalidArgumentError, match="draw fewer nodes per tree"):
+            f.select(n, seed=0)
+        with pytest.raises(treegrpo.InvalidArgumentError, match="draw fewer nodes per tree"):
+            f.select_weighted(n, [1.0] * f.num_nodes, seed=0)
+    assert len(f.select(2, seed=0)) == 6  # the forest is unchanged and still draws
+
+
 def test_keep_leaves_keeps_k_per_tree_uniformly():
     f, _, _, _ = star(n_open=1, n_leaves=4)
     counts: Counter[int] = Counter()

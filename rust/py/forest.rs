@@ -12,6 +12,20 @@ use super::tokens::Tokens;
 use crate::advantage::Estimator;
 use crate::error::TreeError;
 use crate::forest::{Forest, LeafReason};
+
+/// The most draws one `select` call may make (4 bytes each): beyond it the pick list alone
+/// would take gigabytes, and the allocation would abort the process instead of raising.
+const MAX_DRAWS: usize = 1 << 28;
+
+fn check_draws(n: usize, trees: usize) -> Result<(), TreeError> {
+    match n.checked_mul(trees) {
+        Some(total) if total <= MAX_DRAWS => Ok(()),
+        _ => Err(TreeError::InvalidArgument(format!(
+            "select: {n} draws per tree x {trees} trees is more than {MAX_DRAWS} draws in one call; \
+             draw fewer nodes per tree"
+        ))),
+    }
+}
 use crate::pack::AggMode;
 use crate::select::SelectOptions;
 
@@ -124,7 +138,11 @@ impl PyForest {
             replace,
             include_root,
         };
-        enter(py, || Ok(self.lock().select(n, seed, opts)))
+        enter(py, || {
+            let f = self.lock();
+            check_draws(n, f.trees.len())?;
+            Ok(f.select(n, seed, opts))
+        })
     }
 
     /// Draw `n` nodes per tree with probability proportional to `weights` (one per node),
@@ -147,8 +165,9 @@ impl PyForest {
             include_root,
         };
         enter(py, || {
-            self.lock()
-                .select_weighted(n, seed, &weights, overexpand_penalty, opts)
+            let f = self.lock();
+            check_draws(n, f.trees.len())?;
+            f.select_weighted(n, seed, &weights, overexpand_penalty, opts)
         })
     }
 
