@@ -567,8 +567,7 @@ def test_the_device_run_selects_the_learner_tests_and_none_of_these(tmp_path: Pa
     pytest.importorskip("torch")
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "tests", "-k", "cuda", "--collect-only", "-q"],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "python")},
+        cwd=ROOT,  # this Python's own treegrpo (the wheel under `make test`): no PYTHONPATH
         capture_output=True,
         text=True,
         timeout=300,
