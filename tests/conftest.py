@@ -38,3 +38,17 @@ def pytest_configure(config: pytest.Config) -> None:
                 f"TREEGRPO_EXPECT_INSTALLED=1 but treegrpo was imported from {where}, not from "
                 f"the installed wheel under {prefix}: something puts python/ on sys.path"
             )
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random policy (treegrpo.testing.tiny) saved as a checkpoint directory, for the
+    trainer's end-to-end tests (one per test module)."""
+    pytest.importorskip("torch")
+    from treegrpo.testing.tiny import tiny_policy
+
+    model, tokenizer = tiny_policy(seed=0)
+    out = tmp_path_factory.mktemp("tiny-policy")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

@@ -17,17 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from treegrpo.config import ConfigError, load_config  # noqa: E402
-from treegrpo.testing.tiny import tiny_policy  # noqa: E402
 from treegrpo.train import Trainer  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model, tokenizer = tiny_policy(seed=0)
-    out = tmp_path_factory.mktemp("tiny-policy")
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(autouse=True)

@@ -21,17 +21,7 @@ from test_rundir import tree_digest
 from test_train import metric_steps, overrides
 from treegrpo.config import load_config
 from treegrpo.exceptions import RunDirError
-from treegrpo.testing.tiny import tiny_policy
 from treegrpo.train import Trainer
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model, tokenizer = tiny_policy(seed=0)
-    out = tmp_path_factory.mktemp("tiny-policy")
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(autouse=True)

@@ -14,17 +14,7 @@ pytest.importorskip("torch")
 
 from treegrpo.config import load_config
 from treegrpo.testing.sglang_standin import start_standin_server
-from treegrpo.testing.tiny import tiny_policy
 from treegrpo.train import Trainer
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model, tokenizer = tiny_policy(seed=0)
-    out = tmp_path_factory.mktemp("tiny-policy")
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def test_a_server_restarted_mid_rollout_never_feeds_a_step_its_base_weights(

@@ -128,18 +128,6 @@ def test_data_synth_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFi
 # ---------------------------------------------------------------------- treegrpo train
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("torch")
-    from treegrpo.testing.tiny import tiny_policy
-
-    model, tokenizer = tiny_policy(seed=0)
-    out = tmp_path_factory.mktemp("tiny-policy")
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.fixture
 def no_model_loads(
     tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
