@@ -42,6 +42,7 @@ import json
 import math
 import operator
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -206,3 +207,18 @@ def write_results(name: str, payload: dict[str, Any], out: Path | None = None) -
         print(f"warning: {path.name}: {problem} (see bench/common.py)", file=sys.stderr)
     path.write_text(json.dumps(full, indent=2) + "\n")
     return path
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """End a child started with ``start_new_session=True`` and everything it started: SIGTERM
+    to its process group, then SIGKILL if it is still there after ``grace_s`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -43,7 +43,6 @@ import json
 import math
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -62,7 +61,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "python"))  # this tree's treegrpo first, as in the subprocesses
 
-from common import RESULTS, target, write_results  # noqa: E402
+from common import RESULTS, stop_process_group, target, write_results  # noqa: E402
 
 TITLE = "GPU checks: CUDA tests, learner throughput and memory, treegrpo train on CUDA"
 ISSUE = 18
@@ -299,22 +298,9 @@ def run_process(
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _stop_group(proc)
+            stop_process_group(proc, 10.0)
         reader.join(timeout=10)
     return Proc(rc, "".join(lines), time.monotonic() - start, timed_out)
-
-
-def _stop_group(proc: subprocess.Popen[str]) -> None:
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def child_env(work: Path) -> dict[str, str]:

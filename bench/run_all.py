@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, check_targets, markdown_table
+from common import RESULTS, check_targets, markdown_table, stop_process_group
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -113,26 +113,13 @@ def run_one(name: str, *, quick: bool, timeout: float | None) -> Outcome:
         rc = proc.wait(timeout=timeout)
         status = "ok" if rc == 0 else f"failed (exit {rc})"
     except subprocess.TimeoutExpired:
-        _stop(proc)
+        stop_process_group(proc, 30)
         status = f"timed out after {timeout:g} s"
     except KeyboardInterrupt:
-        _stop(proc)
+        stop_process_group(proc, 30)
         raise
     after = result.stat().st_mtime if result.exists() else None
     return Outcome(name, status, time.perf_counter() - start, after is not None and after != before)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 # --------------------------------------------------------------------------- the report
