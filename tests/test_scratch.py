@@ -224,6 +224,7 @@ def test_warm_start_key_follows_every_setting(world: Path) -> None:
         _key(base, sft, ModelConfig(sft_steps=9), 2, "short", 0),
         _key(base, sft, ModelConfig(sft_episodes=5), 2, "short", 0),
         _key(base, sft, ModelConfig(sft_corpus_docs=2), 2, "short", 0),
+        _key(base, sft, ModelConfig(sft_rename=True), 2, "short", 0),
         _key(base, sft, ModelConfig(), 1, "short", 0),
         _key(base, sft, ModelConfig(), 2, "search_r1", 0),
         _key("other", sft, ModelConfig(), 2, "short", 0),
@@ -283,3 +284,75 @@ def test_warm_start_key_survives_a_moved_cache(
     assert keys[0] != _key(
         str(tmp_path / "c" / "x"), world / "sft.parquet", ModelConfig(), 2, "short"
     )
+
+
+def _word_pairs(before: str, after: str) -> list[tuple[str, str]]:
+    """Word-by-word pairs of a text and its renamed form (renaming swaps whole words only)."""
+    import re
+
+    a, b = re.split(r"(\W+)", before), re.split(r"(\W+)", after)
+    assert len(a) == len(b), (before, after)
+    assert a[1::2] == b[1::2], "renaming changed something other than words"
+    return list(zip(a[::2], b[::2], strict=True))
+
+
+def test_renamed_episodes_are_consistent_bijections_of_names(world: Path) -> None:
+    import random
+
+    from treegrpo.env.synth import is_name_word
+    from treegrpo.sft import Renamer, episode_ids, gold_rows
+
+    tokenizer = scratch_tokenizer(world_texts(world))
+    rows = gold_rows(world / "sft.parquet")
+    renamer = Renamer.for_corpus(world / "corpus.jsonl", tokenizer, random.Random(0))
+    changed = 0
+    for row in rows:
+        new = renamer.episode(row)
+        texts = [(row["question"], new["question"])]
+        texts += [
+            (m["content"], n["content"]) for m, n in zip(row["prompt"], new["prompt"], strict=True)
+        ]
+        for s, t in zip(row["steps"], new["steps"], strict=True):
+            texts += [(s["action"], t["action"]), (s["observation"], t["observation"])]
+        mapping: dict[str, str] = {}
+        for before, after in texts:
+            for a, b in _word_pairs(before, after):
+                if a != b:
+                    assert is_name_word(a) and is_name_word(b), (a, b)
+                assert mapping.setdefault(a, b) == b, f"{a} renamed two ways"
+        names = {a: b for a, b in mapping.items() if is_name_word(a)}
+        assert len(set(names.values())) == len(names), "two names got the same new name"
+        assert all(a == b for a, b in mapping.items() if not is_name_word(a))
+        changed += sum(a != b for a, b in names.items())
+        # the episode still answers its question: the renamed gold answer ends it
+        answer = " ".join(names.get(w, w) for w in row["golds"][0].split())
+        assert new["steps"][-1]["action"].endswith(f"<answer> {answer} </answer>")
+    assert changed > 0.9 * sum(len(r["extra_info"]["chain"]) for r in rows)
+    # every renamed episode is spelt with known words only
+    renamed = episode_ids([renamer.episode(r) for r in rows], tokenizer, "short")
+    assert all(tokenizer.unk_token_id not in ids for ids, _ in renamed)
+
+
+def test_renaming_is_seeded_and_fresh_at_every_draw(world: Path) -> None:
+    import random
+
+    from treegrpo.sft import Renamer, gold_rows
+
+    tokenizer = scratch_tokenizer(world_texts(world))
+    row = gold_rows(world / "sft.parquet")[0]
+    a = Renamer.for_corpus(world / "corpus.jsonl", tokenizer, random.Random(5))
+    b = Renamer.for_corpus(world / "corpus.jsonl", tokenizer, random.Random(5))
+    first, second = a.episode(row), a.episode(row)
+    assert first == b.episode(row) and second == b.episode(row)
+    assert first["question"] != second["question"] != row["question"]
+
+
+def test_renaming_needs_the_synthetic_world(tmp_path: Path) -> None:
+    import random
+
+    from treegrpo.sft import Renamer
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "0", "contents": '"the sea"\nwater'}) + "\n")
+    with pytest.raises(ValueError, match=r"model\.sft_rename"):
+        Renamer.for_corpus(corpus, scratch_tokenizer(["the sea water"]), random.Random(0))

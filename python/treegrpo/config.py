@@ -149,6 +149,11 @@ class ModelConfig:
     - ``sft_corpus_docs``: corpus pages added to each warm-start step, trained on every token
       (language modelling; 0 = none): every name of the world gets a trained embedding, so
       the policy can copy names it has not seen in a gold episode.
+    - ``sft_rename``: give the invented names of every warm-start episode new names, drawn
+      afresh each time the episode is drawn (the same new name everywhere in the episode:
+      question, searches, pages, answer). No fact can then be memorised, so the policy must copy
+      names from the question and from the retrieved pages: what a held-out question needs.
+      Synthetic world only.
     - ``sft_seed``: the warm start's episode draws (not ``trainer.seed``: runs that differ
       only in their RL seed share one warm start).
     - ``sft_micro_batch_tokens``: padded tokens per warm-start forward pass (gradient
@@ -165,6 +170,7 @@ class ModelConfig:
     sft_episodes: int = 0
     sft_seed: int = 0
     sft_corpus_docs: int = 0
+    sft_rename: bool = False
     sft_micro_batch_tokens: int = 2048
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: Literal["cpu", "cuda", "auto"] = "auto"

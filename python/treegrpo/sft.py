@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import random
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,14 +52,21 @@ def episodes(
     prompt: str = "search_r1",
     limit: int = 0,
 ) -> list[tuple[list[int], list[bool]]]:
-    """(token ids, loss mask) of the gold episodes of :func:`gold_rows`: the rendered prompt
-    (``prompt``: see :func:`treegrpo.data.prompt_ids`), then each step's action (trained) and
-    observation (masked)."""
+    """(token ids, loss mask) of the gold episodes of :func:`gold_rows`: see :func:`episode_ids`."""
+    return episode_ids(gold_rows(path, max_hops=max_hops, limit=limit), tokenizer, prompt)
+
+
+def episode_ids(
+    rows: list[dict[str, Any]], tokenizer: Any, prompt: str = "search_r1"
+) -> list[tuple[list[int], list[bool]]]:
+    """(token ids, loss mask) of gold-episode rows: the rendered prompt (``prompt``: see
+    :func:`treegrpo.data.prompt_ids`), then each step's action (trained) and observation
+    (masked)."""
     from treegrpo import Forest
     from treegrpo.data import prompt_ids
 
     forest, leaves = Forest(), []
-    for row in gold_rows(path, max_hops=max_hops, limit=limit):
+    for row in rows:
         ids = prompt_ids(row["prompt"], str(row.get("question") or ""), tokenizer, prompt)
         node = forest.add_root(len(leaves), ids)
         steps = row["steps"]
@@ -72,6 +80,95 @@ def episodes(
         ids, mask = forest.tokens(leaf)
         out.append((ids.tolist(), mask.tolist()))
     return out
+
+
+_CAPITALISED = re.compile(r"\b[A-Z][a-z]+\b")
+
+
+class Renamer:
+    """Gives the invented names of a gold episode new ones (``model.sft_rename``).
+
+    The pool is every invented name word of the world (the words of its page titles that
+    :func:`treegrpo.env.synth.is_name_word` accepts). :meth:`episode` maps each name word of one
+    episode, wherever it occurs (prompt, question, actions, observations), to a distinct word of
+    the pool drawn with ``rng``: the episode stays a correct one (same relations, same pages,
+    renamed), but no name predicts a fact any more, so the only way to the answer is to copy
+    names from the question and the retrieved pages.
+
+    A word-level vocabulary knows a word with a leading space (mid-sentence) and without one
+    (after a quote or a newline) only in the forms the world's texts show: a word is replaced
+    only by one that ``tokenizer`` can spell in every form the original can, so renaming never
+    makes an unknown token."""
+
+    def __init__(self, names: list[str], tokenizer: Any, rng: random.Random) -> None:
+        unk = getattr(tokenizer, "unk_token_id", None)
+
+        def forms(word: str) -> tuple[bool, bool]:  # (spellable bare, spellable after a space)
+            if unk is None:
+                return True, True
+            return tuple(  # type: ignore[return-value]
+                unk not in tokenizer.encode(t, add_special_tokens=False) for t in (word, " " + word)
+            )
+
+        self.forms = {w: forms(w) for w in sorted(set(names))}
+        self.candidates: dict[tuple[bool, bool], list[str]] = {
+            need: [w for w, f in self.forms.items() if f[0] >= need[0] and f[1] >= need[1]]
+            for need in set(self.forms.values())
+        }
+        self.rng = rng
+
+    @classmethod
+    def for_corpus(cls, corpus: Path, tokenizer: Any, rng: random.Random) -> Renamer:
+        """The renamer of a synthetic world's ``corpus.jsonl``."""
+        from treegrpo.env.synth import is_name_word
+
+        names: set[str] = set()
+        with corpus.open() as f:
+            for line in f:
+                title = str(json.loads(line).get("contents") or "").split("\n", 1)[0]
+                names.update(w for w in title.strip('"').split() if is_name_word(w))
+        if len(names) < 2:
+            raise ValueError(
+                f"{corpus} has no invented names to rename with: model.sft_rename needs the "
+                "synthetic world (leave data.train_files empty) or set it to false"
+            )
+        return cls(sorted(names), tokenizer, rng)
+
+    def episode(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``row`` (a gold-episode row) with its names replaced."""
+        texts = [str(row.get("question") or "")]
+        texts += [str(m.get("content") or "") for m in row.get("prompt") or []]
+        texts += [s["action"] + " " + s["observation"] for s in row["steps"]]
+        found = dict.fromkeys(w for t in texts for w in _CAPITALISED.findall(t))
+        mapping: dict[str, str] = {}
+        used: set[str] = set()
+        for word in found:
+            if word not in self.forms:
+                continue
+            options = self.candidates[self.forms[word]]
+            for _ in range(100):  # the pools hold hundreds of words, an episode a dozen
+                new = options[self.rng.randrange(len(options))]
+                if new not in used:
+                    break
+            else:
+                raise ValueError(f"too few names to rename {word!r} with (model.sft_rename)")
+            mapping[word] = new
+            used.add(new)
+
+        def sub(text: str) -> str:
+            return _CAPITALISED.sub(lambda m: mapping.get(m.group(0), m.group(0)), text)
+
+        return {
+            **row,
+            "question": sub(str(row.get("question") or "")),
+            "prompt": [
+                {**m, "content": sub(str(m.get("content") or ""))} for m in row.get("prompt") or []
+            ],
+            "steps": [
+                {**s, "action": sub(s["action"]), "observation": sub(s["observation"])}
+                for s in row["steps"]
+            ],
+        }
 
 
 def corpus_pages(path: Path, tokenizer: Any) -> list[tuple[list[int], list[bool]]]:
@@ -104,6 +201,8 @@ def _key(
         settings += [prompt, cfg.sft_episodes]
     if cfg.sft_corpus_docs:
         settings.append(cfg.sft_corpus_docs)
+    if cfg.sft_rename:
+        settings.append("rename")
     if seed:  # seed 0 keeps the keys of warm starts made before the seed was part of them
         settings.append(["seed", seed])
     h.update(json.dumps(settings).encode())
@@ -186,11 +285,14 @@ def warm_start(
         return out
     torch.manual_seed(seed)
     model, tokenizer = load_policy(base, device=device, dtype=torch.float32)
-    data = episodes(sft_file, tokenizer, max_hops=max_hops, prompt=prompt, limit=cfg.sft_episodes)
-    if not data:
+    rows = gold_rows(sft_file, max_hops=max_hops, limit=cfg.sft_episodes)
+    if not rows:
         raise ValueError(f"{sft_file} holds no gold episode with at most {max_hops} hops")
-    pages = corpus_pages(sft_file.parent / "corpus.jsonl", tokenizer) if cfg.sft_corpus_docs else []
     rng = random.Random(seed)
+    corpus = sft_file.parent / "corpus.jsonl"
+    renamer = Renamer.for_corpus(corpus, tokenizer, rng) if cfg.sft_rename else None
+    data = [] if renamer else episode_ids(rows, tokenizer, prompt)
+    pages = corpus_pages(corpus, tokenizer) if cfg.sft_corpus_docs else []
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -198,7 +300,11 @@ def warm_start(
     started = time.perf_counter()
     total = float("nan")
     for _ in bar:
-        batch = rng.sample(data, min(cfg.sft_batch_size, len(data)))
+        if renamer is None:
+            batch = rng.sample(data, min(cfg.sft_batch_size, len(data)))
+        else:  # fresh names each time an episode is drawn
+            drawn = rng.sample(rows, min(cfg.sft_batch_size, len(rows)))
+            batch = episode_ids([renamer.episode(r) for r in drawn], tokenizer, prompt)
         batch += rng.sample(pages, min(cfg.sft_corpus_docs, len(pages)))
         n_tokens = sum(sum(m) for _, m in batch)
         optimizer.zero_grad(set_to_none=True)
@@ -224,7 +330,8 @@ def warm_start(
                     "lr": cfg.sft_lr,
                     "max_hops": max_hops,
                     "prompt": prompt,
-                    "episodes_used": len(data),
+                    "episodes_used": len(rows),
+                    "rename": cfg.sft_rename,
                     "corpus_docs_per_step": cfg.sft_corpus_docs,
                     "final_loss": total,
                     "seconds": time.perf_counter() - started,

@@ -64,6 +64,7 @@ __all__ = [
     "build_world",
     "gold_queries",
     "gold_steps",
+    "is_name_word",
     "synthesize",
 ]
 
@@ -335,6 +336,12 @@ def _template_words() -> set[str]:
 
 
 _BLOCKED = set(_COMMON) | _template_words()
+
+
+def is_name_word(word: str) -> bool:
+    """Whether ``word`` (one word of an entity's name, as it appears in a page title) is an
+    invented name word rather than a template word ("The", "Press", "Songs", "of"...)."""
+    return word[:1].isupper() and word.isalpha() and word.lower() not in _BLOCKED
 
 
 class _Names:
