@@ -1,7 +1,11 @@
 //! Learner batches from a forest's kept trajectories, in two layouts built in one pass.
 //!
 //! * flat: one row per kept leaf, shared prefixes repeated (what the reference trains on);
-//! * packed: every distinct node's tokens once, depth-first, with a tree attention structure.
+//! * packed: every distinct node's tokens once, depth-first, with a tree attention structure;
+//!
+//! and the [`Layout`] the learner plans its micro-batches with (each token's predecessor, the
+//! trajectories through it, tree and row spans), read off the same segment walk, so that the
+//! Python side never walks the tree.
 //!
 //! The packed loss equals the flat loss exactly. A token u shared by the kept leaves S(u) has the
 //! same context, hence the same probability ratio r, in every trajectory through it. The flat loss

@@ -1,8 +1,8 @@
-"""The policy update: the reference's PPO loss over a batch of trajectories, flat or tree-packed.
+""":class:`Learner`: the policy update over a batch of trajectories, flat or tree-packed.
 
-One file, one job: the loss knows no tree and no server. It reads a :class:`treegrpo.Pack`
-(or packs a :class:`treegrpo.Forest`); the tree only survives as an attention mask and as
-per-token weights that Rust computed (``rust/pack.rs``).
+It reads a :class:`treegrpo.Pack` (or packs a :class:`treegrpo.Forest`) and knows no tree: the
+tree only survives as an attention mask, per-token weights and the layout that Rust computed
+(``rust/pack.rs``; ``Pack.layout``).
 
 What one :meth:`Learner.step` does (docs/algorithm.md, section 4):
 
