@@ -140,6 +140,27 @@ def test_tree_mask_is_the_union_of_causal_masks() -> None:
         tree_attention_mask(seg, end, attn_implementation="flash_attention_2")
 
 
+def test_flex_block_mask_follows_the_same_rule() -> None:
+    """The flex_attention BlockMask (built on CPU here; run on CUDA only) uses the one rule:
+    its mask_mod over every (q, kv) is the union of causal masks, and its blocks cover it."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    pack = tree_forest().pack()
+    packed, u = pack.packed, pack.unique_tokens
+    seg = torch.from_numpy(packed["segment_ids"])
+    end = torch.from_numpy(packed["subtree_end"])
+    block = tree_attention_mask(seg, end, attn_implementation="flex_attention")
+    expect = np.array(causal_union(pack), dtype=bool)
+    cells = create_mask(block.mask_mod, 1, None, u, u, device="cpu")
+    assert (cells[0, 0].numpy() == expect).all()
+    size = block.BLOCK_SIZE[0]
+    blocks = block.to_dense()[0, 0].numpy().astype(bool)  # (q blocks, kv blocks)
+    for q in range(u):
+        for kv in range(u):
+            if expect[q, kv]:
+                assert blocks[q // size, kv // size], (q, kv)
+
+
 def test_packed_forward_gives_the_flat_log_probs() -> None:
     model, forest = tiny_model(), tree_forest()
     pack = forest.pack()
