@@ -285,7 +285,7 @@ def memory_worker(spec: dict) -> dict:
 def logprob_worker(spec: dict) -> dict:
     """lm_head + log-softmax + entropy, forward and backward, one way; peak RSS above start."""
     import torch
-    from treegrpo.learner import _chunk_log_probs, token_log_probs
+    from treegrpo.learner.logprobs import _chunk_log_probs, token_log_probs
 
     torch.manual_seed(0)
     head = torch.nn.Linear(576, VOCAB, bias=False)

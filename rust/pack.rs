@@ -1,7 +1,11 @@
 //! Learner batches from a forest's kept trajectories, in two layouts built in one pass.
 //!
 //! * flat: one row per kept leaf, shared prefixes repeated (what the reference trains on);
-//! * packed: every distinct node's tokens once, depth-first, with a tree attention structure.
+//! * packed: every distinct node's tokens once, depth-first, with a tree attention structure;
+//!
+//! and the [`Layout`] the learner plans its micro-batches with (each token's predecessor, the
+//! trajectories through it, tree and row spans), read off the same segment walk, so that the
+//! Python side never walks the tree.
 //!
 //! The packed loss equals the flat loss exactly. A token u shared by the kept leaves S(u) has the
 //! same context, hence the same probability ratio r, in every trajectory through it. The flat loss
@@ -106,6 +110,7 @@ pub struct Pack {
     pub leaf_advantage: Vec<f64>,
     pub flat: FlatBatch,
     pub packed: PackedBatch,
+    pub layout: Layout,
     /// Tokens over all trajectories (shared prefixes counted once per trajectory).
     pub total_tokens: usize,
     /// Tokens of the packed layout.
@@ -117,156 +122,29 @@ impl Pack {
     pub fn sharing_ratio(&self) -> f64 {
         self.total_tokens as f64 / self.unique_tokens.max(1) as f64
     }
-
-    /// The dense (U, U) boolean mask of the packed layout; see [`dense_mask`].
-    pub fn dense_mask(&self) -> Vec<bool> {
-        dense_mask(&self.packed.segment_ids, &self.packed.subtree_end)
-    }
-
-    /// The flex_attention block form of the packed layout; see [`block_mask`].
-    pub fn block_mask(&self, block: usize) -> Result<BlockMask> {
-        let p = &self.packed;
-        block_mask(&TreeMask::of(p), block)
-    }
 }
 
-/// The tree attention structure of a packed layout, borrowed (from Rust or NumPy arrays).
-pub struct TreeMask<'a> {
-    pub segment_ids: &'a [i32],
-    pub subtree_end: &'a [i32],
-    pub segment_start: &'a [i64],
-    pub segment_len: &'a [i64],
-    pub segment_parent: &'a [i32],
-}
-
-impl<'a> TreeMask<'a> {
-    pub fn of(p: &'a PackedBatch) -> Self {
-        Self {
-            segment_ids: &p.segment_ids,
-            subtree_end: &p.subtree_end,
-            segment_start: &p.segment_start,
-            segment_len: &p.segment_len,
-            segment_parent: &p.segment_parent,
-        }
-    }
-
-    /// Maximal runs of one segment's tokens in [lo, hi): (segment, first, one past last).
-    fn runs(&self, lo: usize, hi: usize) -> Vec<(i32, usize, usize)> {
-        let mut runs: Vec<(i32, usize, usize)> = Vec::new();
-        for t in lo..hi {
-            match runs.last_mut() {
-                Some(run) if run.0 == self.segment_ids[t] => run.2 = t + 1,
-                _ => runs.push((self.segment_ids[t], t, t + 1)),
-            }
-        }
-        runs
-    }
-}
-
-/// The dense (U, U) boolean mask, row = query, true = may attend (for small U).
-pub fn dense_mask(segment_ids: &[i32], subtree_end: &[i32]) -> Vec<bool> {
-    let u = segment_ids.len();
-    let mut mask = vec![false; u * u];
-    for q in 0..u {
-        let row = &mut mask[q * u..(q + 1) * u];
-        for (kv, slot) in row.iter_mut().enumerate().take(q + 1) {
-            *slot = subtree_end[kv] > segment_ids[q];
-        }
-    }
-    mask
-}
-
-/// Block-sparse form for flex_attention (`BlockMask.from_kv_blocks`): for each query block of
-/// `block` tokens, the kv blocks that are partly allowed and those fully allowed.
-pub fn block_mask(m: &TreeMask<'_>, block: usize) -> Result<BlockMask> {
-    if block == 0 {
-        return Err(TreeError::InvalidArgument(
-            "block_size must be >= 1 (flex_attention uses 128)".into(),
-        ));
-    }
-    let u = m.segment_ids.len();
-    let nb = u.div_ceil(block);
-    let mut partial: Vec<Vec<i32>> = vec![Vec::new(); nb];
-    let mut full: Vec<Vec<i32>> = vec![Vec::new(); nb];
-    for qb in 0..nb {
-        let (q0, q1) = (qb * block, ((qb + 1) * block).min(u));
-        // kv tokens any query of the block may see: its segments' ancestor chains
-        let mut segs: Vec<i32> = Vec::new();
-        for q in q0..q1 {
-            let s = m.segment_ids[q];
-            if segs.last() != Some(&s) {
-                let mut cur = s;
-                while cur >= 0 && !segs.contains(&cur) {
-                    segs.push(cur);
-                    cur = m.segment_parent[cur as usize];
-                }
-            }
-        }
-        let mut kv_blocks: Vec<usize> = Vec::new();
-        for &s in &segs {
-            let (start, len) = (
-                m.segment_start[s as usize] as usize,
-                m.segment_len[s as usize] as usize,
-            );
-            if len > 0 && start < q1 {
-                kv_blocks.extend(start / block..=(start + len - 1).min(q1 - 1) / block);
-            }
-        }
-        kv_blocks.sort_unstable();
-        kv_blocks.dedup();
-        let q_runs = m.runs(q0, q1);
-        for kb in kv_blocks {
-            let k_runs = m.runs(kb * block, ((kb + 1) * block).min(u));
-            // (kv run, q run) pairs: allowed iff the kv segment is an ancestor-or-self of the
-            // q segment and kv <= q; runs are contiguous, so compare their ends.
-            let (mut any, mut all) = (false, true);
-            for &(sk, k_lo, k_hi) in &k_runs {
-                let end = m.subtree_end[k_lo];
-                for &(sq, q_lo, q_hi) in &q_runs {
-                    let related = sk <= sq && sq < end;
-                    any |= related && k_lo < q_hi;
-                    all &= related && k_hi - 1 <= q_lo;
-                }
-            }
-            if all {
-                full[qb].push(kb as i32);
-            } else if any {
-                partial[qb].push(kb as i32);
-            }
-        }
-    }
-    Ok(BlockMask::from_rows(nb, partial, full))
-}
-
-/// flex_attention's block-sparse description of one (single-batch, single-head) mask.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct BlockMask {
-    pub q_blocks: usize,
-    pub kv_num_blocks: Vec<i32>,
-    pub kv_indices: Vec<i32>,
-    pub full_kv_num_blocks: Vec<i32>,
-    pub full_kv_indices: Vec<i32>,
-}
-
-impl BlockMask {
-    fn from_rows(nb: usize, partial: Vec<Vec<i32>>, full: Vec<Vec<i32>>) -> Self {
-        let pad = |rows: &[Vec<i32>]| -> (Vec<i32>, Vec<i32>) {
-            let mut idx = vec![0; nb * nb];
-            for (r, row) in rows.iter().enumerate() {
-                idx[r * nb..r * nb + row.len()].copy_from_slice(row);
-            }
-            (rows.iter().map(|r| r.len() as i32).collect(), idx)
-        };
-        let (kv_num_blocks, kv_indices) = pad(&partial);
-        let (full_kv_num_blocks, full_kv_indices) = pad(&full);
-        Self {
-            q_blocks: nb,
-            kv_num_blocks,
-            kv_indices,
-            full_kv_num_blocks,
-            full_kv_indices,
-        }
-    }
+/// What the learner plans micro-batches with, read off the segments so that the learner knows
+/// no tree: per packed token, per tree (packed order) and per row (trajectory).
+#[derive(Clone, Debug, Default)]
+pub struct Layout {
+    /// Per token: the packed position of the token before it in its trajectories (the same in
+    /// every trajectory through it), whose hidden state predicts it; -1 at a trajectory's start.
+    pub pred: Vec<i64>,
+    /// Per token: the packed trajectories through it: all, those with advantage > 0, < 0.
+    pub count: Vec<f32>,
+    pub count_pos: Vec<f32>,
+    pub count_neg: Vec<f32>,
+    /// Per tree, and one past the last: its first segment and its first token (trees are
+    /// contiguous in the packed layout).
+    pub tree_segments: Vec<i64>,
+    pub tree_tokens: Vec<i64>,
+    /// Per tree: its group's key (the caller's prompt id).
+    pub tree_group: Vec<i64>,
+    /// Per row: its tree, its tokens, its loss (policy) tokens.
+    pub row_tree: Vec<i64>,
+    pub row_tokens: Vec<i64>,
+    pub row_loss_tokens: Vec<i64>,
 }
 
 /// The depth-first segment layout of a pack: per segment (one distinct node).
@@ -280,6 +158,13 @@ struct Segments {
     offset: Vec<i32>,
     /// One past the last segment of the node's subtree.
     end: Vec<i32>,
+}
+
+/// Per packed trajectory (row order): its leaf, its tokens, its loss tokens.
+struct Rows<'a> {
+    leaves: &'a [u32],
+    tokens: &'a [usize],
+    loss_tokens: &'a [usize],
 }
 
 impl Forest {
@@ -324,6 +209,61 @@ impl Forest {
         p.segment_len = seg.len.clone();
         p.segment_parent = seg.parent.clone();
         p
+    }
+
+    /// The learner's [`Layout`]: predecessors and trajectory counts per token, tree spans, rows.
+    fn layout(
+        &self,
+        seg: &Segments,
+        unique: usize,
+        node_segment: &[i32],
+        counts: &[Vec<f32>; 3],
+        rows: &Rows<'_>,
+    ) -> Layout {
+        let mut lay = Layout {
+            pred: huge_vec(unique),
+            count: huge_vec(unique),
+            count_pos: huge_vec(unique),
+            count_neg: huge_vec(unique),
+            ..Layout::default()
+        };
+        // Per segment: the last token of its trajectories so far (itself or, if it is empty,
+        // its nearest non-empty ancestor), -1 if none; parents come before children.
+        let mut last = vec![-1i64; seg.node.len()];
+        let mut seg_tree = vec![0i64; seg.node.len()];
+        for (s, &id) in seg.node.iter().enumerate() {
+            let (start, len, parent) = (seg.start[s], seg.len[s], seg.parent[s]);
+            let before = if parent < 0 { -1 } else { last[parent as usize] };
+            last[s] = if len > 0 { start + len - 1 } else { before };
+            if parent < 0 {
+                let tree = &self.trees[self.tree_of[id as usize] as usize];
+                lay.tree_segments.push(s as i64);
+                lay.tree_tokens.push(start);
+                lay.tree_group.push(self.groups[tree.group as usize].key);
+            }
+            seg_tree[s] = lay.tree_segments.len() as i64 - 1;
+            if len > 0 {
+                lay.pred.push(before);
+                lay.pred.extend(start..start + len - 1);
+            }
+            let len = len as usize;
+            for (column, per_node) in [&mut lay.count, &mut lay.count_pos, &mut lay.count_neg]
+                .into_iter()
+                .zip(counts)
+            {
+                column.resize(column.len() + len, per_node[id as usize]);
+            }
+        }
+        lay.tree_segments.push(seg.node.len() as i64);
+        lay.tree_tokens.push(unique as i64);
+        lay.row_tree = rows
+            .leaves
+            .iter()
+            .map(|&leaf| seg_tree[node_segment[leaf as usize] as usize])
+            .collect();
+        lay.row_tokens = rows.tokens.iter().map(|&n| n as i64).collect();
+        lay.row_loss_tokens = rows.loss_tokens.iter().map(|&n| n as i64).collect();
+        lay
     }
 
     /// The flat layout: one right-padded row per trajectory, and each position's packed index.
@@ -424,12 +364,23 @@ impl Forest {
         let mut pos = vec![0.0f64; n_nodes];
         let mut neg = vec![0.0f64; n_nodes];
         let mut weight = vec![0.0f64; n_nodes];
+        // Per node: the trajectories through it (all, A > 0, A < 0; signs as the learner's
+        // float32 advantages), for the learner's token-mean metrics.
+        let mut counts = [
+            vec![0.0f32; n_nodes],
+            vec![0.0f32; n_nodes],
+            vec![0.0f32; n_nodes],
+        ];
         for (i, path) in paths.iter().enumerate() {
             let w = agg.weight(loss_tokens[i], batch, total_loss);
             let a = leaf_advantage[i];
+            let sign = a as f32;
             for &id in path {
                 let id = id as usize;
                 weight[id] += w;
+                counts[0][id] += 1.0;
+                counts[1][id] += f32::from(u8::from(sign > 0.0));
+                counts[2][id] += f32::from(u8::from(sign < 0.0));
                 if a >= 0.0 {
                     pos[id] += w * a;
                 } else {
@@ -508,8 +459,16 @@ impl Forest {
             )));
         }
         // The two layouts are independent given the segments: build them on two threads.
-        let (packed, flat) = std::thread::scope(|scope| {
+        let (packed, flat, layout) = std::thread::scope(|scope| {
             let packed = scope.spawn(|| self.packed_tokens(&seg, unique, [&weight, &pos, &neg]));
+            let layout = scope.spawn(|| {
+                let rows = Rows {
+                    leaves: &leaves,
+                    tokens: &lengths,
+                    loss_tokens: &loss_tokens,
+                };
+                self.layout(&seg, unique, &node_segment, &counts, &rows)
+            });
             let flat = self.flat_rows(
                 &paths,
                 &lengths,
@@ -519,7 +478,8 @@ impl Forest {
                 &seg,
                 pad_id,
             );
-            (packed.join().expect("packing thread panicked"), flat)
+            let packed = packed.join().expect("packing thread panicked");
+            (packed, flat, layout.join().expect("layout thread panicked"))
         });
 
         Ok(Pack {
@@ -529,6 +489,7 @@ impl Forest {
             leaf_advantage,
             flat,
             packed,
+            layout,
             agg,
         })
     }
@@ -579,10 +540,10 @@ mod tests {
     }
 
     #[test]
-    fn dense_mask_is_the_union_of_causal_masks() {
+    fn the_mask_rule_is_the_union_of_causal_masks() {
         let f = forest();
         let p = f.pack(None, AggMode::TokenMean, 0).unwrap();
-        let u = p.unique_tokens;
+        let (u, seg, end) = (p.unique_tokens, &p.packed.segment_ids, &p.packed.subtree_end);
         let mut expect = vec![false; u * u];
         for i in 0..p.leaves.len() {
             let row = &p.flat.packed_index[i * p.flat.cols..(i + 1) * p.flat.cols];
@@ -593,30 +554,51 @@ mod tests {
                 }
             }
         }
-        assert_eq!(p.dense_mask(), expect);
-        for block in [1, 2, 3, 5, 64] {
-            let bm = p.block_mask(block).unwrap();
-            let nb = bm.q_blocks;
-            for qb in 0..nb {
-                for kb in 0..nb {
-                    let cells: Vec<bool> = (qb * block..((qb + 1) * block).min(u))
-                        .flat_map(|q| (kb * block..((kb + 1) * block).min(u)).map(move |kv| (q, kv)))
-                        .map(|(q, kv)| expect[q * u + kv])
-                        .collect();
-                    let row = |n: &[i32], idx: &[i32]| {
-                        idx[qb * nb..qb * nb + n[qb] as usize].contains(&(kb as i32))
-                    };
-                    let is_full = row(&bm.full_kv_num_blocks, &bm.full_kv_indices);
-                    let is_partial = row(&bm.kv_num_blocks, &bm.kv_indices);
-                    assert_eq!(is_full, cells.iter().all(|&c| c), "block {block} q{qb} kv{kb}");
-                    assert_eq!(
-                        is_partial,
-                        cells.iter().any(|&c| c) && !is_full,
-                        "block {block} q{qb} kv{kb}"
-                    );
-                }
+        for q in 0..u {
+            for kv in 0..u {
+                let rule = kv <= q && end[kv] > seg[q];
+                assert_eq!(rule, expect[q * u + kv], "q {q} kv {kv}");
             }
         }
+    }
+
+    #[test]
+    fn layout_is_read_off_the_trajectories() {
+        let f = forest();
+        let p = f.pack(None, AggMode::TokenMean, 0).unwrap();
+        let (u, lay, cols) = (p.unique_tokens, &p.layout, p.flat.cols);
+        let mut pred = vec![-1i64; u];
+        let mut count = [vec![0.0f32; u], vec![0.0f32; u], vec![0.0f32; u]];
+        for i in 0..p.leaves.len() {
+            let row = &p.flat.packed_index[i * cols..(i + 1) * cols];
+            let idx: Vec<i64> = row.iter().filter(|&&x| x >= 0).map(|&x| x as i64).collect();
+            for t in 1..idx.len() {
+                pred[idx[t] as usize] = idx[t - 1];
+            }
+            let a = p.leaf_advantage[i];
+            for &x in &idx {
+                count[0][x as usize] += 1.0;
+                count[1][x as usize] += if a > 0.0 { 1.0 } else { 0.0 };
+                count[2][x as usize] += if a < 0.0 { 1.0 } else { 0.0 };
+            }
+            assert_eq!(lay.row_tokens[i] as usize, idx.len());
+            let loss = p.flat.loss_mask[i * cols..(i + 1) * cols]
+                .iter()
+                .filter(|&&m| m)
+                .count();
+            assert_eq!(lay.row_loss_tokens[i] as usize, loss);
+            let tree = lay.row_tree[i] as usize;
+            let (lo, hi) = (lay.tree_tokens[tree], lay.tree_tokens[tree + 1]);
+            assert!(idx.iter().all(|&x| lo <= x && x < hi), "row {i} lies in its tree");
+        }
+        assert_eq!(lay.pred, pred);
+        assert_eq!(
+            [&lay.count, &lay.count_pos, &lay.count_neg],
+            [&count[0], &count[1], &count[2]]
+        );
+        assert_eq!(lay.tree_segments, vec![0, 5, 7]);
+        assert_eq!(lay.tree_tokens, vec![0, 12, u as i64]);
+        assert_eq!(lay.tree_group, vec![0, 1]);
     }
 
     #[test]

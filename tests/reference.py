@@ -93,3 +93,16 @@ def trajectory(nodes: list[RefNode], leaf: int) -> tuple[list[int], list[bool]]:
         tokens += nodes[i].action + nodes[i].context
         mask += [True] * len(nodes[i].action) + [False] * len(nodes[i].context)
     return tokens, mask
+
+
+def causal_union(pack) -> list[list[bool]]:
+    """The (U, U) tree attention mask (row = query) as the union of every trajectory's causal
+    mask over its packed positions: the slow reference of the packed layout's rule."""
+    u = pack.unique_tokens
+    mask = [[False] * u for _ in range(u)]
+    for row in pack.flat["packed_index"].tolist():
+        idx = [x for x in row if x >= 0]
+        for a, q in enumerate(idx):
+            for kv in idx[: a + 1]:
+                mask[q][kv] = True
+    return mask

@@ -18,7 +18,14 @@ import typing
 from pathlib import Path
 
 import pytest
-from treegrpo.config import ConfigError, TrainConfig, load_config
+from treegrpo.config import (
+    ConfigError,
+    DataConfig,
+    LearnerConfig,
+    RolloutConfig,
+    TrainConfig,
+    load_config,
+)
 
 PACKAGE = Path(__file__).resolve().parents[1] / "python" / "treegrpo"
 
@@ -322,3 +329,70 @@ def test_an_explicit_ppo_mini_batch_size_is_accepted() -> None:
     assert cfg.learner.updates_per_epoch(cfg.data.train_batch_size) == 4
     cfg = load_config(None, ["learner.ppo_mini_batch_size=null"])
     assert cfg.learner.ppo_mini_batch_size is None
+
+
+def test_config_imports_no_torch() -> None:
+    """Loading a config (what `treegrpo train --help`, validation and the CLI do first) must
+    not pull in torch: every section's dataclass lives in treegrpo.config."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, treegrpo.config as c; c.load_config(None, ['tree.m=3']); "
+        "assert 'torch' not in sys.modules, 'treegrpo.config imported torch'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_core_option_values_come_from_the_core() -> None:
+    """The values the config accepts for an option the Rust core parses are the core's own:
+    each one is accepted by the core, and the core's error lists the same ones."""
+    import treegrpo
+    from treegrpo._core import OPTIONS
+    from treegrpo.config import AlgorithmConfig
+
+    hints = typing.get_type_hints(LearnerConfig)
+    aggs = typing.get_args(hints["loss_agg_mode"])
+    estimators = typing.get_args(typing.get_type_hints(AlgorithmConfig)["adv_estimator"])
+    assert aggs == tuple(OPTIONS["loss_agg_mode"]) and len(aggs) == 3
+    assert estimators == tuple(OPTIONS["adv_estimator"]) and "grpo" in estimators
+    forest = treegrpo.Forest()
+    leaf = forest.add_step(forest.add_root(0, [1]), [2], leaf=True)
+    forest.set_reward(leaf, 1.0)
+    for estimator in estimators:
+        forest.advantages(estimator)
+        AlgorithmConfig(adv_estimator=estimator)
+    for mode in aggs:
+        assert forest.pack(loss_agg_mode=mode).loss_agg_mode == mode
+        LearnerConfig(loss_agg_mode=mode, warmup_steps=0)
+    with pytest.raises(treegrpo.InvalidOptionError) as core:
+        forest.pack(loss_agg_mode="sum")
+    assert all(repr(mode) in str(core.value) for mode in aggs)
+    with pytest.raises(ConfigError, match="seq-mean-token-sum"):
+        LearnerConfig(loss_agg_mode="sum", warmup_steps=0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("section", "kwargs", "match"),
+    [
+        (RolloutConfig, {"m": 0}, r"RolloutConfig: m \(trees per prompt\)"),
+        (LearnerConfig, {"lr": 0}, "LearnerConfig.lr must be a finite number > 0"),
+        (
+            LearnerConfig,
+            {"kl_type": "k9", "warmup_steps": 0},
+            "LearnerConfig.kl_type must be one of",
+        ),
+        (DataConfig, {"val_size": -1}, "data.val_size must be >= 0"),
+        (TrainConfig, {"preset": "nope"}, "unknown preset"),
+    ],
+)
+def test_every_section_raises_one_error_class(section: type, kwargs: dict, match: str) -> None:
+    """ConfigError everywhere, still the ValueError / InvalidArgumentError / InvalidOptionError
+    callers caught before the sections moved into treegrpo.config."""
+    import treegrpo
+
+    with pytest.raises(ConfigError, match=match) as error:
+        section(**kwargs)
+    assert isinstance(error.value, ValueError | treegrpo.InvalidArgumentError)
+    assert isinstance(error.value, treegrpo.InvalidOptionError)

@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 import treegrpo
+from reference import causal_union
 from treegrpo import Forest
 
 torch = pytest.importorskip("torch")
@@ -124,18 +125,40 @@ def test_packed_loss_and_gradients_equal_flat(mode: str, attn: str) -> None:
         assert met_p[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
-def test_tree_mask_is_the_packs_dense_mask() -> None:
+def test_tree_mask_is_the_union_of_causal_masks() -> None:
     pack = tree_forest().pack()
     packed = pack.packed
     seg = torch.from_numpy(packed["segment_ids"])
     end = torch.from_numpy(packed["subtree_end"])
     mask = tree_attention_mask(seg, end, attn_implementation="sdpa")
     assert mask.shape == (1, 1, pack.unique_tokens, pack.unique_tokens)
-    assert (mask[0, 0].numpy() == pack.dense_mask()).all()
+    expect = np.array(causal_union(pack), dtype=bool)
+    assert (mask[0, 0].numpy() == expect).all()
     additive = tree_attention_mask(seg, end, attn_implementation="eager")
-    assert ((additive[0, 0] == 0).numpy() == pack.dense_mask()).all()
+    assert ((additive[0, 0] == 0).numpy() == expect).all()
     with pytest.raises(treegrpo.InvalidOptionError, match="flex_attention"):
         tree_attention_mask(seg, end, attn_implementation="flash_attention_2")
+
+
+def test_flex_block_mask_follows_the_same_rule() -> None:
+    """The flex_attention BlockMask (built on CPU here; run on CUDA only) uses the one rule:
+    its mask_mod over every (q, kv) is the union of causal masks, and its blocks cover it."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    pack = tree_forest().pack()
+    packed, u = pack.packed, pack.unique_tokens
+    seg = torch.from_numpy(packed["segment_ids"])
+    end = torch.from_numpy(packed["subtree_end"])
+    block = tree_attention_mask(seg, end, attn_implementation="flex_attention")
+    expect = np.array(causal_union(pack), dtype=bool)
+    cells = create_mask(block.mask_mod, 1, None, u, u, device="cpu")
+    assert (cells[0, 0].numpy() == expect).all()
+    size = block.BLOCK_SIZE[0]
+    blocks = block.to_dense()[0, 0].numpy().astype(bool)  # (q blocks, kv blocks)
+    for q in range(u):
+        for kv in range(u):
+            if expect[q, kv]:
+                assert blocks[q // size, kv // size], (q, kv)
 
 
 def test_packed_forward_gives_the_flat_log_probs() -> None:

@@ -7,7 +7,7 @@ import pytest
 import treegrpo
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import trajectory
+from reference import causal_union, trajectory
 from strategies import forests
 from treegrpo import Forest
 
@@ -100,29 +100,53 @@ def test_unpacking_gives_back_every_trajectory(built):
 
 
 @given(forests())
-def test_dense_mask_is_the_union_of_per_trajectory_causal_masks(built):
+def test_the_mask_rule_is_the_union_of_per_trajectory_causal_masks(built):
     forest, _ = built
     forest.advantages()
     pack = forest.pack()
     u = pack.unique_tokens
-    expect = np.zeros((u, u), dtype=bool)
-    for idx in pack.flat["packed_index"]:
-        idx = idx[idx >= 0]
-        expect[np.ix_(idx, idx)] |= np.tril(np.ones((len(idx), len(idx)), dtype=bool))
-    assert (pack.dense_mask() == expect).all()
     seg, end = pack.packed["segment_ids"], pack.packed["subtree_end"]
     q, kv = np.indices((u, u))
-    assert ((kv <= q) & (end[kv] > seg[q]) == expect).all(), "the documented mask_mod rule"
-    for block in (1, 3, 4):
-        nb = -(-u // block)
-        kv_n, kv_idx, full_n, full_idx = pack.block_mask(block)
-        for qb in range(nb):
-            for kb in range(nb):
-                cells = expect[qb * block : (qb + 1) * block, kb * block : (kb + 1) * block]
-                full = kb in full_idx[0, 0, qb, : full_n[0, 0, qb]]
-                partial = kb in kv_idx[0, 0, qb, : kv_n[0, 0, qb]]
-                assert full == cells.all()
-                assert partial == (cells.any() and not cells.all())
+    assert ((kv <= q) & (end[kv] > seg[q]) == np.array(causal_union(pack), dtype=bool)).all(), (
+        "the mask_mod rule"
+    )
+
+
+@given(forests())
+def test_layout_is_read_off_the_trajectories(built):
+    """Pack.layout against a slow reference over the flat rows and the reference forest."""
+    forest, ref = built
+    forest.advantages()
+    pack = forest.pack()
+    flat, packed, lay = pack.flat, pack.packed, pack.layout
+    u = pack.unique_tokens
+    pred = np.full(u, -1, dtype=np.int64)
+    counts = np.zeros((3, u), dtype=np.float32)
+    for row, idx in enumerate(flat["packed_index"]):
+        idx = idx[idx >= 0]
+        pred[idx[1:]] = idx[:-1]
+        adv = np.float32(pack.leaf_advantages[row])
+        for k, through in enumerate((True, adv > 0, adv < 0)):
+            counts[k, idx] += through
+    assert lay["pred"].tolist() == pred.tolist()
+    assert lay["count"].tolist() == counts[0].tolist()
+    assert lay["count_pos"].tolist() == counts[1].tolist()
+    assert lay["count_neg"].tolist() == counts[2].tolist()
+    roots = [s for s, p in enumerate(packed["segment_parent"].tolist()) if p < 0]
+    assert lay["tree_segments"].tolist() == [*roots, len(packed["segment_parent"])]
+    starts = packed["segment_start"].tolist()
+    assert lay["tree_tokens"].tolist() == [*(starts[s] for s in roots), u]
+    root_nodes = [int(packed["segment_node"][s]) for s in roots]
+    assert lay["tree_group"].tolist() == [ref[n].group for n in root_nodes]
+    tree_of_root = {ref[n].tree: i for i, n in enumerate(root_nodes)}
+    assert lay["row_tree"].tolist() == [tree_of_root[ref[leaf].tree] for leaf in pack.leaves]
+    assert lay["row_tokens"].tolist() == flat["attention_mask"].sum(1).tolist()
+    assert lay["row_loss_tokens"].tolist() == flat["loss_mask"].sum(1).tolist()
+    assert {k: v.dtype.type for k, v in lay.items()} == {
+        **dict.fromkeys(("pred", "tree_segments", "tree_tokens", "tree_group"), np.int64),
+        **dict.fromkeys(("count", "count_pos", "count_neg"), np.float32),
+        **dict.fromkeys(("row_tree", "row_tokens", "row_loss_tokens"), np.int64),
+    }
 
 
 def test_sharing_ratio_on_a_hand_built_tree():
@@ -193,5 +217,3 @@ def test_pack_errors():
         f.pack(leaves=[0])
     with pytest.raises(treegrpo.UnknownNodeError):
         f.pack(leaves=[-3])
-    with pytest.raises(treegrpo.InvalidArgumentError, match="block_size"):
-        f.pack().block_mask(0)

@@ -6,10 +6,11 @@ from typing import Any, Literal, final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["BUILD_PROFILE", "Forest", "Pack", "RadixIndex", "Table", "__version__"]
+__all__ = ["BUILD_PROFILE", "OPTIONS", "Forest", "Pack", "RadixIndex", "Table", "__version__"]
 
 __version__: str
 BUILD_PROFILE: str
+OPTIONS: dict[str, list[str]]
 
 _Tokens = npt.ArrayLike | Iterable[int]
 _Estimator = Literal["tree", "tree_intra", "tree_inter", "grpo"]
@@ -96,6 +97,8 @@ class Pack:
     @property
     def packed(self) -> dict[str, npt.NDArray[Any]]: ...
     @property
+    def layout(self) -> dict[str, npt.NDArray[Any]]: ...
+    @property
     def leaves(self) -> list[int]: ...
     @property
     def leaf_advantages(self) -> list[float]: ...
@@ -108,12 +111,6 @@ class Pack:
     @property
     def loss_agg_mode(self) -> _LossAggMode: ...
     def __len__(self) -> int: ...
-    def dense_mask(self) -> npt.NDArray[np.bool_]: ...
-    def block_mask(
-        self, block_size: int = 128
-    ) -> tuple[
-        npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.int32]
-    ]: ...
 
 @final
 class RadixIndex:

@@ -20,14 +20,24 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import yaml
 
-from treegrpo.exceptions import InvalidArgumentError
-from treegrpo.learner import LearnerConfig
-from treegrpo.rollout import RolloutConfig
+from treegrpo._core import OPTIONS
+from treegrpo.exceptions import InvalidArgumentError, InvalidOptionError
 from treegrpo.scratch import ScratchConfig
+
+if TYPE_CHECKING:
+    from treegrpo._core import _Estimator as AdvEstimator
+    from treegrpo._core import _LossAggMode as LossAggMode
+else:  # the values the Rust core accepts, read from it (its VALID lists)
+    AdvEstimator = Literal[tuple(OPTIONS["adv_estimator"])]
+    LossAggMode = Literal[tuple(OPTIONS["loss_agg_mode"])]
+KLType = Literal["low_var_kl", "kl", "abs", "mse"]
+Autocast = Literal["bfloat16", "none"]
+Strategy = Literal["ddp", "fsdp2"]
+Selection = Literal["uniform", "surprisal"]
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -42,7 +52,9 @@ __all__ = [
     "DataConfig",
     "EngineConfig",
     "EnvConfig",
+    "LearnerConfig",
     "ModelConfig",
+    "RolloutConfig",
     "TrainConfig",
     "TrainerConfig",
     "add_config_arguments",
@@ -51,8 +63,9 @@ __all__ = [
 ]
 
 
-class ConfigError(InvalidArgumentError):
-    """A config file or override that names an unknown key or holds a bad value."""
+class ConfigError(InvalidArgumentError, InvalidOptionError):
+    """A config file, override or section dataclass that names an unknown key or holds a bad
+    value: the one error of this module (a ValueError, as every bad argument of treegrpo)."""
 
 
 # ---------------------------------------------------------------------- size limits
@@ -84,7 +97,7 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 
 def _at_most(key: str, value: int, limit: int, name: str) -> None:
     if value > limit:
-        raise ValueError(
+        raise ConfigError(
             f"{key} = {value:,} is above the maximum {limit:,} (treegrpo.config.{name}): a "
             "size past it would exhaust memory; lower it"
         )
@@ -352,12 +365,277 @@ class AlgorithmConfig:
     - ``norm_adv_by_std``: divide by the std (GRPO); False = Dr. GRPO's unscaled advantages.
     """
 
-    adv_estimator: Literal["tree", "tree_intra", "tree_inter", "grpo"] = "tree"
+    adv_estimator: AdvEstimator = "tree"
     norm_adv_by_std: bool = True
 
     def __post_init__(self) -> None:
-        valid = ("tree", "tree_intra", "tree_inter", "grpo")
-        _one_of("algorithm.adv_estimator", self.adv_estimator, valid)
+        _one_of("algorithm.adv_estimator", self.adv_estimator, get_args(AdvEstimator))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class LearnerConfig:
+    """How the policy is updated. Defaults are the reference's (Tree-GRPO QA runs, verl)."""
+
+    lr: float = 1e-6
+    """AdamW learning rate after warmup (per unit gradient; constant afterwards)."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay, applied to every parameter (as verl)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2)."""
+    warmup_ratio: float = 0.285
+    """Warmup length as a fraction of ``total_steps`` (0.285 Tree-GRPO QA, 0.5 chain baseline,
+    0 web-agent runs). Ignored when ``warmup_steps`` is set."""
+    warmup_steps: int | None = None
+    """Warmup length in learner steps (calls to :meth:`Learner.step`); None = from the ratio."""
+    total_steps: int | None = None
+    """Learner steps of the run; needed to turn ``warmup_ratio`` into steps."""
+    grad_clip: float | None = 1.0
+    """Max global L2 norm of the gradient; None = no clipping (the norm is still reported)."""
+    clip_ratio_low: float = 0.2
+    """PPO clip below: the ratio is clipped at 1 - clip_ratio_low."""
+    clip_ratio_high: float = 0.2
+    """PPO clip above: the ratio is clipped at 1 + clip_ratio_high (DAPO raises it to 0.28)."""
+    clip_ratio_c: float = 3.0
+    """Dual clip: for negative advantages the loss is capped at |A| * clip_ratio_c (> 1)."""
+    loss_agg_mode: LossAggMode = "token-mean"
+    """How per-token losses are reduced over a mini-batch (verl's names): "token-mean" (every
+    policy token weighs the same; the reference), "seq-mean-token-mean" (every trajectory weighs
+    the same; GRPO paper), "seq-mean-token-sum" (sum over a trajectory's tokens; Dr. GRPO)."""
+    kl_coef: float = 0.001
+    """Weight of the KL loss to the frozen reference policy; 0 = no reference model at all."""
+    kl_type: KLType = "low_var_kl"
+    """KL estimator per token (verl's names): "low_var_kl" (k3, clamped to [-10, 10]; the
+    reference), "kl" (k1), "abs", "mse" (k2)."""
+    entropy_coeff: float = 0.001
+    """Weight of the entropy bonus (subtracted from the loss)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollout: log-probs are log_softmax(logits / temperature)."""
+    ppo_epochs: int = 1
+    """Passes over the step's batch."""
+    ppo_mini_batch_size: int | Literal["auto"] | None = "auto"
+    """Prompts per optimizer update (verl's ``ppo_mini_batch_size``, counted over the step's
+    whole batch, every data-parallel rank together): each epoch makes prompts / this updates,
+    on mini-batches of whole prompts (all their trees; the loss is normalised over each). It
+    must divide the step's prompts, and each rank's share into equal parts. None = all of them
+    in one update. ``"auto"`` = the reference's ratio: 8 updates a step (its 512 prompts in
+    mini-batches of 64) when each rank's prompts divide by 8, else the most updates up to 8
+    that split them evenly (one process: 2 prompts give 2 updates of 1, 12 give 6 of 2).
+    The old log-probs of every mini-batch are computed before the step's first update."""
+    micro_batch_tokens: int | None = 2048
+    """Padded tokens per forward pass (gradient accumulation); None = a mini-batch at once.
+    Activation memory grows with it: ~1.6 GB per 1,000 tokens for SmolLM2-135M in float32
+    (30 layers), so 2,048 keeps one update of that model under 8 GB on CPU; raise it on a GPU.
+    Micro-batches hold whole trees in packed mode, so one tree larger than this is one pass."""
+    packed: bool = True
+    """Tree packing: each shared prefix runs once, under a tree attention mask. False = one
+    padded row per trajectory (what the reference does). Both give the same loss and gradient."""
+    logprob_chunk_tokens: int = 1024
+    """Tokens per lm_head + log-softmax chunk (memory ~ 3 x this x vocab x 4 bytes)."""
+    autocast: Autocast = "bfloat16"
+    """Autocast dtype of the forward passes on CUDA; CPU always runs in the model's dtype.
+    Log-softmax is always float32."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in backward (less activation memory, ~30% more time)."""
+    max_nonfinite_updates: int = 5
+    """Raise :class:`NonFiniteLossError` after this many skipped updates in a row."""
+    reuse_on_policy_log_probs: bool = True
+    """When a step makes one update (``ppo_epochs == 1``, one mini-batch) the weights being
+    updated are those that computed the old log-probs, so :meth:`Learner.step` skips that
+    forward pass and uses the update's own log-probs, detached (ratio 1, the same loss and
+    gradient). False always runs it."""
+    strategy: Strategy = "ddp"
+    """Data parallelism under torchrun (ignored in one process): "ddp" (every rank holds the
+    whole model and optimizer state; gradients are summed over ranks) or "fsdp2" (torch's
+    ``fully_shard``: each rank holds 1/K of the parameters, gradients and AdamW state, every
+    decoder layer one unit gathered for its forward and backward). Both make the same update."""
+
+    def __post_init__(self) -> None:
+        def check(name: str, ok: bool, valid: str) -> None:
+            _need(ok, f"LearnerConfig.{name} must be {valid}, got {getattr(self, name)!r}")
+
+        def number(value: object) -> bool:
+            return isinstance(value, (int, float)) and math.isfinite(value)
+
+        for name in ("lr", "temperature"):
+            value = getattr(self, name)
+            check(name, number(value) and value > 0, "a finite number > 0")
+        for name in ("weight_decay", "kl_coef", "entropy_coeff"):
+            value = getattr(self, name)
+            check(name, number(value) and value >= 0, "a finite number >= 0")
+        betas_ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
+        check("betas", betas_ok, "two numbers in [0, 1), e.g. (0.9, 0.999)")
+        check("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)")
+        for name in ("warmup_steps", "total_steps"):
+            value = getattr(self, name)
+            ok = value is None or (isinstance(value, int) and value >= 0)
+            check(name, ok, "None or an int >= 0")
+        _need(
+            self.warmup_steps is not None or self.warmup_ratio == 0 or self.total_steps is not None,
+            f"LearnerConfig.total_steps is needed to turn warmup_ratio={self.warmup_ratio} "
+            "into steps: set total_steps (learner steps in the run), or warmup_steps, or "
+            "warmup_ratio=0",
+        )
+        clip = self.grad_clip
+        ok = clip is None or (math.isfinite(clip) and clip > 0)
+        check("grad_clip", ok, "None (no clipping) or a finite number > 0")
+        check("clip_ratio_low", 0 <= self.clip_ratio_low < 1, "in [0, 1)")
+        high = self.clip_ratio_high
+        check("clip_ratio_high", math.isfinite(high) and high >= 0, "a finite number >= 0")
+        c = self.clip_ratio_c
+        check(
+            "clip_ratio_c",
+            math.isfinite(c) and c > 1,
+            "> 1 (the dual clip; the reference uses 3.0)",
+        )
+        for name, kind in (
+            ("loss_agg_mode", LossAggMode),
+            ("kl_type", KLType),
+            ("autocast", Autocast),
+            ("strategy", Strategy),
+        ):
+            valid = get_args(kind)
+            check(name, getattr(self, name) in valid, f"one of {', '.join(map(repr, valid))}")
+        mini = self.ppo_mini_batch_size
+        ok = mini is None or mini == "auto" or (_is_int(mini) and mini >= 1)
+        check("ppo_mini_batch_size", ok, 'None (one update), "auto" or an int >= 1')
+        for name in ("ppo_epochs", "logprob_chunk_tokens", "max_nonfinite_updates"):
+            value = getattr(self, name)
+            check(name, isinstance(value, int) and value >= 1, "an int >= 1")
+        mbt = self.micro_batch_tokens
+        ok = mbt is None or (isinstance(mbt, int) and mbt >= 1)
+        check("micro_batch_tokens", ok, "None (a mini-batch per pass) or an int >= 1")
+
+    def updates_per_epoch(self, prompts: int, per_rank: int | None = None) -> int:
+        """Optimizer updates per epoch for a step of ``prompts`` prompts (``per_rank`` of them on
+        each data-parallel rank; default all): see ``ppo_mini_batch_size``."""
+        per_rank = prompts if per_rank is None else per_rank
+        mini = self.ppo_mini_batch_size
+        if mini is None or per_rank < 1:
+            return 1
+        if mini == "auto":
+            return max(d for d in range(1, 9) if per_rank % d == 0)
+        if prompts % mini:
+            raise ConfigError(
+                f"LearnerConfig.ppo_mini_batch_size={mini} does not divide the step's {prompts} "
+                "prompts: use a divisor of the prompts per step (data.train_batch_size)"
+            )
+        updates = prompts // mini
+        if per_rank % updates:
+            raise ConfigError(
+                f"LearnerConfig.ppo_mini_batch_size={mini} makes {updates} updates, which do not "
+                f"split each data-parallel rank's {per_rank} prompts evenly: use a multiple of "
+                "the number of ranks that divides the prompts per step"
+            )
+        return updates
+
+    @property
+    def num_warmup_steps(self) -> int:
+        """Warmup length in learner steps (verl: ``int(warmup_ratio * total_steps)``)."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return int(self.warmup_ratio * self.total_steps) if self.total_steps else 0
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of learner step ``step`` (0-based): ``lr * min(1, step / warmup)``.
+
+        Step 0 gets 0 when there is warmup, as in verl (a LambdaLR evaluated at step 0)."""
+        warmup = self.num_warmup_steps
+        return self.lr * min(1.0, step / warmup) if warmup > 0 else self.lr
+
+
+@dataclass
+class RolloutConfig:
+    """Tree shape, selection and sampling of one rollout.
+
+    - ``m``: trees per prompt. ``n``: nodes drawn per tree and round (0 = chain GRPO).
+      ``l``: expansion rounds. ``k``: leaves kept per tree (None = all, ``1 + l*n``).
+    - ``selection``: ``"uniform"`` (reference: uniform with replacement over root + open nodes)
+      or ``"surprisal"`` (weight each candidate by the mean surprisal, -log p, of its action
+      tokens; the root weighs the mean of its tree's candidates; TreeRL/ARPO-style
+      uncertainty-guided branching).
+    - ``overexpand_penalty``: divide each candidate's weight (1 under uniform selection) by
+      1 + penalty x its expansions: its children but the first (a root's initial chain, a
+      step's own continuation) plus the draws it already got in this round, so it acts as the
+      draws are made, from a round's second draw on (``Forest.select_weighted``). 0 (the
+      reference) draws without it; > 0 spreads a tree's N draws over more nodes (an
+      over-branching penalty).
+    - ``replace``: draw with replacement (reference) or without.
+    - ``include_root``: the root is a candidate (reference). False draws only open steps, so an
+      expansion never re-generates a whole chain (a tree with no open step then gets no draw).
+    - ``max_turns``: search-enabled turns before the forced final turn (leaf whatever it says).
+    - ``max_action_tokens``: tokens per generated step. ``max_obs_tokens`` is the environment's.
+    - ``max_model_len``: the most tokens a trajectory may reach (prompt + every step), None =
+      the engine's context length (``engine.context_length``; the trainer sets the model
+      config's ``max_position_embeddings``). A step generates at most the room left below it
+      (one token short of it, as SGLang refuses ``input + max_new_tokens >= context length``);
+      a step whose trajectory then has no room for another token ends as a leaf
+      ``"context_limit"`` (its observation, if any, is dropped), never as an engine error.
+      The reference keeps a rolling window of the last tokens instead, which can cut off the
+      question and the tree's shared prefixes.
+    - ``temperature``/``top_p``/``top_k``: sampling (reference: 1.0, 0.95, -1).
+    - ``seed``: selection and subsampling seed (the engine has its own).
+    """
+
+    m: int = 2
+    n: int = 2
+    l: int = 1  # noqa: E741 (the paper's name)
+    k: int | None = None
+    selection: Selection = "uniform"
+    replace: bool = True
+    include_root: bool = True
+    overexpand_penalty: float = 0.0
+    max_turns: int = 3
+    max_action_tokens: int = 500
+    max_model_len: int | None = None
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = -1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            _need(ok, f"RolloutConfig: {message}")
+
+        need(self.m >= 1, f"m (trees per prompt) must be >= 1, got {self.m}")
+        need(self.n >= 0, f"n (nodes drawn per tree and round) must be >= 0, got {self.n}")
+        need(self.l >= 0, f"l (expansion rounds) must be >= 0, got {self.l}")
+        need(
+            self.k is None or 1 <= self.k <= self.leaves_per_tree,
+            f"k (leaves kept per tree) must be in [1, 1 + l*n] = [1, {self.leaves_per_tree}], "
+            f"got {self.k}",
+        )
+        need(
+            self.selection in ("uniform", "surprisal"),
+            f"selection must be 'uniform' or 'surprisal', got {self.selection!r}",
+        )
+        need(
+            math.isfinite(self.overexpand_penalty) and self.overexpand_penalty >= 0,
+            f"overexpand_penalty must be a finite number >= 0, got {self.overexpand_penalty}",
+        )
+        need(self.max_turns >= 0, f"max_turns must be >= 0, got {self.max_turns}")
+        need(self.max_action_tokens >= 1, "max_action_tokens must be >= 1")
+        need(
+            self.max_model_len is None or self.max_model_len >= 2,
+            f"max_model_len must be None (the engine's) or >= 2 tokens, got {self.max_model_len}",
+        )
+        need(
+            math.isfinite(self.temperature) and self.temperature >= 0,
+            f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}",
+        )
+        need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def leaves_per_tree(self) -> int:
+        """Every tree ends with exactly 1 + L*N leaves."""
+        return 1 + self.l * self.n
+
+    @property
+    def chain(self) -> bool:
+        return self.n == 0 or self.l == 0
 
 
 def _default_tree() -> RolloutConfig:
@@ -411,9 +689,9 @@ DEFAULT_PRESET = "tiny"
 @dataclass
 class TrainConfig:
     """A whole run: ``data``, ``model``, ``env``, ``engine``, ``tree`` (the rollout: M, N, L,
-    K, selection, sampling; see :class:`treegrpo.rollout.RolloutConfig`), ``algorithm``
+    K, selection, sampling; see :class:`RolloutConfig`), ``algorithm``
     (advantages), ``learner`` (the loss and optimizer; see
-    :class:`treegrpo.learner.LearnerConfig`) and ``trainer``.
+    :class:`LearnerConfig`) and ``trainer``.
 
     ``preset`` names the :data:`PRESETS` entry the run started from. The dataclass defaults
     are the ``smollm2`` preset (the reference's settings); :func:`load_config` applies
@@ -433,7 +711,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
-            raise ValueError(_unknown_preset(self.preset))
+            raise ConfigError(_unknown_preset(self.preset))
         _check_sizes(self)
         # the learner's log-probs are those of the sampling distribution: train sets them from
         # tree.temperature (learner.temperature is for a Learner used on its own)
@@ -466,7 +744,7 @@ def _check_sizes(cfg: TrainConfig) -> None:
         _at_most(f"tree.{name}", getattr(tree, name), MAX_LEAVES_PER_STEP, "MAX_LEAVES_PER_STEP")
     leaves = cfg.data.train_batch_size * tree.m * tree.leaves_per_tree
     if leaves > MAX_LEAVES_PER_STEP:
-        raise ValueError(
+        raise ConfigError(
             f"a step would grow data.train_batch_size x tree.m x (1 + tree.l x tree.n) = "
             f"{cfg.data.train_batch_size} x {tree.m} x {tree.leaves_per_tree} = {leaves:,} "
             f"leaves, above the maximum {MAX_LEAVES_PER_STEP:,} "
@@ -673,9 +951,9 @@ def _finite(key: str, value: float) -> float:
 
 def _need(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 def _one_of(key: str, value: Any, valid: tuple[str, ...]) -> None:
     if value not in valid:
-        raise ValueError(f"{key} must be one of {', '.join(map(repr, valid))}; got {value!r}")
+        raise ConfigError(f"{key} must be one of {', '.join(map(repr, valid))}; got {value!r}")

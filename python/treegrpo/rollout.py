@@ -26,9 +26,10 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 from treegrpo import Forest
+from treegrpo.config import RolloutConfig
 from treegrpo.engine.base import (
     Completion,
     Engine,
@@ -41,100 +42,7 @@ from treegrpo.exceptions import InvalidArgumentError
 
 __all__ = ["Budget", "NodeInfo", "Prompt", "Rollout", "RolloutConfig", "RolloutResult", "rollout"]
 
-Selection = Literal["uniform", "surprisal"]
 RewardFn = Callable[..., float]
-
-
-@dataclass
-class RolloutConfig:
-    """Tree shape, selection and sampling of one rollout.
-
-    - ``m``: trees per prompt. ``n``: nodes drawn per tree and round (0 = chain GRPO).
-      ``l``: expansion rounds. ``k``: leaves kept per tree (None = all, ``1 + l*n``).
-    - ``selection``: ``"uniform"`` (reference: uniform with replacement over root + open nodes)
-      or ``"surprisal"`` (weight each candidate by the mean surprisal, -log p, of its action
-      tokens; the root weighs the mean of its tree's candidates; TreeRL/ARPO-style
-      uncertainty-guided branching).
-    - ``overexpand_penalty``: divide each candidate's weight (1 under uniform selection) by
-      1 + penalty x its expansions: its children but the first (a root's initial chain, a
-      step's own continuation) plus the draws it already got in this round, so it acts as the
-      draws are made, from a round's second draw on (``Forest.select_weighted``). 0 (the
-      reference) draws without it; > 0 spreads a tree's N draws over more nodes (an
-      over-branching penalty).
-    - ``replace``: draw with replacement (reference) or without.
-    - ``include_root``: the root is a candidate (reference). False draws only open steps, so an
-      expansion never re-generates a whole chain (a tree with no open step then gets no draw).
-    - ``max_turns``: search-enabled turns before the forced final turn (leaf whatever it says).
-    - ``max_action_tokens``: tokens per generated step. ``max_obs_tokens`` is the environment's.
-    - ``max_model_len``: the most tokens a trajectory may reach (prompt + every step), None =
-      the engine's context length (``engine.context_length``; the trainer sets the model
-      config's ``max_position_embeddings``). A step generates at most the room left below it
-      (one token short of it, as SGLang refuses ``input + max_new_tokens >= context length``);
-      a step whose trajectory then has no room for another token ends as a leaf
-      ``"context_limit"`` (its observation, if any, is dropped), never as an engine error.
-      The reference keeps a rolling window of the last tokens instead, which can cut off the
-      question and the tree's shared prefixes.
-    - ``temperature``/``top_p``/``top_k``: sampling (reference: 1.0, 0.95, -1).
-    - ``seed``: selection and subsampling seed (the engine has its own).
-    """
-
-    m: int = 2
-    n: int = 2
-    l: int = 1  # noqa: E741 (the paper's name)
-    k: int | None = None
-    selection: Selection = "uniform"
-    replace: bool = True
-    include_root: bool = True
-    overexpand_penalty: float = 0.0
-    max_turns: int = 3
-    max_action_tokens: int = 500
-    max_model_len: int | None = None
-    temperature: float = 1.0
-    top_p: float = 0.95
-    top_k: int = -1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(f"RolloutConfig: {message}")
-
-        need(self.m >= 1, f"m (trees per prompt) must be >= 1, got {self.m}")
-        need(self.n >= 0, f"n (nodes drawn per tree and round) must be >= 0, got {self.n}")
-        need(self.l >= 0, f"l (expansion rounds) must be >= 0, got {self.l}")
-        need(
-            self.k is None or 1 <= self.k <= self.leaves_per_tree,
-            f"k (leaves kept per tree) must be in [1, 1 + l*n] = [1, {self.leaves_per_tree}], "
-            f"got {self.k}",
-        )
-        need(
-            self.selection in ("uniform", "surprisal"),
-            f"selection must be 'uniform' or 'surprisal', got {self.selection!r}",
-        )
-        need(
-            math.isfinite(self.overexpand_penalty) and self.overexpand_penalty >= 0,
-            f"overexpand_penalty must be a finite number >= 0, got {self.overexpand_penalty}",
-        )
-        need(self.max_turns >= 0, f"max_turns must be >= 0, got {self.max_turns}")
-        need(self.max_action_tokens >= 1, "max_action_tokens must be >= 1")
-        need(
-            self.max_model_len is None or self.max_model_len >= 2,
-            f"max_model_len must be None (the engine's) or >= 2 tokens, got {self.max_model_len}",
-        )
-        need(
-            math.isfinite(self.temperature) and self.temperature >= 0,
-            f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}",
-        )
-        need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def leaves_per_tree(self) -> int:
-        """Every tree ends with exactly 1 + L*N leaves."""
-        return 1 + self.l * self.n
-
-    @property
-    def chain(self) -> bool:
-        return self.n == 0 or self.l == 0
 
 
 @dataclass(frozen=True)

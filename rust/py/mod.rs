@@ -20,6 +20,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
             "release"
         },
     )?;
+    m.add("OPTIONS", pack::options(m.py())?)?;
     m.add_class::<forest::PyForest>()?;
     m.add_class::<pack::PyPack>()?;
     m.add_class::<radix::PyRadixIndex>()?;

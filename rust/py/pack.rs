@@ -1,21 +1,35 @@
 //! `treegrpo.Pack`: the learner batches of `crate::pack`, as NumPy arrays handed over without copies.
 
-use numpy::{IntoPyArray, PyArray1, PyArrayMethods, PyReadonlyArray1};
+use numpy::{IntoPyArray, PyArray1, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::error::{enter, IntoPyResult};
-use crate::error::TreeError;
-use crate::pack::{block_mask, dense_mask, Pack, TreeMask};
+use crate::advantage::Estimator;
+use crate::forest::LeafReason;
+use crate::pack::{AggMode, Pack};
 
-/// Largest packed length `dense_mask()` materialises (U*U bytes: 32768 tokens = 1 GiB).
-const DENSE_LIMIT: usize = 32_768;
+/// `treegrpo._core.OPTIONS`: the values each string option of the core accepts, read off the
+/// `VALID` lists its parsers quote in their errors, so Python validates against the same ones.
+pub(crate) fn options(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let names = |valid: &str| -> Vec<String> {
+        valid
+            .split(", ")
+            .map(|name| name.trim_matches('\'').to_string())
+            .collect()
+    };
+    let out = PyDict::new(py);
+    out.set_item("loss_agg_mode", names(AggMode::VALID))?;
+    out.set_item("adv_estimator", names(Estimator::VALID))?;
+    out.set_item("leaf_reason", names(LeafReason::VALID))?;
+    Ok(out)
+}
 
 /// Both learner layouts of a forest's kept trajectories (`Forest.pack`).
 #[pyclass(name = "Pack", module = "treegrpo", frozen)]
 pub struct PyPack {
     flat: Py<PyDict>,
     packed: Py<PyDict>,
+    layout: Py<PyDict>,
     leaves: Vec<u32>,
     leaf_advantages: Vec<f64>,
     total_tokens: usize,
@@ -45,6 +59,7 @@ impl PyPack {
             leaf_advantage,
             flat: f,
             packed: p,
+            layout: l,
             total_tokens,
             unique_tokens,
             ..
@@ -70,9 +85,21 @@ impl PyPack {
         packed.set_item("segment_start", vec1(py, p.segment_start))?;
         packed.set_item("segment_len", vec1(py, p.segment_len))?;
         packed.set_item("segment_parent", vec1(py, p.segment_parent))?;
+        let layout = PyDict::new(py);
+        layout.set_item("pred", vec1(py, l.pred))?;
+        layout.set_item("count", vec1(py, l.count))?;
+        layout.set_item("count_pos", vec1(py, l.count_pos))?;
+        layout.set_item("count_neg", vec1(py, l.count_neg))?;
+        layout.set_item("tree_segments", vec1(py, l.tree_segments))?;
+        layout.set_item("tree_tokens", vec1(py, l.tree_tokens))?;
+        layout.set_item("tree_group", vec1(py, l.tree_group))?;
+        layout.set_item("row_tree", vec1(py, l.row_tree))?;
+        layout.set_item("row_tokens", vec1(py, l.row_tokens))?;
+        layout.set_item("row_loss_tokens", vec1(py, l.row_loss_tokens))?;
         Ok(Self {
             flat: flat.unbind(),
             packed: packed.unbind(),
+            layout: layout.unbind(),
             leaves,
             leaf_advantages: leaf_advantage,
             total_tokens,
@@ -80,18 +107,6 @@ impl PyPack {
             rows,
             loss_agg_mode: agg_name,
         })
-    }
-
-    fn packed_array<'py, T: numpy::Element>(
-        &self,
-        py: Python<'py>,
-        key: &str,
-    ) -> PyResult<PyReadonlyArray1<'py, T>> {
-        self.packed
-            .bind(py)
-            .get_item(key)?
-            .ok_or_else(|| pyo3::exceptions::PyKeyError::new_err(key.to_string()))?
-            .extract::<PyReadonlyArray1<'py, T>>()
     }
 }
 
@@ -111,6 +126,17 @@ impl PyPack {
     #[getter]
     fn packed<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         self.packed.bind(py).copy()
+    }
+
+    /// What the learner plans with (so it knows no tree), all int64 but the float32 counts:
+    /// per packed token (U,) pred (the packed position before it in its trajectories, -1 at
+    /// a trajectory's start) and count / count_pos / count_neg (the trajectories through it:
+    /// all, advantage > 0, < 0); per tree (packed order) tree_segments and tree_tokens (its
+    /// first segment and token; (trees + 1,), the last entry the totals) and tree_group (its
+    /// prompt's group id); per row (B,) row_tree, row_tokens, row_loss_tokens.
+    #[getter]
+    fn layout<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.layout.bind(py).copy()
     }
 
     /// The leaves of the trajectories, in row order.
@@ -161,62 +187,5 @@ impl PyPack {
             self.sharing_ratio(),
             self.loss_agg_mode
         )
-    }
-
-    /// The (U, U) boolean tree attention mask, True = may attend (ancestors-or-self, causal).
-    fn dense_mask<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let u = self.unique_tokens;
-        if u > DENSE_LIMIT {
-            return Err(TreeError::InvalidArgument(format!(
-                "dense_mask() of {u} tokens needs {} MiB; above {DENSE_LIMIT} tokens use block_mask() or \
-                 the (segment_ids, subtree_end) rule",
-                (u * u) >> 20
-            )))
-            .py();
-        }
-        let seg = self.packed_array::<i32>(py, "segment_ids")?;
-        let end = self.packed_array::<i32>(py, "subtree_end")?;
-        let (seg, end) = (seg.as_slice()?, end.as_slice()?);
-        let mask = py.detach(|| dense_mask(seg, end));
-        vec2(py, mask, u, u)
-    }
-
-    /// The flex_attention block form: (kv_num_blocks (1,1,Q), kv_indices (1,1,Q,Q),
-    /// full_kv_num_blocks, full_kv_indices), for `BlockMask.from_kv_blocks(..., BLOCK_SIZE=block_size)`.
-    #[pyo3(signature = (block_size=128))]
-    #[allow(clippy::type_complexity)]
-    fn block_mask<'py>(
-        &self,
-        py: Python<'py>,
-        block_size: usize,
-    ) -> PyResult<(
-        Bound<'py, PyAny>,
-        Bound<'py, PyAny>,
-        Bound<'py, PyAny>,
-        Bound<'py, PyAny>,
-    )> {
-        let seg = self.packed_array::<i32>(py, "segment_ids")?;
-        let end = self.packed_array::<i32>(py, "subtree_end")?;
-        let start = self.packed_array::<i64>(py, "segment_start")?;
-        let len = self.packed_array::<i64>(py, "segment_len")?;
-        let parent = self.packed_array::<i32>(py, "segment_parent")?;
-        let mask = TreeMask {
-            segment_ids: seg.as_slice()?,
-            subtree_end: end.as_slice()?,
-            segment_start: start.as_slice()?,
-            segment_len: len.as_slice()?,
-            segment_parent: parent.as_slice()?,
-        };
-        let bm = enter(py, || block_mask(&mask, block_size))?;
-        let q = bm.q_blocks;
-        let shape = |v: Vec<i32>, dims: Vec<usize>| -> PyResult<Bound<'py, PyAny>> {
-            Ok(v.into_pyarray(py).reshape(dims)?.into_any())
-        };
-        Ok((
-            shape(bm.kv_num_blocks, vec![1, 1, q])?,
-            shape(bm.kv_indices, vec![1, 1, q, q])?,
-            shape(bm.full_kv_num_blocks, vec![1, 1, q])?,
-            shape(bm.full_kv_indices, vec![1, 1, q, q])?,
-        ))
     }
 }
