@@ -18,7 +18,9 @@ Weight sharing: the engine holds the very model object the learner trains. The l
 :meth:`EmbeddedEngine.exclusive` around each optimizer step (generation never overlaps it), then
 calls :meth:`EmbeddedEngine.bump_weight_version`, which flushes the KV cache (KV from old weights
 must not be reused) and moves ``weight_version`` from ``"0"`` to ``"1"``... Every completion names
-the version that produced it.
+the version that produced it. The trainer gets this arrangement, or a replica of the learner's
+model refreshed after every update, from :meth:`EmbeddedEngine.weight_sync`
+(:class:`EmbeddedWeightSync`).
 
 Limits: decoder-only models with full attention in every layer (Llama, Qwen2/3, SmolLM2,
 Mistral without a sliding window); the slab of one call holds ``rows x (P + max_new_tokens)``

@@ -31,6 +31,13 @@ shared ``sglang.md``:
 
 The client holds no tree logic: the rollout sends children after their parents have returned
 (depth first) and may warm a shared prefix with :meth:`SGLangClient.warm_prefix`.
+
+This module is the request path (routing, rids, retries of ``/generate``, stale weights,
+answers); the rest lives beside it: HTTP and retries in :mod:`~treegrpo.engine.sglang_transport`,
+the cache report in :mod:`~treegrpo.engine.sglang_cache`, the weight-update and pause calls and
+the trainer's weight sync in :mod:`~treegrpo.engine.sglang_weights`, the launch lines and
+``treegrpo sglang command`` in :mod:`~treegrpo.engine.sglang_launch`. Their public names are
+importable from here as before.
 """
 
 from __future__ import annotations
