@@ -148,3 +148,43 @@ def test_token_ids_from_arrays_and_without_a_vocabulary():
         check_token_ids("12", 10, where="r")
     with pytest.raises(InvalidTokenError, match=r"\[0, 10\); SGLang"):
         check_token_ids([10], 10, where="r", note="; SGLang does not check")
+
+
+# --------------------------------------------------------------------------- in the engine
+
+
+def test_the_embedded_engine_stops_by_the_rule():
+    """Two stop strings first held after the same token, one ending inside it: the engine
+    stops at that token and reports the first of the list (not the earliest end)."""
+    from treegrpo.engine.base import GenerateRequest, SamplingParams
+    from treegrpo.engine.embedded import EmbeddedEngine
+    from treegrpo.testing.tiny import tiny_policy
+
+    model, tok = tiny_policy()
+    engine = EmbeddedEngine(model, tok)
+    prompt = [5, 17, 42, 8]
+
+    def greedy(stops: tuple[str, ...]):
+        params = SamplingParams(max_new_tokens=40, temperature=0, stop=stops)
+        [[completion]] = engine.generate_sync([GenerateRequest(prompt, params)])
+        return completion
+
+    out = list(greedy(()).output_ids)
+    texts = [tok.decode(out[:k], skip_special_tokens=False) for k in range(len(out) + 1)]
+    for k in range(2, len(out) + 1):
+        prev, cur = texts[k - 1], texts[k]
+        new = cur[len(prev) :]
+        if not cur.startswith(prev) or len(new) < 2:
+            continue
+        inside = prev[-2:] + new[:1]  # ends inside token k
+        whole = prev[-1:] + new  # ends with it
+        if inside in prev or whole in prev or inside == whole:
+            continue
+        break
+    else:
+        pytest.skip("no token of this output completes two fresh stop strings")
+    for stops, expected in (((whole, inside), whole), ((inside, whole), inside)):
+        completion = greedy(stops)
+        assert list(completion.output_ids) == out[:k]
+        assert completion.finish.type == "stop" and completion.finish.matched == expected
+        assert StopMatcher(stops, lambda ids: tok.decode(ids)).cut(out) == (k, expected)
