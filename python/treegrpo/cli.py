@@ -86,7 +86,7 @@ _COMMANDS = [
     ),
     ("data", "treegrpo.env.synth", "", "build datasets (the synthetic multi-hop QA world)"),
     ("serve-retriever", "treegrpo.env.retrievers.server", "", "serve a corpus over /retrieve"),
-    ("sglang", "treegrpo.engine.sglang_client", "", "SGLang rollout servers: how to launch them"),
+    ("sglang", "treegrpo.engine.sglang_launch", "", "SGLang rollout servers: how to launch them"),
     ("logs", "treegrpo.logs.cli", "", "analyse rollout logs: summary, plots, tree viewer, compare"),
 ]
 # The packages whose absence means an extra is not installed (pyproject.toml lists the rest).

@@ -89,6 +89,7 @@ class Trainer:
         import torch
 
         from treegrpo import data as data_module
+        from treegrpo.engine.base import PolicySource
         from treegrpo.engine.embedded import EmbeddedEngine
         from treegrpo.env import SearchEnv
         from treegrpo.learner import Learner
@@ -146,20 +147,16 @@ class Trainer:
         # model in place (parameters become DTensors), and when engine.dtype differs from the
         # policy's.
         fsdp = world.parallel and cfg.learner.strategy == "fsdp2"
-        self._engine_replica = False
         if cfg.engine.kind == "embedded":
             dtype = self._engine_dtype()
-            self._engine_replica = fsdp or dtype != next(self.model.parameters()).dtype
-            engine_model = copy.deepcopy(self.model).to(dtype) if self._engine_replica else None
+            replica = fsdp or dtype != next(self.model.parameters()).dtype
+            engine_model = copy.deepcopy(self.model).to(dtype) if replica else None
             self.engine: Any = EmbeddedEngine(
                 engine_model or self.model,
                 self.tokenizer,
                 kv_budget_tokens=cfg.engine.kv_budget_tokens,
                 seed=cfg.trainer.seed + world.rank,  # ranks sample independently
             )
-            on_step, hold = self.engine.bump_weight_version, self.engine.exclusive
-            if self._engine_replica:
-                on_step, hold = None, None  # _sync_weights copies the weights after the step
         else:
             from treegrpo.engine.sglang_client import SGLangClient
 
@@ -167,7 +164,21 @@ class Trainer:
                 cfg.engine.urls, tokenizer=self.tokenizer, retry_window=cfg.engine.retry_window_s
             )
             self._await(self.engine.start())
-            on_step, hold = None, None
+        # How the engine follows the learner's weights is the engine's business (WeightSync):
+        # shared weights bumped after each step, a replica refreshed, or servers pushed to.
+        self._weights = self.engine.weight_sync(
+            PolicySource(
+                model=self.model,
+                tokenizer=self.tokenizer,
+                state_dict=lambda every_rank: self.learner.model_state_dict(every_rank=every_rank),
+                directory=Path(cfg.engine.sync_dir or self.run_dir / "weights"),
+                sharded=fsdp,
+                is_main=world.is_main,
+                barrier=distributed.barrier,
+                run=self._await,
+            )
+        )
+        on_step, hold = self._weights.on_step, self._weights.hold
         eos = sorted(getattr(self.engine, "eos_token_ids", ()) or ())
         tree = replace(cfg.tree, seed=cfg.tree.seed + world.rank) if world.parallel else cfg.tree
         if tree.max_model_len is None:  # trajectories end at the policy's context length
@@ -380,24 +391,10 @@ class Trainer:
         return named.get(want, policy.dtype)
 
     def _sync_weights(self, version: int) -> None:
-        """Push the policy to SGLang servers, or to the embedded engine's replica (FSDP2, or
-        another dtype); otherwise the embedded engine shares the learner's weights already."""
-        fsdp = self.learner.fsdp
-        if self.cfg.engine.kind != "sglang":
-            if self._engine_replica:  # under FSDP2 every rank gathers the shards
-                state = self.learner.model_state_dict(every_rank=True)
-                with self.engine.exclusive():
-                    self.engine.model.load_state_dict(state, strict=False)  # casts the dtype
-                    self.engine.bump_weight_version()
-            return  # shared weights: the learner's on_step bumped their version
-        state = self.learner.model_state_dict() if fsdp else None  # a collective under FSDP2
-        if self.world.is_main:  # replicas are identical: rank 0 pushes to every server
-            sync = Path(self.cfg.engine.sync_dir or self.run_dir / "weights")
-            self.model.save_pretrained(sync, safe_serialization=True, state_dict=state)
-            self.tokenizer.save_pretrained(sync)
-            update = self.engine.update_weights_from_disk(str(sync), weight_version=str(version))
-            self._await(update)
-        distributed.barrier()  # no rank rolls out before the servers hold the new weights
+        """The engine takes the policy after an update (or at set-up): see
+        :class:`treegrpo.engine.base.WeightSync` (SGLang servers get it pushed from disk, the
+        embedded engine's replica a copy; shared weights need nothing)."""
+        self._weights.push(version)
 
     def _next_prompts(self) -> list[Any]:
         """This rank's share of the step's prompts; every rank advances the cursor over the
@@ -484,7 +481,7 @@ class Trainer:
         """The trainer's part of a checkpoint (every rank calls it): step, data cursor, and
         every rank's engine state (the embedded engine's sampling generator and weight
         version; SGLang servers keep none: docs/architecture.md, "Exact resume")."""
-        engine = self.engine.state_dict() if hasattr(self.engine, "state_dict") else None
+        engine = self._weights.state_dict()
         return {
             "step": self.step,
             "cursor": self.cursor,
@@ -502,9 +499,7 @@ class Trainer:
         state = load(ckpt, self.model, self.learner)
         self.step, self.cursor = state["step"], state["cursor"]
         self._engine_states = state.get("engine")
-        if hasattr(self.engine, "bump_weight_version") and not self.learner.fsdp:
-            self.engine.bump_weight_version()  # weights changed under the engine's cache
-        # (FSDP2: setup's _sync_weights refreshes the engine's replica next)
+        self._weights.weights_loaded()  # weights changed under the engine (its cache)
         if self.world.is_main:
             print(f"resumed from {ckpt} (step {self.step}, run {self.rundir.run_id})")
 
@@ -512,10 +507,10 @@ class Trainer:
         """After the first weight sync: the engine's sampling generator and weight version as
         the checkpoint saved them, so the next rollout draws what an uninterrupted run would."""
         states = self._engine_states
-        if not states or not hasattr(self.engine, "load_state_dict"):
+        if not states or not self._weights.keeps_state:
             return
         if len(states) == self.world.size and states[self.world.rank] is not None:
-            self.engine.load_state_dict(states[self.world.rank])
+            self._weights.load_state_dict(states[self.world.rank])
         elif self.world.is_main:
             print(
                 f"note: the checkpoint was written by {len(states)} processes, this run has "

@@ -7,11 +7,21 @@ requests with ``n > 1`` are sibling expansions of one node and share its prefix.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
 
-__all__ = ["Completion", "Engine", "FinishReason", "GenerateRequest", "SamplingParams"]
+__all__ = [
+    "Completion",
+    "Engine",
+    "FinishReason",
+    "GenerateRequest",
+    "PolicySource",
+    "SamplingParams",
+    "WeightSync",
+]
 
 
 @dataclass(frozen=True)
@@ -90,3 +100,50 @@ class Engine(Protocol):
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Completion]]: ...
 
     async def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- weight sync
+
+
+@dataclass(frozen=True)
+class PolicySource:
+    """The trainer's side of a weight sync: where an engine gets the learner's weights.
+
+    ``model`` / ``tokenizer``: the policy the learner trains (a transformers model; under FSDP2
+    sharded in place, ``sharded``). ``state_dict(every_rank)``: its full weights, gathered
+    from the shards (a collective every rank calls; with ``every_rank=False`` only rank 0 gets
+    them). ``directory``: where a sync through disk writes them. ``is_main``: this process
+    writes and pushes (rank 0); ``barrier()`` waits for every rank; ``run(awaitable)`` runs a
+    coroutine on the trainer's event loop."""
+
+    model: Any
+    tokenizer: Any
+    state_dict: Callable[[bool], dict[str, Any]]
+    directory: Path
+    sharded: bool = False
+    is_main: bool = True
+    barrier: Callable[[], None] = lambda: None
+    run: Callable[[Awaitable[Any]], Any] = lambda awaitable: None
+
+
+class WeightSync(Protocol):
+    """How one engine follows the learner's weights; ``engine.weight_sync(source)`` makes it
+    (each engine its own), so the trainer never asks which kind of engine it holds.
+
+    ``on_step`` / ``hold``: given to the learner, which calls ``on_step()`` after each optimizer
+    step inside ``with hold():`` (None: nothing to do there). :meth:`push` runs after every
+    update and once at set-up; :meth:`weights_loaded` after a checkpoint loaded weights into
+    ``source.model``. :meth:`state_dict` / :meth:`load_state_dict`: the engine's part of a
+    checkpoint; ``keeps_state`` False where it keeps nothing (``state_dict`` is then None)."""
+
+    keeps_state: bool
+    on_step: Callable[[], Any] | None
+    hold: Callable[[], AbstractContextManager[Any]] | None
+
+    def push(self, version: int) -> None: ...
+
+    def weights_loaded(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any] | None: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

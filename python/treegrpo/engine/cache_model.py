@@ -1,13 +1,14 @@
 """A model of SGLang's radix prefix cache: how many prompt tokens a request finds cached.
 
-One :class:`RadixCacheModel` mirrors one server's cache, on :class:`treegrpo.RadixIndex`:
+One :class:`RadixCacheModel` mirrors one server's cache, on :class:`treegrpo.RadixIndex`, by
+the rules of :mod:`treegrpo.engine.cache_rules` (which the embedded engine's KV cache follows
+too):
 
-- a request is *admitted* (prefilled): its reuse is the longest cached prefix of the prompt,
-  capped at ``prompt_len - 1`` (the last prompt token is always computed, for its logits) and
-  rounded down to a multiple of the page size; then the prompt is inserted and locked while the
-  request runs;
-- at *finish*, prompt + output minus the last token is inserted (the last sampled token was never
-  fed through the model, so it has no KV) and the lock is released;
+- a request is *admitted* (prefilled): its reuse is the longest cached prefix of the prompt
+  within :func:`~treegrpo.engine.cache_rules.reusable_length`; then the prompt is inserted and
+  locked while the request runs;
+- at *finish*, :func:`~treegrpo.engine.cache_rules.sequence_at_finish` is inserted and the lock
+  is released;
 - when more tokens are cached than the capacity, least-recently-used unlocked leaves are evicted;
 - a weight update flushes everything (:meth:`reset`).
 
@@ -22,6 +23,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from treegrpo._core import RadixIndex
+from treegrpo.engine.cache_rules import (
+    aligned,
+    reusable_length,
+    sequence_at_finish,
+    stored_at_prefill,
+)
 from treegrpo.exceptions import LockError, StaleHandleError
 
 __all__ = ["Admission", "RadixCacheModel"]
@@ -57,19 +64,19 @@ class RadixCacheModel:
         self._generation = 0
 
     def _aligned(self, n: int) -> int:
-        return n - n % self.page_size
+        return aligned(n, self.page_size)
 
     def admit(self, prompt: Sequence[int]) -> Admission:
         """Prefill ``prompt``: returns its reuse and locks its tokens until :meth:`finish`."""
         prompt = list(prompt)
-        limit = self._aligned(max(len(prompt) - 1, 0))
+        limit = reusable_length(len(prompt), self.page_size)
         matched = self._index.match_prefix(prompt[:limit])[0] if limit else 0
         cached = self._aligned(matched)
-        stored = self._aligned(len(prompt))
+        stored = stored_at_prefill(prompt, self.page_size)
         handle = None
         if stored:
-            self._index.insert(prompt[:stored], 0)
-            handle = self._index.match_prefix(prompt[:stored])[1]
+            self._index.insert(stored, 0)
+            handle = self._index.match_prefix(stored)[1]
             self._index.inc_lock_ref(handle)
         self._evict_over_capacity()
         return Admission(cached, handle, self._generation)
@@ -81,10 +88,9 @@ class RadixCacheModel:
         last token, and release the prompt's lock."""
         if admission.generation != self._generation:
             return  # flushed while it ran: its lock went with the old tree
-        sequence = [*prompt, *output][: len(prompt) + max(len(output) - 1, 0)]
-        stored = self._aligned(len(sequence))
+        stored = sequence_at_finish(prompt, output, self.page_size)
         if stored:
-            self._index.insert(sequence[:stored], 0)
+            self._index.insert(stored, 0)
         self._unlock(admission)
         self._evict_over_capacity()
 

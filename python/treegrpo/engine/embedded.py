@@ -2,50 +2,25 @@
 radix prefix cache of KV blocks, sharing the model object with the learner.
 
 How one :meth:`EmbeddedEngine.generate` call runs (all of it under the engine's lock, on a worker
-thread, so the event loop keeps serving tool calls):
+thread, so the event loop keeps serving tool calls): every request is validated (token ids in
+the vocabulary, :func:`~treegrpo.engine.tokens.check_token_ids`; the prompt within the
+context), then the call is laid out in one KV slab, prefilled in chunks and decoded in lock step
+(:mod:`treegrpo.engine.scheduling`), with the KV memory of :mod:`treegrpo.engine.kv_cache` (the
+slab of the call and the prefix cache between calls, ``kv_budget_tokens``, on SGLang's cache
+rules), the sampler of :mod:`treegrpo.engine.sampling` (seeded with ``seed``) and SGLang's
+stop-string rule (:mod:`treegrpo.engine.stops`). A weight update flushes the cache.
 
-1. Validate every request (token ids in the vocabulary, the prompt within the context).
-   Requests with the same ``input_ids`` share one prefill, so ``n`` siblings (or identical
-   requests) prefill their prompt once; each sample then gets its own row.
-2. Lay the call out in one KV *slab*, ``(layers, K/V, rows, kv_heads, columns, head_dim)``:
-   every prompt right-aligned at column ``P`` (the longest prompt), generated tokens after it.
-   Rows of different lengths are left-padded; attention uses an explicit 4-D additive mask and
-   explicit per-row ``position_ids``, so the RoPE positions baked into cached keys stay right.
-3. Prefill in chunks of at most ``max_batch_tokens`` padded new tokens. A chunk first asks the
-   radix index for each prompt's longest cached prefix (capped at ``prompt_len - 1``: one token
-   must run to give logits, as in SGLang) and copies those KV blocks into the slab, then runs
-   only the remaining tokens (long prompts in several pieces). Once a prompt is complete its KV
-   is inserted into the cache, so a later chunk of the same call already reuses it.
-4. Copy each prompt's KV into its siblings' rows and decode all rows in lock step, one token per
-   forward, logits for the last position only (never the full ``(batch, time, vocab)`` tensor).
-   A row finishes on a stop token id or EOS (kept in the output), on a stop string found in the
-   decoded output (the tokens up to the one completing it are kept), at ``max_new_tokens``, at
-   the model's context length, or when aborted. At finish, prompt + output minus its last token
-   (which never went through the model) is inserted into the cache, as SGLang does. Finished
-   rows are compacted out of the slab once they are a quarter of it.
-
-The prefix cache (``kv_budget_tokens``): :class:`treegrpo.RadixIndex` holds the token sequences;
-each insert stores one KV *block* with exactly the new positions ``[m, L)`` of all layers and a
-link to the block holding position ``m - 1`` (the value the index returns for the matched
-prefix). A match of length ``m`` walks block -> parent block and copies the slices that cover
-``[0, m)``. The index evicts least-recently-used leaves first, so a block's ancestors outlive it;
-a block is freed when the index reports its value dropped. Evictions run after every insert
-until the blocks held fit the budget. A weight update flushes the cache.
-
-Sampling: per-row temperature (0 = greedy, the argmax of the raw logits), top-k, top-p (the
-smallest set of top tokens whose mass reaches ``top_p``), drawn from one ``torch.Generator``
-seeded with ``seed``: the same calls in the same order give the same samples;
-:meth:`EmbeddedEngine.state_dict` / :meth:`~EmbeddedEngine.load_state_dict` carry the generator
-and the weight version through a checkpoint, so a resumed run samples on. ``log_probs`` are
-``log_softmax(logits / temperature)`` at the sampled token, before top-k/top-p truncation (what
-SGLang returns by default); greedy rows use temperature 1. With temperature 1 they equal a fresh
-forward pass's log-softmax.
+:meth:`EmbeddedEngine.state_dict` / :meth:`~EmbeddedEngine.load_state_dict` carry the sampling
+generator and the weight version through a checkpoint, so a resumed run samples on. With
+temperature 1 the ``log_probs`` equal a fresh forward pass's log-softmax.
 
 Weight sharing: the engine holds the very model object the learner trains. The learner takes
 :meth:`EmbeddedEngine.exclusive` around each optimizer step (generation never overlaps it), then
 calls :meth:`EmbeddedEngine.bump_weight_version`, which flushes the KV cache (KV from old weights
 must not be reused) and moves ``weight_version`` from ``"0"`` to ``"1"``... Every completion names
-the version that produced it.
+the version that produced it. The trainer gets this arrangement, or a replica of the learner's
+model refreshed after every update, from :meth:`EmbeddedEngine.weight_sync`
+(:class:`EmbeddedWeightSync`).
 
 Limits: decoder-only models with full attention in every layer (Llama, Qwen2/3, SmolLM2,
 Mistral without a sliding window); the slab of one call holds ``rows x (P + max_new_tokens)``
@@ -57,29 +32,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import operator
 import threading
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from treegrpo._core import RadixIndex
-from treegrpo.engine.base import Completion, FinishReason, GenerateRequest, SamplingParams
-from treegrpo.engine.errors import EngineClosedError, EngineError, InvalidTokenError
+from treegrpo.engine.base import Completion, GenerateRequest, PolicySource, SamplingParams
+from treegrpo.engine.errors import EngineClosedError, EngineError
+from treegrpo.engine.kv_cache import PrefixCache as _PrefixCache
+from treegrpo.engine.kv_cache import Slab as _Slab  # noqa: F401 - the old name, still importable
+from treegrpo.engine.sampling import Sampler
+from treegrpo.engine.scheduling import Call as _Call
+from treegrpo.engine.scheduling import Prompt as _Prompt  # noqa: F401 - the old name
+from treegrpo.engine.scheduling import Row as _Row  # noqa: F401 - the old name
+from treegrpo.engine.scheduling import Scheduler
+from treegrpo.engine.tokens import check_token_ids
 from treegrpo.exceptions import InvalidArgumentError
 
-__all__ = ["EmbeddedEngine", "EngineStats"]
-
-# A row is dropped from the slab (a copy of its live KV) once this share of rows has finished.
-_COMPACT_FRACTION = 0.25
-# First candidate set for top-k / top-p sampling, and its growth factor until it holds every
-# row's nucleus (topk over 49k logits costs ~10 ms for 16 rows; a full sort ~80 ms).
-_TOPK_CANDIDATES = 256
-_TOPK_GROWTH = 8
+__all__ = ["EmbeddedEngine", "EmbeddedWeightSync", "EngineStats"]
 
 
 @dataclass(frozen=True)
@@ -113,188 +85,6 @@ class EngineStats:
     def cache_hit_rate(self) -> float:
         """``cached_tokens / prompt_tokens`` (0 before any prompt)."""
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
-
-
-# --------------------------------------------------------------------------- the KV slab
-
-
-class _Slab:
-    """The KV of one generate call: ``buf[layer, 0 | 1, row, kv_head, column, head_dim]``.
-
-    Forwards read and write it through :class:`_SlabCache`. Before each forward the engine sets
-    which rows run (a contiguous range), where the new keys go, and which columns to return."""
-
-    def __init__(
-        self, layers: int, rows: int, heads: int, columns: int, dim: int, dtype: Any, device: Any
-    ) -> None:
-        # torch.empty: pages nobody writes are never touched (the decode tail of short rows).
-        self.buf = torch.empty((layers, 2, rows, heads, columns, dim), dtype=dtype, device=device)
-        self.rows = (0, rows)
-        self.read = (0, 0)
-        # Prefill: scatter positions (slab rows, slab columns, source rows, source columns).
-        self.scatter: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        # Decode: every row writes its one new token at this column.
-        self.column = 0
-
-    def write(
-        self, layer: int, keys: torch.Tensor, values: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        r0, r1 = self.rows
-        k_all, v_all = self.buf[layer, 0], self.buf[layer, 1]
-        if keys.shape[1] != k_all.shape[1] or keys.shape[3] != k_all.shape[3]:
-            raise EngineError(
-                f"the model's layer {layer} produced keys of shape {tuple(keys.shape)}, but the "
-                f"engine expected {k_all.shape[1]} key/value heads of dimension {k_all.shape[3]} "
-                "(config num_key_value_heads / head_dim): this model's attention is not supported"
-            )
-        if self.scatter is None:  # decode: one token per row
-            k_all[r0:r1, :, self.column] = keys[:, :, 0]
-            v_all[r0:r1, :, self.column] = values[:, :, 0]
-        else:
-            rows, cols, src_rows, src_cols = self.scatter
-            k_all[rows, :, cols] = keys[src_rows, :, src_cols]
-            v_all[rows, :, cols] = values[src_rows, :, src_cols]
-        lo, hi = self.read
-        return k_all[r0:r1, :, lo:hi], v_all[r0:r1, :, lo:hi]
-
-
-def _slab_cache(slab: _Slab, layers: int) -> Any:
-    """A transformers ``Cache`` whose ``update`` writes into (and reads from) ``slab``."""
-    return _slab_cache_class()(slab, layers)
-
-
-@functools.cache
-def _slab_cache_class() -> type:
-    # One class for every call, holding its slab as an attribute. (A class made per call, with
-    # the slab in a closure, kept each call's slab alive until the cyclic garbage collector ran,
-    # since a class is part of reference cycles: several GB per call piled up in a rollout.)
-    from transformers.cache_utils import Cache, DynamicLayer
-
-    class _SlabCache(Cache):
-        def __init__(self, slab: _Slab, layers: int) -> None:
-            super().__init__(layers=[DynamicLayer() for _ in range(layers)])
-            self.slab = slab
-
-        def update(
-            self,
-            key_states: torch.Tensor,
-            value_states: torch.Tensor,
-            layer_idx: int,
-            *a: Any,
-            **k: Any,
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            return self.slab.write(layer_idx, key_states, value_states)
-
-        def get_seq_length(self, layer_idx: int = 0) -> int:
-            return self.slab.read[1] - self.slab.read[0]
-
-    return _SlabCache
-
-
-# --------------------------------------------------------------------------- the prefix cache
-
-
-@dataclass
-class _Block:
-    kv: torch.Tensor  # (layers, 2, kv_heads, length, head_dim): positions [start, start + length)
-    start: int
-    parent: int | None  # block holding position start - 1
-
-
-class _PrefixCache:
-    """KV blocks indexed by a :class:`RadixIndex` (see the module docstring)."""
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.index = RadixIndex()
-        self.blocks: dict[int, _Block] = {}
-        self.stored = 0  # positions held by blocks (>= index.total_size: tails evicted in part)
-        self.evicted = 0
-        self._next = 0
-
-    def match(self, tokens: Sequence[int]) -> tuple[int, list[tuple[torch.Tensor, int]]]:
-        """Longest cached prefix of ``tokens``: its length and the KV pieces covering it, in
-        order, each as ``(kv slice, first position)``."""
-        if not self.blocks or not tokens:
-            return 0, []
-        length, _, value = self.index.match_prefix(tokens)
-        pieces: list[tuple[torch.Tensor, int]] = []
-        end = length
-        while end > 0:
-            assert value is not None
-            block = self.blocks[value]
-            pieces.append((block.kv[:, :, :, : end - block.start], block.start))
-            end, value = block.start, block.parent
-        pieces.reverse()
-        return length, pieces
-
-    def insert(self, tokens: Sequence[int], kv: torch.Tensor, column: int) -> int:
-        """Store ``tokens``, whose KV is ``kv[:, :, :, column + t]`` for position ``t`` (``kv``:
-        one slab row, ``(layers, 2, kv_heads, columns, head_dim)``). Only the positions not
-        stored yet are copied. Returns how many positions were added."""
-        if self.budget <= 0 or not tokens:
-            return 0
-        m, _, parent = self.index.match_prefix(tokens)
-        if m >= len(tokens):
-            return 0
-        block = kv[:, :, :, column + m : column + len(tokens)].clone()
-        value = self._next
-        self._next += 1
-        present = self.index.insert(tokens, value)
-        if present != m:  # pragma: no cover - the index changed between two calls under our lock
-            raise EngineError(f"prefix cache out of step: matched {m}, insert found {present}")
-        self.blocks[value] = _Block(block, m, parent if m > 0 else None)
-        self.stored += len(tokens) - m
-        self._evict()
-        return len(tokens) - m
-
-    def _evict(self) -> None:
-        while self.stored > self.budget:
-            freed, dropped = self.index.evict(self.stored - self.budget)
-            self.evicted += freed
-            for value in dropped:
-                self.stored -= self.blocks.pop(value).kv.shape[3]
-            if freed == 0 and not dropped:
-                break
-
-    def reset(self) -> None:
-        self.index.reset()
-        self.blocks.clear()
-        self.stored = 0
-
-
-# --------------------------------------------------------------------------- per-call state
-
-
-@dataclass
-class _Prompt:
-    ids: list[int]
-    rows: list[int] = field(default_factory=list)  # slab rows sampling from it (first: prefill)
-    cached: int = 0
-    done: int = 0  # positions whose KV is in the slab
-    logits: torch.Tensor | None = None
-
-
-@dataclass
-class _Row:
-    request: int
-    sample: int
-    prompt: int
-    params: SamplingParams
-    limit: int  # max new tokens, capped by the context
-    stop_ids: frozenset[int]
-    stops: tuple[str, ...]
-    output: list[int] = field(default_factory=list)
-    log_probs: list[float] = field(default_factory=list)
-    finish: FinishReason | None = None
-
-
-class _Call:
-    """One generate call as :meth:`EmbeddedEngine.abort` sees it."""
-
-    def __init__(self, keys: list[str | None]) -> None:
-        self.keys = keys
-        self.aborted = [False] * len(keys)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -381,11 +171,23 @@ class EmbeddedEngine:
             self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
 
         self._cache = _PrefixCache(kv_budget_tokens)
-        # On the CPU whatever the model's device: the same seed gives the same draws anywhere.
-        self._generator = torch.Generator()
-        self._generator.manual_seed(seed)
+        self._sampler = Sampler(seed)
+        self._generator = self._sampler.generator
         self._version = 0
         self._stats = EngineStats()
+        self._scheduler = Scheduler(
+            model,
+            tokenizer,
+            self._cache,
+            self._sampler,
+            self._count,
+            max_batch_tokens=max_batch_tokens,
+            context_length=self.context_length,
+            layers=self._layers,
+            kv_heads=self._kv_heads,
+            head_dim=self._head_dim,
+            eos_token_ids=self.eos_token_ids,
+        )
         self._lock = threading.Lock()  # the model: generation vs. optimizer steps
         self._exclusive_depth = 0  # > 0 while a caller holds exclusive(): bump needs no lock
         self._calls_lock = threading.Lock()
@@ -497,6 +299,11 @@ class EmbeddedEngine:
         self._cache.reset()
         self._stats = _add(self._stats, cache_flushes=1)
 
+    def weight_sync(self, source: PolicySource) -> EmbeddedWeightSync:
+        """The trainer's weight sync (:class:`EmbeddedWeightSync`): shared weights when this
+        engine runs ``source.model`` itself, else a replica refreshed after every update."""
+        return EmbeddedWeightSync(self, source)
+
     # ---- generation
 
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Completion]]:
@@ -571,27 +378,7 @@ class EmbeddedEngine:
                 self._calls.discard(call)
 
     def _check_prompt(self, i: int, request: GenerateRequest) -> list[int]:
-        raw = request.input_ids
-        if isinstance(raw, torch.Tensor):
-            raw = raw.tolist()
-        if isinstance(raw, (str, bytes)):
-            raise InvalidTokenError(f"request {i}: input_ids must be token ids, not a string")
-        ids: list[int] = []
-        for pos, t in enumerate(raw):
-            if isinstance(t, bool):
-                raise InvalidTokenError(f"request {i}: input_ids[{pos}] is a bool, not a token id")
-            try:
-                v = operator.index(t)
-            except TypeError:
-                raise InvalidTokenError(
-                    f"request {i}: input_ids[{pos}] is {t!r}, not an int token id"
-                ) from None
-            if not 0 <= v < self.vocab_size:
-                raise InvalidTokenError(
-                    f"request {i}: input_ids[{pos}] = {v} is outside the vocabulary "
-                    f"[0, {self.vocab_size})"
-                )
-            ids.append(v)
+        ids = check_token_ids(request.input_ids, self.vocab_size, where=f"request {i}")
         if not ids:
             raise InvalidArgumentError(f"request {i}: input_ids is empty (a prompt needs a token)")
         if len(ids) >= self.context_length:
@@ -607,41 +394,12 @@ class EmbeddedEngine:
         self, requests: Sequence[GenerateRequest], ids: list[list[int]], call: _Call
     ) -> list[list[Completion]]:
         version = self.weight_version
-        prompts: list[_Prompt] = []
-        by_ids: dict[tuple[int, ...], int] = {}
-        rows: list[_Row] = []
-        for r, (req, prompt_ids) in enumerate(zip(requests, ids, strict=True)):
-            p = by_ids.setdefault(tuple(prompt_ids), len(prompts))
-            if p == len(prompts):
-                prompts.append(_Prompt(prompt_ids))
-            sp = req.sampling
-            stops = (sp.stop,) if isinstance(sp.stop, str) else tuple(s for s in sp.stop if s)
-            limit = min(sp.max_new_tokens, self.context_length - len(prompt_ids))
-            stop_ids = self.eos_token_ids | frozenset(int(t) for t in sp.stop_token_ids)
-            for s in range(sp.n):
-                rows.append(_Row(r, s, p, sp, limit, stop_ids, stops))
-        # Prompts in order of the tokens they will compute (the cache's answer now), so that a
-        # prefill chunk holds similar lengths; slab rows: each prompt's first row (it runs the
-        # prefill) in that order, then the other rows.
-        ranked = sorted(range(len(prompts)), key=lambda p: self._uncached(prompts[p].ids))
-        new_index = {old: new for new, old in enumerate(ranked)}
-        prompts = [prompts[p] for p in ranked]
-        for row in rows:
-            row.prompt = new_index[row.prompt]
-        firsts: dict[int, int] = {}
-        for i, row in enumerate(rows):
-            firsts.setdefault(row.prompt, i)
-        first_rows = [firsts[p] for p in range(len(prompts))]
-        taken = set(first_rows)
-        rows = [rows[i] for i in first_rows] + [r for i, r in enumerate(rows) if i not in taken]
-        for i, row in enumerate(rows):
-            prompts[row.prompt].rows.append(i)
-
+        prompts, rows = self._scheduler.plan(requests, ids)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode():
-                self._run(prompts, rows, call)
+                self._scheduler.run(prompts, rows, call)
         finally:
             self.model.train(was_training)
 
@@ -662,349 +420,52 @@ class EmbeddedEngine:
         self._stats = _add(self._stats, requests=len(requests), completions=len(rows))
         return out
 
-    def _run(self, prompts: list[_Prompt], rows: list[_Row], call: _Call) -> None:
-        longest = max(len(p.ids) for p in prompts)
-        decode_columns = max(0, max(row.limit for row in rows) - 1)
-        param = next(self.model.parameters())
-        slab = _Slab(
-            self._layers,
-            len(rows),
-            self._kv_heads,
-            longest + decode_columns,
-            self._head_dim,
-            param.dtype,
-            param.device,
-        )
-        # Attention reads masked columns too, and 0 * NaN is NaN: zero each prompt's left padding
-        # (its other prompt columns are all written before they are read; siblings copy them).
-        for prompt in prompts:
-            slab.buf[:, :, prompt.rows[0], :, : longest - len(prompt.ids)].zero_()
-        cache = _slab_cache(slab, self._layers)
-
-        evicted = self._cache.evicted
-        start = time.perf_counter()
-        self._prefill(prompts, slab, cache, longest)
-        # Siblings: copy each prompt's KV into the rest of its rows.
-        src = [p.rows[0] for p in prompts for _ in p.rows[1:]]
-        dst = [r for p in prompts for r in p.rows[1:]]
-        if dst:
-            slab.buf[:, :, dst, :, :longest] = slab.buf[:, :, src, :, :longest]
-        prefill_s = time.perf_counter() - start
-
-        start = time.perf_counter()
-        self._decode(prompts, rows, slab, cache, longest, call)
-        self._stats = _add(
-            self._stats,
-            prefill_seconds=prefill_s,
-            decode_seconds=time.perf_counter() - start,
-            evicted_tokens=self._cache.evicted - evicted,
-        )
-
-    def _uncached(self, ids: list[int]) -> int:
-        """Tokens of ``ids`` a prefill would compute if the cache stays as it is."""
-        return len(ids) - self._cache.match(ids[:-1])[0]
-
-    def _prefill(self, prompts: list[_Prompt], slab: _Slab, cache: Any, longest: int) -> None:
-        """Run every prompt's uncached tokens; leaves each prompt's last-position logits."""
-        # Prompt p's first slab row is row p, so a chunk of consecutive prompts is a contiguous
-        # row range. Cut where rows x widest piece would pass max_batch_tokens.
-        chunks: list[list[int]] = []
-        current: list[int] = []
-        widest = 0
-        for p in range(len(prompts)):
-            width = self._uncached(prompts[p].ids)
-            if current and (len(current) + 1) * max(widest, width) > self.max_batch_tokens:
-                chunks.append(current)
-                current, widest = [], 0
-            current.append(p)
-            widest = max(widest, width)
-        if current:
-            chunks.append(current)
-
-        for chunk in chunks:
-            for p in chunk:
-                self._load_prefix(prompts[p], slab, longest)
-            while True:
-                active = [p for p in chunk if prompts[p].done < len(prompts[p].ids)]
-                if not active:
-                    break
-                self._prefill_forward(prompts, active, chunk, slab, cache, longest)
-            for p in chunk:
-                prompt = prompts[p]
-                row = prompt.rows[0]
-                base = longest - len(prompt.ids)
-                self._cache.insert(prompt.ids, slab.buf[:, :, row], base)
-
-    def _load_prefix(self, prompt: _Prompt, slab: _Slab, longest: int) -> None:
-        """Copy the prompt's cached prefix (at most len - 1 tokens) into its first row."""
-        length, pieces = self._cache.match(prompt.ids[:-1])
-        row = prompt.rows[0]
-        base = longest - len(prompt.ids)
-        for kv, first in pieces:
-            slab.buf[:, :, row, :, base + first : base + first + kv.shape[3]] = kv
-        prompt.cached = prompt.done = length
-        self._stats = _add(
-            self._stats,
-            prompt_tokens=len(prompt.ids),
-            cached_tokens=length,
-            prefill_tokens=len(prompt.ids) - length,
-        )
-
-    def _prefill_forward(
-        self,
-        prompts: list[_Prompt],
-        active: list[int],
-        chunk: list[int],
-        slab: _Slab,
-        cache: Any,
-        longest: int,
-    ) -> None:
-        """One forward over the chunk's rows: each active prompt runs its next piece."""
-        # Rows of the chunk are contiguous; inactive ones ride along with one pad query.
-        r0, r1 = prompts[chunk[0]].rows[0], prompts[chunk[-1]].rows[0] + 1
-        n_rows = r1 - r0
-        width = max(1, self.max_batch_tokens // max(1, len(active)))
-        spans = {
-            p: (prompts[p].done, min(len(prompts[p].ids), prompts[p].done + width)) for p in active
-        }
-        q_len = max(e - s for s, e in spans.values())
-        device = slab.buf.device
-
-        input_ids = torch.zeros((n_rows, q_len), dtype=torch.long)
-        position_ids = torch.zeros((n_rows, q_len), dtype=torch.long)
-        # Per row: the slab column of each query (-1 for pads) and the valid key columns.
-        q_cols = torch.full((n_rows, q_len), -1, dtype=torch.long)
-        key_lo = torch.zeros(n_rows, dtype=torch.long)
-        key_hi = torch.zeros(n_rows, dtype=torch.long)
-        w_rows, w_cols, s_rows, s_cols = [], [], [], []
-        for p in chunk:
-            prompt = prompts[p]
-            i = prompt.rows[0] - r0
-            base = longest - len(prompt.ids)
-            key_lo[i] = base
-            if p not in spans:
-                key_hi[i] = base + len(prompt.ids)
-                continue
-            s, e = spans[p]
-            n = e - s
-            input_ids[i, q_len - n :] = torch.tensor(prompt.ids[s:e])
-            position_ids[i, q_len - n :] = torch.arange(s, e)
-            q_cols[i, q_len - n :] = torch.arange(base + s, base + e)
-            key_hi[i] = base + e
-            w_rows.append(torch.full((n,), prompt.rows[0]))
-            w_cols.append(torch.arange(base + s, base + e))
-            s_rows.append(torch.full((n,), i))
-            s_cols.append(torch.arange(q_len - n, q_len))
-        lo, hi = int(key_lo.min()), int(key_hi.max())
-        # A row whose piece ends before ``hi`` has unwritten (masked) columns in the window:
-        # make them finite.
-        for p in chunk:
-            end = int(key_hi[prompts[p].rows[0] - r0])
-            if end < hi:
-                slab.buf[:, :, prompts[p].rows[0], :, end:hi].zero_()
-        k_cols = torch.arange(lo, hi)
-        valid = (k_cols[None, :] >= key_lo[:, None]) & (k_cols[None, :] < key_hi[:, None])
-        causal = k_cols[None, None, :] <= q_cols[:, :, None]
-        pad = (q_cols < 0)[:, :, None]
-        allowed = valid[:, None, :] & (causal | pad)
-        mask = _additive(allowed[:, None], slab.buf.dtype).to(device)
-
-        slab.rows = (r0, r1)
-        slab.read = (lo, hi)
-        slab.scatter = (
-            torch.cat(w_rows).to(device),
-            torch.cat(w_cols).to(device),
-            torch.cat(s_rows).to(device),
-            torch.cat(s_cols).to(device),
-        )
-        out = self.model(
-            input_ids=input_ids.to(device),
-            attention_mask=mask,
-            position_ids=position_ids.to(device),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        slab.scatter = None
-        self._stats = _add(self._stats, forward_passes=1)
-        logits = out.logits[:, -1].float()
-        for p, (_, e) in spans.items():
-            prompts[p].done = e
-            if e == len(prompts[p].ids):
-                prompts[p].logits = logits[prompts[p].rows[0] - r0]
-
-    def _decode(
-        self,
-        prompts: list[_Prompt],
-        rows: list[_Row],
-        slab: _Slab,
-        cache: Any,
-        longest: int,
-        call: _Call,
-    ) -> None:
-        """Sample the first token of every row from its prompt's logits, then decode."""
-        device = slab.buf.device
-        live = list(range(len(rows)))  # slab row i holds rows[live[i]]
-        for row in rows:
-            if row.limit == 0:
-                row.finish = FinishReason("length")
-            elif call.aborted[row.request]:
-                row.finish = FinishReason("abort", message="aborted before generation")
-        logits = torch.stack([prompts[row.prompt].logits for row in rows])  # type: ignore[misc]
-        self._sample_step(rows, live, logits)
-        step = 0
-        while True:
-            self._finish_rows(prompts, rows, live, slab, longest, step, call)
-            active = [i for i, r in enumerate(live) if rows[r].finish is None]
-            if not active:
-                return
-            if len(active) < len(live) and len(live) - len(active) >= _COMPACT_FRACTION * len(live):
-                lo = longest - max(len(prompts[rows[live[i]].prompt].ids) for i in active)
-                self._compact(slab, active, lo, longest + step)
-                live = [live[i] for i in active]
-            # Feed each row's last sampled token at column longest + step.
-            column = longest + step
-            input_ids = torch.tensor(
-                [[rows[r].output[-1] if rows[r].output else 0] for r in live], dtype=torch.long
-            )
-            # Finished rows still in the slab run on: keep their positions inside the context.
-            position_ids = torch.tensor(
-                [
-                    [min(len(prompts[rows[r].prompt].ids) + step, self.context_length - 1)]
-                    for r in live
-                ],
-                dtype=torch.long,
-            )
-            lo = longest - max(len(prompts[rows[r].prompt].ids) for r in live)
-            k_cols = torch.arange(lo, column + 1)
-            starts = torch.tensor([longest - len(prompts[rows[r].prompt].ids) for r in live])
-            allowed = k_cols[None, :] >= starts[:, None]
-            mask = _additive(allowed[:, None, None, :], slab.buf.dtype).to(device)
-            slab.rows = (0, len(live))
-            slab.read = (lo, column + 1)
-            slab.column = column
-            out = self.model(
-                input_ids=input_ids.to(device),
-                attention_mask=mask,
-                position_ids=position_ids.to(device),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            self._stats = _add(self._stats, forward_passes=1)
-            step += 1
-            self._sample_step(rows, live, out.logits[:, -1].float())
-
-    def _finish_rows(
-        self,
-        prompts: list[_Prompt],
-        rows: list[_Row],
-        live: list[int],
-        slab: _Slab,
-        longest: int,
-        step: int,
-        call: _Call,
-    ) -> None:
-        """Check the rows that just got a token; cache the KV of the ones that finished."""
-        for i, r in enumerate(live):
-            row = rows[r]
-            if row.finish is None:
-                row.finish = self._check_finish(row, call)
-                if row.finish is None:
-                    continue
-                prompt = prompts[row.prompt]
-                seq = prompt.ids + row.output[:-1]
-                base = longest - len(prompt.ids)
-                # Prompt at [base, longest), output token j (fed at step j + 1) at longest + j.
-                assert len(row.output) - 1 <= step
-                self._cache.insert(seq, slab.buf[:, :, i], base)
-
-    def _check_finish(self, row: _Row, call: _Call) -> FinishReason | None:
-        if not row.output:
-            return None
-        last = row.output[-1]
-        if last in row.stop_ids:
-            return FinishReason("stop", matched=last)
-        if row.stops:
-            text = self.tokenizer.decode(row.output, skip_special_tokens=False)
-            best: tuple[int, str] | None = None
-            for s in row.stops:
-                at = text.find(s)
-                if at >= 0 and (best is None or at + len(s) < best[0]):
-                    best = (at + len(s), s)
-            if best is not None:
-                return FinishReason("stop", matched=best[1])
-        if len(row.output) >= row.limit:
-            return FinishReason("length")
-        if call.aborted[row.request]:
-            return FinishReason("abort", message="aborted")
-        return None
-
-    def _compact(self, slab: _Slab, keep: list[int], lo: int, hi: int) -> None:
-        """Move the slab rows ``keep`` to the front (columns ``[lo, hi)``, the ones in use)."""
-        if keep == list(range(len(keep))):
-            return
-        index = torch.tensor(keep, device=slab.buf.device)
-        slab.buf[:, :, : len(keep), :, lo:hi] = slab.buf[:, :, index, :, lo:hi]
-
-    # ---- sampling
-
-    def _sample_step(self, rows: list[_Row], live: list[int], logits: torch.Tensor) -> None:
-        """Sample one token for every unfinished row of ``live`` from ``logits`` (one per live
-        slab row, float32)."""
-        todo = [i for i, r in enumerate(live) if rows[r].finish is None]
-        if not todo:
-            return
-        logits = logits[todo]
-        params = [rows[live[i]].params for i in todo]
-        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params])
-        log_probs = torch.log_softmax(logits / temps.to(logits.device)[:, None], dim=-1)
-        tokens = logits.argmax(dim=-1)  # greedy rows: argmax of the raw logits
-        sampled = [j for j, p in enumerate(params) if p.temperature > 0]
-        if sampled:
-            tokens[sampled] = self._draw(log_probs[sampled], [params[i] for i in sampled])
-        chosen = log_probs.gather(1, tokens[:, None])[:, 0]
-        self._stats = _add(self._stats, decode_tokens=len(todo))
-        for i, t, lp in zip(todo, tokens.tolist(), chosen.tolist(), strict=True):
-            row = rows[live[i]]
-            row.output.append(int(t))
-            row.log_probs.append(float(lp))
+    def _count(self, **delta: float) -> None:
+        self._stats = _add(self._stats, **delta)
 
     def _draw(self, log_probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """One token per row from ``softmax(log_probs)``, truncated by each row's top-k / top-p.
+        """:meth:`treegrpo.engine.sampling.Sampler.draw` with the engine's generator."""
+        return self._sampler.draw(log_probs, params)
 
-        Top-k / top-p look at the ``k`` most likely tokens only (``torch.topk``, much cheaper
-        than sorting the vocabulary), ``k`` grown until it holds every row's kept set."""
-        vocab = log_probs.shape[-1]
-        device = log_probs.device
-        probs = log_probs.exp()
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype, device=device)
-        if bool((top_k >= vocab).all()) and bool((top_p >= 1).all()):
-            return self._categorical(probs)
-        limited = top_k[top_k < vocab]
-        k = min(vocab, max(_TOPK_CANDIDATES, int(limited.max()) if limited.numel() else 0))
-        while True:
-            values, index = probs.topk(k, dim=-1)  # sorted, most likely first
-            mass = values.cumsum(-1)
-            covered = (top_k <= k) | (mass[:, -1] >= top_p) | (k == vocab)
-            if bool(covered.all()):
-                break
-            k = min(vocab, k * _TOPK_GROWTH)
-        rank = torch.arange(k, device=device)[None, :]
-        keep = rank < top_k[:, None]
-        # The nucleus: every token whose preceding mass is below top_p (the first always).
-        keep &= ((mass - values) < top_p[:, None]) | (top_p >= 1)[:, None]
-        return index.gather(1, self._categorical(values * keep)[:, None])[:, 0]
 
-    def _categorical(self, weights: torch.Tensor) -> torch.Tensor:
-        """One index per row, drawn in proportion to ``weights`` (>= 0, any scale): inverse CDF
-        with a float64 cumulative sum (``torch.multinomial`` is slow over a whole vocabulary)."""
-        cdf = weights.double().cumsum(-1)
-        u = torch.rand(weights.shape[0], 1, generator=self._generator, dtype=torch.float64)
-        u = u.to(cdf.device) * cdf[:, -1:]
-        # The first index whose cumulative weight passes u: zero-weight entries never win.
-        return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=weights.shape[1] - 1)
+class EmbeddedWeightSync:
+    """:class:`~treegrpo.engine.base.WeightSync` of the embedded engine.
+
+    Shared weights (the engine runs the learner's very model object): the learner steps inside
+    :meth:`EmbeddedEngine.exclusive` and calls :meth:`EmbeddedEngine.bump_weight_version`
+    (``on_step``, ``hold``); :meth:`push` has nothing to do. A replica (the learner's model is
+    sharded by FSDP2, or the engine runs another dtype): :meth:`push` loads the learner's full
+    weights into it (``load_state_dict`` casts the dtype) and bumps the version, under
+    ``exclusive``. The checkpoint keeps the engine's sampling generator and weight version."""
+
+    keeps_state = True
+
+    def __init__(self, engine: EmbeddedEngine, source: PolicySource) -> None:
+        self.engine = engine
+        self.source = source
+        self.shared = engine.model is source.model
+        self.on_step = engine.bump_weight_version if self.shared else None
+        self.hold = engine.exclusive if self.shared else None
+
+    def push(self, version: int) -> None:
+        if self.shared:
+            return  # the learner's on_step bumped the version
+        state = self.source.state_dict(True)  # under FSDP2 every rank gathers the shards
+        with self.engine.exclusive():
+            self.engine.model.load_state_dict(state, strict=False)  # casts the dtype
+            self.engine.bump_weight_version()
+
+    def weights_loaded(self) -> None:
+        """Weights changed under the engine's cache: a new version (sharded: the next
+        :meth:`push` refreshes the replica and bumps it)."""
+        if not self.source.sharded:
+            self.engine.bump_weight_version()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state)
 
 
 class _Exclusive:
@@ -1036,12 +497,6 @@ class _Exclusive:
 
     async def __aexit__(self, *exc: object) -> None:
         self.__exit__(*exc)
-
-
-def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean "may attend" mask as an additive float mask (0 / most negative finite)."""
-    zero = torch.zeros((), dtype=dtype)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
 def _add(stats: EngineStats, **delta: float) -> EngineStats:

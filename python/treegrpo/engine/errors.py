@@ -28,7 +28,12 @@ class EngineError(TreeGRPOError):
 class InvalidTokenError(EngineError, InvalidArgumentError):
     """A token id that is negative, not an int, or beyond the model's vocabulary. Caught before
     anything is sent: SGLang does not check token ids and may crash on one. The message names
-    the request and the position."""
+    the request and the position; ``out_of_range`` is True for an int outside the vocabulary
+    (False: not an int at all)."""
+
+    def __init__(self, message: str, *, out_of_range: bool = False) -> None:
+        super().__init__(message)
+        self.out_of_range = out_of_range
 
 
 class EngineClosedError(EngineError, RuntimeError):

@@ -48,6 +48,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Literal
 
+from treegrpo.engine.stops import cut_text
 from treegrpo.env.prompt import TokenizerLike
 from treegrpo.env.tools import SearchTool
 from treegrpo.env.types import Retriever, Tool
@@ -119,9 +120,9 @@ def wrap_information(body: str) -> str:
 def cut_at_stop(text: str, stops: Sequence[str] = STOP_STRINGS) -> str:
     """``text`` up to and including its earliest stop string (unchanged if it has none).
 
-    For engines that cannot stop on strings: the step must end at its first closing tag."""
-    ends = [i + len(s) for s in stops if s and (i := text.find(s)) >= 0]
-    return text[: min(ends)] if ends else text
+    For engines that cannot stop on strings: the step must end at its first closing tag. The rule
+    is SGLang's, as every engine applies it (:mod:`treegrpo.engine.stops`)."""
+    return cut_text(text, stops)[0]
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from treegrpo.engine.base import GenerateRequest, SamplingParams
+from treegrpo.engine.errors import InvalidTokenError
+from treegrpo.engine.stops import StopMatcher
+from treegrpo.engine.tokens import check_token_ids
 from treegrpo.env.retrievers.server import start_app_in_thread
 
 __all__ = [
@@ -396,17 +399,18 @@ class SGLangStandin:
         prompts = [raw] if single else raw
         if not isinstance(prompts, list) or not prompts:
             raise _BadRequest("input_ids must be a non-empty list of token ids or of lists")
-        for prompt in prompts:
+        for k, prompt in enumerate(prompts):
             if not isinstance(prompt, list) or not prompt:
                 raise _BadRequest("every prompt must be a non-empty list of token ids")
-            for token in prompt:
-                if isinstance(token, bool) or not isinstance(token, int):
-                    raise _BadRequest(f"token ids must be integers, got {token!r}")
-                if not 0 <= token < self.vocab_size:
-                    raise _OutOfVocabulary(
-                        f"token id {token} is outside the vocabulary [0, {self.vocab_size}): "
-                        "a real SGLang server does not check this and may crash"
-                    )
+            try:
+                check_token_ids(
+                    prompt,
+                    self.vocab_size,
+                    where=f"prompt {k}",
+                    note=": a real SGLang server does not check this and may crash",
+                )
+            except InvalidTokenError as e:
+                raise (_OutOfVocabulary if e.out_of_range else _BadRequest)(str(e)) from None
         sampling = body.get("sampling_params") or {}
         sampling_list = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         if len(sampling_list) != len(prompts):
@@ -673,12 +677,16 @@ class SGLangStandin:
         ):
             return {"type": "stop", "matched": last}
         if s.params.stop and not self.skip_tokenizer_init:
+            # SGLang decodes the last stop_str_max_len + 1 tokens; a stop string's length in
+            # characters bounds its length in tokens.
             width = max(len(stop) for stop in s.params.stop) + 2
-            tail = str(self.tokenizer.decode(s.output[-width:], skip_special_tokens=False))
-            for stop in s.params.stop:
-                if stop in tail:
-                    return {"type": "stop", "matched": stop}
+            matched = StopMatcher(s.params.stop, self._decode, tail=width).check(s.output)
+            if matched is not None:
+                return {"type": "stop", "matched": matched}
         return None
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))
 
     def _complete_finished(self) -> None:
         for job in list(self._running):
