@@ -225,6 +225,7 @@ def test_warm_start_key_follows_every_setting(world: Path) -> None:
         _key(base, sft, ModelConfig(sft_episodes=5), 2, "short", 0),
         _key(base, sft, ModelConfig(sft_corpus_docs=2), 2, "short", 0),
         _key(base, sft, ModelConfig(sft_rename=True), 2, "short", 0),
+        _key(base, sft, ModelConfig(sft_guess=0.5), 2, "short", 0),
         _key(base, sft, ModelConfig(), 1, "short", 0),
         _key(base, sft, ModelConfig(), 2, "search_r1", 0),
         _key("other", sft, ModelConfig(), 2, "short", 0),
@@ -356,3 +357,30 @@ def test_renaming_needs_the_synthetic_world(tmp_path: Path) -> None:
     corpus.write_text(json.dumps({"id": "0", "contents": '"the sea"\nwater'}) + "\n")
     with pytest.raises(ValueError, match=r"model\.sft_rename"):
         Renamer.for_corpus(corpus, scratch_tokenizer(["the sea water"]), random.Random(0))
+
+
+def test_guess_episodes_answer_at_once_in_the_gold_format(world: Path) -> None:
+    from treegrpo.env.rewards import extract_answer, is_valid_format
+    from treegrpo.sft import episode_ids, gold_answer, gold_rows, guess_episode
+
+    rows = gold_rows(world / "sft.parquet", max_hops=2)
+    answers = {gold_answer(r) for r in rows}
+    assert len(answers) > 1
+    row, other = rows[0], next(r for r in rows if gold_answer(r) != gold_answer(rows[0]))
+    guess = guess_episode(row, gold_answer(other))
+    assert guess["question"] == row["question"] and guess["prompt"] == row["prompt"]
+    (step,) = guess["steps"]  # no search: one step, no observation
+    assert step["observation"] == "" and "<search>" not in step["action"]
+    assert is_valid_format(step["action"])
+    assert extract_answer(step["action"]) == gold_answer(other) != gold_answer(row)
+    _, mask = episode_ids([guess], scratch_tokenizer(world_texts(world)), "short")[0]
+    assert any(mask) and not mask[0]  # the answer is trained, the prompt is not
+
+
+def test_sft_guess_must_be_a_share() -> None:
+    from treegrpo.config import ModelConfig
+
+    ModelConfig(sft_guess=0.0)
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ConfigError, match=r"model\.sft_guess must be in \[0, 1\)"):
+            ModelConfig(sft_guess=bad)

@@ -167,6 +167,11 @@ class ModelConfig:
       question, searches, pages, answer). No fact can then be memorised, so the policy must copy
       names from the question and from the retrieved pages: what a held-out question needs.
       Synthetic world only.
+    - ``sft_guess``: the share of drawn warm-start episodes replaced by a guess: the question
+      answered at once, without a search, with the answer of another gold episode (a name of
+      a plausible kind, almost always wrong). The warm-started policy then searches only part
+      of the time; RL has to learn that searching pays (the room it leaves for RL:
+      docs/benchmarks.md, "Quickstart"). 0 = none.
     - ``sft_seed``: the warm start's episode draws (not ``trainer.seed``: runs that differ
       only in their RL seed share one warm start).
     - ``sft_micro_batch_tokens``: padded tokens per warm-start forward pass (gradient
@@ -184,6 +189,7 @@ class ModelConfig:
     sft_seed: int = 0
     sft_corpus_docs: int = 0
     sft_rename: bool = False
+    sft_guess: float = 0.0
     sft_micro_batch_tokens: int = 2048
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: Literal["cpu", "cuda", "auto"] = "auto"
@@ -197,6 +203,10 @@ class ModelConfig:
         )
         _need(self.sft_episodes >= 0, "model.sft_episodes must be >= 0 (0 = all)")
         _need(self.sft_corpus_docs >= 0, "model.sft_corpus_docs must be >= 0 (0 = none)")
+        _need(
+            math.isfinite(self.sft_guess) and 0 <= self.sft_guess < 1,
+            f"model.sft_guess must be in [0, 1) (a share of the episodes), got {self.sft_guess}",
+        )
         _need(self.sft_batch_size >= 1, "model.sft_batch_size must be >= 1")
         _at_most(
             "model.sft_batch_size", self.sft_batch_size, MAX_LEAVES_PER_STEP, "MAX_LEAVES_PER_STEP"

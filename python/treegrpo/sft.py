@@ -171,6 +171,24 @@ class Renamer:
         }
 
 
+def guess_episode(row: dict[str, Any], guess: str) -> dict[str, Any]:
+    """``row`` (a gold-episode row) answered at once with ``guess``, without a search
+    (``model.sft_guess``): one step, think then answer, in the format of the gold episodes."""
+    think = f"I will answer from what I know: the answer is {guess}."
+    step = {"action": f"<think> {think} </think>\n<answer> {guess} </answer>", "observation": ""}
+    return {**row, "steps": [step]}
+
+
+def gold_answer(row: dict[str, Any]) -> str:
+    """The answer a gold-episode row ends with."""
+    from treegrpo.env.rewards import extract_answer
+
+    answer = extract_answer(row["steps"][-1]["action"]) if row.get("steps") else None
+    if not answer:
+        raise ValueError(f"gold episode {row.get('extra_info')} does not end with an answer")
+    return answer
+
+
 def corpus_pages(path: Path, tokenizer: Any) -> list[tuple[list[int], list[bool]]]:
     """(token ids, loss mask) of every page of a JSONL corpus, every token after the first
     trained: language modelling on the world's own pages gives every name of the world a
@@ -203,6 +221,8 @@ def _key(
         settings.append(cfg.sft_corpus_docs)
     if cfg.sft_rename:
         settings.append("rename")
+    if cfg.sft_guess:
+        settings.append(["guess", cfg.sft_guess])
     if seed:  # seed 0 keeps the keys of warm starts made before the seed was part of them
         settings.append(["seed", seed])
     h.update(json.dumps(settings).encode())
@@ -291,7 +311,9 @@ def warm_start(
     rng = random.Random(seed)
     corpus = sft_file.parent / "corpus.jsonl"
     renamer = Renamer.for_corpus(corpus, tokenizer, rng) if cfg.sft_rename else None
-    data = [] if renamer else episode_ids(rows, tokenizer, prompt)
+    fixed = renamer is None and not cfg.sft_guess  # the same token ids every time drawn
+    data = episode_ids(rows, tokenizer, prompt) if fixed else []
+    answers = [gold_answer(r) for r in rows] if cfg.sft_guess else []
     pages = corpus_pages(corpus, tokenizer) if cfg.sft_corpus_docs else []
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
@@ -300,11 +322,21 @@ def warm_start(
     started = time.perf_counter()
     total = float("nan")
     for _ in bar:
-        if renamer is None:
+        if fixed:
             batch = rng.sample(data, min(cfg.sft_batch_size, len(data)))
-        else:  # fresh names each time an episode is drawn
+        else:
             drawn = rng.sample(rows, min(cfg.sft_batch_size, len(rows)))
-            batch = episode_ids([renamer.episode(r) for r in drawn], tokenizer, prompt)
+            if renamer is not None:  # fresh names each time an episode is drawn
+                drawn = [renamer.episode(r) for r in drawn]
+            if cfg.sft_guess:  # some answered at once with another question's answer
+                drawn = [
+                    guess_episode(r, answers[rng.randrange(len(answers))])
+                    if rng.random() < cfg.sft_guess
+                    else r
+                    for r in drawn
+                ]
+            # by length, so that short guesses are not padded to the gold episodes' length
+            batch = sorted(episode_ids(drawn, tokenizer, prompt), key=lambda e: len(e[0]))
         batch += rng.sample(pages, min(cfg.sft_corpus_docs, len(pages)))
         n_tokens = sum(sum(m) for _, m in batch)
         optimizer.zero_grad(set_to_none=True)
@@ -332,6 +364,7 @@ def warm_start(
                     "prompt": prompt,
                     "episodes_used": len(rows),
                     "rename": cfg.sft_rename,
+                    "guess": cfg.sft_guess,
                     "corpus_docs_per_step": cfg.sft_corpus_docs,
                     "final_loss": total,
                     "seconds": time.perf_counter() - started,
