@@ -263,11 +263,15 @@ class EngineConfig:
       embedded engine shares the learner's weights either way. ``nccl`` (a broadcast to the
       servers) is refused until the trainer drives it (a separate issue).
     - ``sync_dir``: where the disk path writes weights (must be readable by the servers).
-    - ``retry_window_s``: seconds an SGLang server may fail (refused connections, HTTP 5xx,
-      timeouts) before the run stops; retries back off from 0.5 s, doubling, up to 4 s apart.
-      The default rides out a restart of a stand-in or a small model; a large model's restart
-      takes minutes: raise it. A server that comes back gets the last weights pushed again
-      (it restarts with its base weights; see :mod:`treegrpo.engine.sglang_client`).
+    - ``retry_window_s``: seconds (default 30) an SGLang request may keep failing (refused or
+      dropped connections, HTTP 5xx, timeouts) before the run stops; retries back off from
+      0.5 s, doubling, up to 4 s apart. With several ``urls``, the requests of a server that
+      goes away (refused or dropped connection) move at once to those that answer, so the
+      window is how long *no* server may answer; the error then names every server and its
+      last error. The default rides out a restart of a stand-in or a small model; a large
+      model's restart takes minutes: raise it. A server that comes back gets its requests
+      back and the last weights pushed again (it restarts with its base weights; see
+      :mod:`treegrpo.engine.sglang_client`).
     - ``dtype``: the embedded engine's weights. ``policy``: it generates from the learner's own
       weights (no copy). ``float32`` / ``bfloat16``: the same when the policy has that dtype,
       else a copy in it, refreshed after every update (as SGLang servers generate in bfloat16
