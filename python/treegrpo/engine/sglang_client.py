@@ -11,7 +11,9 @@ shared ``sglang.md``:
 - Tree affinity: every request with the same :attr:`GenerateRequest.key` goes to the same server
   (a stable hash of the key), so a tree's prefixes stay in one radix cache; or, with
   ``routing="router"``, everything goes to one ``sglang_router`` URL with the header
-  ``X-SMG-Routing-Key: <key>`` (for its ``consistent_hashing`` policy).
+  ``X-SMG-Routing-Key: <key>`` (for its ``consistent_hashing`` policy; aborts and weight
+  updates go to the workers, ``control_urls``, since the router answers 404 for them); or,
+  with ``routing="round_robin"``, each request to the next server whatever its key.
 - Retries with exponential backoff on connection errors, timeouts and HTTP 5xx, never on 4xx. A
   request either returns exactly its n samples once or raises: a retry is a new attempt with a new
   rid (the old one is aborted), and nothing of a failed attempt is kept. ``retry_window`` sets
@@ -106,7 +108,7 @@ logger = logging.getLogger(__name__)
 ROUTING_HEADER = "X-SMG-Routing-Key"
 """The header ``sglang_router`` hashes with ``--policy consistent_hashing``."""
 
-_ROUTINGS = ("tree", "router")
+_ROUTINGS = ("tree", "round_robin", "router")
 
 _PROBE_INTERVAL_S = 1.0
 """Seconds between background ``GET /health`` probes of a server that went away while others
@@ -187,6 +189,8 @@ class SGLangClient(WeightSyncCalls):
             caught.
         routing: ``"tree"`` (default): requests with the same key go to the same server (stable
             hash of the key modulo the number of servers; keyless requests round-robin).
+            ``"round_robin"``: every request to the next server, keys ignored (no prefix
+            reuse across a tree's requests beyond chance; even load whatever the keys).
             ``"router"``: one URL, a router that routes on the ``X-SMG-Routing-Key`` header.
         timeout: seconds one HTTP request may take (a whole generation, or a weight update).
         connect_timeout: seconds to open a connection.
@@ -212,7 +216,7 @@ class SGLangClient(WeightSyncCalls):
         *,
         tokenizer: Any = None,
         vocab_size: int | None = None,
-        routing: Literal["tree", "router"] = "tree",
+        routing: Literal["tree", "round_robin", "router"] = "tree",
         timeout: float = 600.0,
         connect_timeout: float = 10.0,
         retries: int = 3,
@@ -504,7 +508,7 @@ class SGLangClient(WeightSyncCalls):
         """The server a request with ``key`` belongs on (whether it answers or not)."""
         if self.routing == "router" or len(self._servers) == 1:
             return self._servers[0]
-        if key is None:
+        if key is None or self.routing == "round_robin":
             return self._servers[next(self._round_robin) % len(self._servers)]
         return self._servers[_stable_hash(key) % len(self._servers)]
 
@@ -536,7 +540,7 @@ class SGLangClient(WeightSyncCalls):
         alive = [s for s in self._servers if not s.gone]
         if not alive:
             return None
-        if key is None:
+        if key is None or self.routing == "round_robin":
             return alive[next(self._round_robin) % len(alive)]
         return max(alive, key=lambda s: _stable_hash(f"{key}\n{s.url}"))
 
@@ -784,7 +788,15 @@ class SGLangClient(WeightSyncCalls):
         )
 
     async def _abort(self, url: str, rid: str, *, abort_all: bool = False) -> None:
-        await self._http.post(url, "/abort_request", {"rid": rid, "abort_all": abort_all}, {})
+        """``/abort_request`` for what was sent to ``url``; through a router, to every worker
+        (sglang-router answers 404 for it)."""
+        body = {"rid": rid, "abort_all": abort_all}
+        if self.routing != "router":
+            await self._http.post(url, "/abort_request", body, {})
+            return
+        await asyncio.gather(
+            *(self._http.post(u, "/abort_request", body, {}) for u in self._control)
+        )
 
     async def _abort_quietly(self, url: str, rid: str) -> None:
         """Best effort: a server that cannot be reached has nothing running for us."""
