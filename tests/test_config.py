@@ -396,3 +396,28 @@ def test_every_section_raises_one_error_class(section: type, kwargs: dict, match
         section(**kwargs)
     assert isinstance(error.value, ValueError | treegrpo.InvalidArgumentError)
     assert isinstance(error.value, treegrpo.InvalidOptionError)
+
+
+SGLANG = ["engine.kind=sglang", "engine.urls=[http://a:1,http://b:2]"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["engine.routing=hash"], "engine.routing must be one of 'tree', 'round_robin', 'router'"),
+        (["engine.routing=router"], "engine.routing=router needs engine.router_url"),
+        (["engine.router_url=http://r:3"], "engine.router_url is only used with engine.routing"),
+        (["engine.routing=router", "engine.router_url=r:3"], "must be http"),
+    ],
+)
+def test_engine_routing_is_validated(overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [*SGLANG, *overrides])
+
+
+def test_engine_routing_needs_sglang_servers() -> None:
+    with pytest.raises(ConfigError, match=r"engine.routing only acts with engine.kind=sglang"):
+        load_config(None, ["engine.routing=round_robin"])
+    cfg = load_config(None, [*SGLANG, "engine.routing=router", "engine.router_url=http://r:3"])
+    assert (cfg.engine.routing, cfg.engine.router_url) == ("router", "http://r:3")
+    assert load_config(None, SGLANG).engine.routing == "tree"

@@ -273,11 +273,23 @@ class EngineConfig:
       embedded engine shares the learner's weights either way. ``nccl`` (a broadcast to the
       servers) is refused until the trainer drives it (a separate issue).
     - ``sync_dir``: where the disk path writes weights (must be readable by the servers).
-    - ``retry_window_s``: seconds an SGLang server may fail (refused connections, HTTP 5xx,
-      timeouts) before the run stops; retries back off from 0.5 s, doubling, up to 4 s apart.
-      The default rides out a restart of a stand-in or a small model; a large model's restart
-      takes minutes: raise it. A server that comes back gets the last weights pushed again
-      (it restarts with its base weights; see :mod:`treegrpo.engine.sglang_client`).
+    - ``routing``: which of several servers a request goes to. ``tree`` (default): every
+      request of a prompt group to one server (a stable hash of the group), so a tree's
+      prefixes stay in one radix cache (the Tree-GRPO reuse); ``round_robin``: requests in
+      turn, keys ignored (even load, prefixes reused only by chance; for comparison);
+      ``router``: every request to ``router_url``, an ``sglang_router`` in front of the
+      ``urls`` (its ``cache_aware`` policy keeps shared prefixes together; aborts and weight
+      updates go to the ``urls`` directly, since the router answers 404 for them).
+    - ``router_url``: the router's URL, with ``routing=router`` only.
+    - ``retry_window_s``: seconds (default 30) an SGLang request may keep failing (refused or
+      dropped connections, HTTP 5xx, timeouts) before the run stops; retries back off from
+      0.5 s, doubling, up to 4 s apart. With several ``urls``, the requests of a server that
+      goes away (refused or dropped connection) move at once to those that answer, so the
+      window is how long *no* server may answer; the error then names every server and its
+      last error. The default rides out a restart of a stand-in or a small model; a large
+      model's restart takes minutes: raise it. A server that comes back gets its requests
+      back and the last weights pushed again (it restarts with its base weights; see
+      :mod:`treegrpo.engine.sglang_client`).
     - ``dtype``: the embedded engine's weights. ``policy``: it generates from the learner's own
       weights (no copy). ``float32`` / ``bfloat16``: the same when the policy has that dtype,
       else a copy in it, refreshed after every update (as SGLang servers generate in bfloat16
@@ -295,6 +307,8 @@ class EngineConfig:
     sync_dir: str | None = None
     dtype: Literal["auto", "policy", "float32", "bfloat16"] = "auto"
     retry_window_s: float = 30.0
+    routing: Literal["tree", "round_robin", "router"] = "tree"
+    router_url: str | None = None
 
     def __post_init__(self) -> None:
         _one_of("engine.kind", self.kind, ("embedded", "sglang"))
@@ -307,12 +321,27 @@ class EngineConfig:
         )
         _one_of("engine.dtype", self.dtype, ("auto", "policy", "float32", "bfloat16"))
         _need(self.kind != "sglang" or bool(self.urls), "engine.urls is required with kind=sglang")
-        for name in ("urls", "sync_dir"):
+        _need(
+            self.kind == "sglang" or self.routing == "tree",
+            "engine.routing only acts with engine.kind=sglang (the embedded engine is one "
+            "process): set engine.kind=sglang or leave it out",
+        )
+        for name in ("urls", "sync_dir", "router_url"):
             _need(
                 self.kind == "sglang" or not getattr(self, name),
                 f"engine.{name} is only used with engine.kind=sglang (the embedded engine "
                 "shares the learner's weights): set engine.kind=sglang or leave it out",
             )
+        _one_of("engine.routing", self.routing, ("tree", "round_robin", "router"))
+        _need(
+            (self.routing == "router") == bool(self.router_url),
+            "engine.routing=router needs engine.router_url (the sglang_router in front of "
+            "engine.urls), and engine.router_url is only used with engine.routing=router",
+        )
+        _need(
+            self.router_url is None or self.router_url.startswith(("http://", "https://")),
+            f"engine.router_url must be http(s)://HOST:PORT, got {self.router_url!r}",
+        )
         _need(self.kv_budget_tokens >= 0, "engine.kv_budget_tokens must be >= 0")
         _need(
             math.isfinite(self.retry_window_s) and 0 <= self.retry_window_s <= 86400,

@@ -130,9 +130,11 @@ class Trainer:
             if cfg.engine.kind == "sglang":
                 from treegrpo.engine import sglang_client
 
-                self._await(
-                    sglang_client.probe(cfg.engine.urls, retry_window=cfg.engine.retry_window_s)
-                )
+                urls = [
+                    *cfg.engine.urls,
+                    *([cfg.engine.router_url] if cfg.engine.router_url else []),
+                ]
+                self._await(sglang_client.probe(urls, retry_window=cfg.engine.retry_window_s))
             self.model, self.tokenizer = self._load_policy()
         self.env = SearchEnv(
             self.tokenizer,
@@ -160,8 +162,13 @@ class Trainer:
         else:
             from treegrpo.engine.sglang_client import SGLangClient
 
+            router = cfg.engine.routing == "router"
             self.engine = SGLangClient(
-                cfg.engine.urls, tokenizer=self.tokenizer, retry_window=cfg.engine.retry_window_s
+                [cfg.engine.router_url] if router else cfg.engine.urls,
+                tokenizer=self.tokenizer,
+                retry_window=cfg.engine.retry_window_s,
+                routing=cfg.engine.routing,
+                control_urls=cfg.engine.urls if router else None,
             )
             self._await(self.engine.start())
         # How the engine follows the learner's weights is the engine's business (WeightSync):

@@ -11,11 +11,20 @@ shared ``sglang.md``:
 - Tree affinity: every request with the same :attr:`GenerateRequest.key` goes to the same server
   (a stable hash of the key), so a tree's prefixes stay in one radix cache; or, with
   ``routing="router"``, everything goes to one ``sglang_router`` URL with the header
-  ``X-SMG-Routing-Key: <key>`` (for its ``consistent_hashing`` policy).
+  ``X-SMG-Routing-Key: <key>`` (for its ``consistent_hashing`` policy; aborts and weight
+  updates go to the workers, ``control_urls``, since the router answers 404 for them); or,
+  with ``routing="round_robin"``, each request to the next server whatever its key.
 - Retries with exponential backoff on connection errors, timeouts and HTTP 5xx, never on 4xx. A
   request either returns exactly its n samples once or raises: a retry is a new attempt with a new
   rid (the old one is aborted), and nothing of a failed attempt is kept. ``retry_window`` sets
   how long a server may fail before the client gives up (long enough to ride out a restart).
+- Servers that go away: a refused or dropped connection marks the server gone; every attempt is
+  routed anew, so its requests (those in flight included) move to a server that answers (the
+  same one for every request of a key), and it gets them back once ``GET /health`` answers again.
+  When none answers for ``retry_window`` seconds, the error names every server and its error.
+- Token ids are checked against the vocabulary before anything is sent (a real server's
+  scheduler crashes on an id beyond it): the ``vocab_size`` ``/model_info`` reports, else the
+  tokenizer's length.
 - Stale weights: a server restarted within that window comes back with its base weights. Every
   answer carries ``meta_info.weight_version``; when it is not the version last pushed through
   this client, the answer is discarded (never returned), the last update from disk is pushed to
@@ -99,7 +108,13 @@ logger = logging.getLogger(__name__)
 ROUTING_HEADER = "X-SMG-Routing-Key"
 """The header ``sglang_router`` hashes with ``--policy consistent_hashing``."""
 
-_ROUTINGS = ("tree", "router")
+_ROUTINGS = ("tree", "round_robin", "router")
+
+_PROBE_INTERVAL_S = 1.0
+"""Seconds between background ``GET /health`` probes of a server that went away while others
+answer."""
+_PROBE_FRESH_S = 0.1
+"""Seconds a probe's result stands for the requests that wait on it."""
 
 
 # --------------------------------------------------------------------------- servers
@@ -115,6 +130,14 @@ class _Server:
         self.capacity_given = capacity is not None
         self.skip_tokenizer_init = False
         self.in_flight: dict[str, int] = {}  # rid -> n
+        self.vocab_size: int | None = None  # as /model_info reports it, if it does
+        # Gone: the last attempt found nothing listening or lost its connection. Requests
+        # then go to the other servers until a GET /health answers again (see _pick).
+        self.gone = False
+        self.gone_since = 0.0
+        self.last_error = ""
+        self.probe: asyncio.Task[None] | None = None
+        self.probed_at = -math.inf
         # Weights pushed to this server again after it came back with others (see
         # SGLangClient._restore_weights); one re-push at a time.
         self.repushes = 0
@@ -131,6 +154,12 @@ class _Server:
         if (page_size, capacity) != (self.cache.page_size, self.cache.capacity):
             self.cache = RadixCacheModel(capacity, page_size)
         self.skip_tokenizer_init = bool(info.get("skip_tokenizer_init", False))
+
+    def describe(self, now: float) -> str:
+        """``url`` and, when gone, for how long and why (for error messages)."""
+        if not self.gone:
+            return f"{self.url} (answers /health)"
+        return f"{self.url} (gone for {now - self.gone_since:.1f} s: {self.last_error})"
 
 
 # --------------------------------------------------------------------------- the client
@@ -151,12 +180,17 @@ class SGLangClient(WeightSyncCalls):
             (one per data-parallel server), or the one ``sglang_router`` URL with
             ``routing="router"``.
         tokenizer: optional; ``len(tokenizer)`` is the vocabulary size token ids are checked
-            against, and it trims stop strings client-side for servers started with
-            ``--skip-tokenizer-init`` (which cannot match them).
-        vocab_size: the vocabulary size when no tokenizer is given. Without either, only
-            negative ids are caught.
+            against (unless a server reports its own, below), and it trims stop strings
+            client-side for servers started with ``--skip-tokenizer-init`` (which cannot match
+            them).
+        vocab_size: the vocabulary size when no tokenizer is given. A ``vocab_size`` that
+            ``/model_info`` (or ``/get_model_info``) reports wins over both: it is the server's
+            embedding, beyond which an id crashes it. Without any, only negative ids are
+            caught.
         routing: ``"tree"`` (default): requests with the same key go to the same server (stable
             hash of the key modulo the number of servers; keyless requests round-robin).
+            ``"round_robin"``: every request to the next server, keys ignored (no prefix
+            reuse across a tree's requests beyond chance; even load whatever the keys).
             ``"router"``: one URL, a router that routes on the ``X-SMG-Routing-Key`` header.
         timeout: seconds one HTTP request may take (a whole generation, or a weight update).
         connect_timeout: seconds to open a connection.
@@ -165,7 +199,10 @@ class SGLangClient(WeightSyncCalls):
         backoff: seconds before the first retry; each later retry waits twice as long...
         max_backoff: ...up to this many seconds.
         retry_window: instead of ``retries``: retry until the waits add up to this many seconds
-            (:func:`retries_for_window`), e.g. the time a server takes to restart.
+            (:func:`retries_for_window`), e.g. the time a server takes to restart. A server that
+            goes away (connection refused or dropped) hands its requests, each retried with a
+            fresh rid, to the servers that answer; only when none answers for this long does a
+            request fail (:class:`ServerUnavailableError` naming every server and its error).
         max_concurrency: requests in flight per server at most; more wait in the client.
         cache_tokens: each server's cache capacity for the ``cached_tokens`` prediction; by
             default ``max_total_num_tokens`` from ``/server_info`` (no eviction if absent).
@@ -179,7 +216,7 @@ class SGLangClient(WeightSyncCalls):
         *,
         tokenizer: Any = None,
         vocab_size: int | None = None,
-        routing: Literal["tree", "router"] = "tree",
+        routing: Literal["tree", "round_robin", "router"] = "tree",
         timeout: float = 600.0,
         connect_timeout: float = 10.0,
         retries: int = 3,
@@ -213,10 +250,14 @@ class SGLangClient(WeightSyncCalls):
             raise InvalidArgumentError(f"max_backoff must be > 0 seconds, got {max_backoff}")
         if retry_window is not None:
             retries = retries_for_window(retry_window, backoff, max_backoff)
+        else:  # the waits that many retries add up to
+            retry_window = sum(min(backoff * 2**k, max_backoff) for k in range(retries))
         if max_concurrency < 1:
             raise InvalidArgumentError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        self._vocab_source = "vocab_size= of SGLangClient"
         if vocab_size is None and tokenizer is not None:
             vocab_size = len(tokenizer)
+            self._vocab_source = "len(tokenizer)"
         if vocab_size is not None and vocab_size < 1:
             raise InvalidArgumentError(f"vocab_size must be >= 1, got {vocab_size}")
         self.urls = [_normalize_url(u) for u in urls]
@@ -226,6 +267,7 @@ class SGLangClient(WeightSyncCalls):
         self.timeout = float(timeout)
         self.connect_timeout = float(connect_timeout)
         self.retries = retries
+        self.retry_window = float(retry_window)
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
         self._servers = [_Server(u, max_concurrency, cache_tokens) for u in self.urls]
@@ -275,6 +317,7 @@ class SGLangClient(WeightSyncCalls):
             )
             for server, info in zip(self._servers, infos, strict=True):
                 server.configure(info)
+            await self._read_vocab_size()
             version = infos[0].get("weight_version") if infos else None
             if isinstance(version, str):
                 self._weight_version = version
@@ -297,6 +340,47 @@ class SGLangClient(WeightSyncCalls):
         if failed:
             await self._http.close()
             raise failed[0]
+
+    async def _read_vocab_size(self) -> None:
+        """Take the vocabulary size from ``/model_info`` (``/get_model_info`` on older servers)
+        where a server reports one: it is the size of the server's embedding, the bound an id
+        crashes it beyond. SGLang 0.5 reports none, so the tokenizer's length (or
+        ``vocab_size=``) stays the bound there."""
+        infos = await asyncio.gather(*(self._model_info_or_empty(s.url) for s in self._servers))
+        for server, info in zip(self._servers, infos, strict=True):
+            size = info.get("vocab_size")
+            if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+                server.vocab_size = size
+        reported = {s.url: s.vocab_size for s in self._servers if s.vocab_size is not None}
+        if len(set(reported.values())) > 1:
+            await self._http.close()
+            sizes = ", ".join(f"{url}: {size}" for url, size in reported.items())
+            raise InvalidArgumentError(
+                f"the SGLang servers report different vocabulary sizes ({sizes}): they serve "
+                "different models; point engine.urls at servers of one model"
+            )
+        if reported:
+            url, size = next(iter(reported.items()))
+            if self.vocab_size is not None and self.vocab_size != size:
+                logger.info(
+                    "%s/model_info reports vocab_size %d (%s gave %d): checking token ids "
+                    "against the server's",
+                    url,
+                    size,
+                    self._vocab_source,
+                    self.vocab_size,
+                )
+            self.vocab_size = size
+            self._vocab_source = f"the vocab_size {url}/model_info reports"
+
+    async def _model_info_or_empty(self, url: str) -> dict[str, Any]:
+        for path in ("/model_info", "/get_model_info"):
+            try:
+                info = await self._http.get(url, path)
+            except (ServerRequestError, ServerResponseError):
+                continue  # 404 on this path (older servers have only /get_model_info)
+            return info if isinstance(info, dict) else {}
+        return {}
 
     async def _server_info_or_empty(self, url: str) -> dict[str, Any]:
         try:
@@ -334,6 +418,10 @@ class SGLangClient(WeightSyncCalls):
             deadline = time.monotonic() + grace
             while any(s.in_flight for s in self._servers) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
+        probes = [s.probe for s in self._servers if s.probe is not None]
+        for probe in probes:
+            probe.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
         await self._http.close()
 
     async def __aenter__(self) -> SGLangClient:
@@ -366,9 +454,9 @@ class SGLangClient(WeightSyncCalls):
         When one request fails the others are cancelled (and aborted on their servers).
         """
         requests = list(requests)
+        await self._ensure_started()  # the vocabulary size may come from the servers
         for i, request in enumerate(requests):
             self._check_request(i, request)
-        await self._ensure_started()
         tasks = [asyncio.ensure_future(self._generate_one(r)) for r in requests]
         try:
             return list(await asyncio.gather(*tasks))
@@ -383,8 +471,8 @@ class SGLangClient(WeightSyncCalls):
         that extend it find it cached, e.g. a prompt shared by requests sent together. Returns
         the ``cached_tokens`` the server reported for this prefill."""
         request = GenerateRequest(input_ids, SamplingParams(max_new_tokens=0), key=key)
-        self._check_request(0, request)
         await self._ensure_started()
+        self._check_request(0, request)
         [completion] = await self._generate_one(request, warm=True)
         return completion.cached_tokens
 
@@ -402,7 +490,10 @@ class SGLangClient(WeightSyncCalls):
             ids,
             self.vocab_size,
             where=f"request {i}",
-            note="; SGLang does not check token ids and may crash on it",
+            note=(
+                f" ({self._vocab_source}); nothing was sent: SGLang does not check token ids "
+                "and its scheduler crashes on one beyond the vocabulary"
+            ),
         )
         if self.vocab_size is not None:
             check_token_ids(
@@ -410,19 +501,114 @@ class SGLangClient(WeightSyncCalls):
                 self.vocab_size,
                 where=f"request {i}",
                 name="stop_token_ids",
+                note=f" ({self._vocab_source})",
             )
 
     def _route(self, key: str | None) -> _Server:
+        """The server a request with ``key`` belongs on (whether it answers or not)."""
         if self.routing == "router" or len(self._servers) == 1:
             return self._servers[0]
-        if key is None:
+        if key is None or self.routing == "round_robin":
             return self._servers[next(self._round_robin) % len(self._servers)]
         return self._servers[_stable_hash(key) % len(self._servers)]
 
     def server_for(self, key: str | None) -> str:
-        """The URL a request with ``key`` goes to (the router's with ``routing="router"``).
-        For a keyless request this takes a turn of the round-robin."""
+        """The URL a request with ``key`` goes to (the router's with ``routing="router"``)
+        while every server answers. For a keyless request this takes a turn of the
+        round-robin."""
         return self._route(key).url
+
+    # ------------------------------------------------------------------ servers that go away
+
+    async def _pick(self, key: str | None) -> _Server | None:
+        """The server for the next attempt of a request with ``key``: its own (:meth:`_route`)
+        unless that one is gone, then one of those that are not (the same for every request of
+        a key: the highest hash of key and URL, so a group's prefixes stay together). When all
+        are gone, each is probed (``GET /health``, shared by the requests waiting); None when
+        none answers."""
+        own = self._route(key)
+        if not own.gone:
+            return own
+        self._probe_soon(own)  # so that it gets its requests back once it answers
+        chosen = self._fallback(key)
+        if chosen is not None:
+            return chosen
+        await asyncio.gather(*(self._probe(s) for s in self._servers))
+        return own if not own.gone else self._fallback(key)
+
+    def _fallback(self, key: str | None) -> _Server | None:
+        alive = [s for s in self._servers if not s.gone]
+        if not alive:
+            return None
+        if key is None or self.routing == "round_robin":
+            return alive[next(self._round_robin) % len(alive)]
+        return max(alive, key=lambda s: _stable_hash(f"{key}\n{s.url}"))
+
+    def _mark_gone(self, server: _Server, error: _Retriable) -> None:
+        server.last_error = str(error)
+        if server.gone:
+            return
+        server.gone, server.gone_since = True, time.monotonic()
+        server.cache.reset()  # when it comes back (a restart) its cache is empty
+        others = sum(not s.gone for s in self._servers)
+        logger.warning(
+            "SGLang server %s went away (%s); %s",
+            server.url,
+            error,
+            f"its requests go to the {others} other server(s) that answer until it is back"
+            if others
+            else "no server answers: requests wait for one to come back",
+        )
+
+    def _mark_back(self, server: _Server) -> None:
+        if server.gone:
+            server.gone = False
+            logger.warning(
+                "SGLang server %s answers again after %.1f s",
+                server.url,
+                time.monotonic() - server.gone_since,
+            )
+
+    async def _probe(self, server: _Server) -> None:
+        """Update ``server.gone`` from one ``GET /health``; concurrent callers share it, and a
+        result younger than ``_PROBE_FRESH_S`` stands."""
+        if server.probe is None or server.probe.done():
+            if time.monotonic() - server.probed_at < _PROBE_FRESH_S:
+                return
+            server.probe = asyncio.ensure_future(self._ping(server))
+        await asyncio.shield(server.probe)
+
+    def _probe_soon(self, server: _Server) -> None:
+        """Probe a gone server in the background, at most every ``_PROBE_INTERVAL_S``."""
+        idle = server.probe is None or server.probe.done()
+        if idle and time.monotonic() - server.probed_at >= _PROBE_INTERVAL_S:
+            server.probe = asyncio.ensure_future(self._ping(server))
+
+    async def _ping(self, server: _Server) -> None:
+        try:
+            problem = await self._http.ping(server.url)
+        except EngineClosedError:
+            problem = "the client was closed"
+        server.probed_at = time.monotonic()
+        if problem is None:
+            self._mark_back(server)
+        elif server.gone:
+            server.last_error = problem
+
+    def _none_answers(self, elapsed: float, attempts: int) -> ServerUnavailableError:
+        now = time.monotonic()
+        servers = "; ".join(s.describe(now) for s in self._servers)
+        many = len(self._servers) > 1
+        return ServerUnavailableError(
+            f"no SGLang server answered /generate for {elapsed:.1f} s ({attempts} attempts, "
+            f"retry window {self.retry_window:g} s): {servers}. Check that "
+            f"{'they are' if many else 'it is'} running and reachable from this machine (host, "
+            "port, firewall) and read the server log for why it stopped (killed, out of "
+            "memory, a crash); a restart that takes longer needs a longer retry_window= "
+            "(engine.retry_window_s in a training config). " + _START_HINT
+        )
+
+    # ------------------------------------------------------------------ one request
 
     def _new_rid(self) -> str:
         return f"{self._rid_prefix}{next(self._counter):012d}"
@@ -430,37 +616,46 @@ class SGLangClient(WeightSyncCalls):
     async def _generate_one(
         self, request: GenerateRequest, *, warm: bool = False
     ) -> list[Completion]:
-        server = self._route(request.key)
+        """One request, retried until it returns its ``n`` samples once: every attempt has a
+        fresh rid and is routed anew (:meth:`_pick`), so a request whose server went away
+        moves to one that answers; nothing of a failed attempt is kept."""
         sampling = request.sampling
-        if sampling.stop and server.skip_tokenizer_init and self.tokenizer is None:
-            raise InvalidArgumentError(
-                f"{server.url} runs with --skip-tokenizer-init, so it cannot match stop strings: "
-                "pass tokenizer= to SGLangClient to match them client-side"
-            )
         input_ids = [int(t) for t in request.input_ids]
         headers = {ROUTING_HEADER: request.key} if self.routing == "router" and request.key else {}
         started = time.monotonic()
         failure: _Retriable | None = None
+        server = self._route(request.key)
         attempt = repushes = 0
-        async with server.slots:
-            while attempt <= self.retries:
-                if failure is not None:  # the previous attempt failed: back off
-                    await asyncio.sleep(self._http.delay(attempt))
-                    if self._closed:
-                        raise EngineClosedError(
-                            f"the SGLangClient was closed while a request to {server.url} "
-                            f"waited to retry (last error: {failure})"
-                        )
-                rid = self._new_rid()
-                epoch, seen = self._version_epoch, server.repushes
-                body = {
-                    "input_ids": input_ids,
-                    "sampling_params": _sampling_params(sampling),
-                    "return_logprob": True,
-                    "logprob_start_len": -1,
-                    "rid": rid,
-                    "stream": False,
-                }
+        while attempt <= self.retries:
+            if failure is not None:  # the previous attempt failed: back off
+                await asyncio.sleep(self._http.delay(attempt))
+                if self._closed:
+                    raise EngineClosedError(
+                        f"the SGLangClient was closed while a request to {server.url} "
+                        f"waited to retry (last error: {failure})"
+                    )
+            picked = await self._pick(request.key)
+            if picked is None:  # every server is gone
+                failure = _Retriable("no server answers GET /health", refused=True)
+                attempt += 1
+                continue
+            server = picked
+            if sampling.stop and server.skip_tokenizer_init and self.tokenizer is None:
+                raise InvalidArgumentError(
+                    f"{server.url} runs with --skip-tokenizer-init, so it cannot match stop "
+                    "strings: pass tokenizer= to SGLangClient to match them client-side"
+                )
+            rid = self._new_rid()
+            epoch, seen = self._version_epoch, server.repushes
+            body = {
+                "input_ids": input_ids,
+                "sampling_params": _sampling_params(sampling),
+                "return_logprob": True,
+                "logprob_start_len": -1,
+                "rid": rid,
+                "stream": False,
+            }
+            async with server.slots:
                 admissions = admit(server.cache, input_ids, sampling.n)
                 server.in_flight[rid] = sampling.n
                 try:
@@ -470,10 +665,9 @@ class SGLangClient(WeightSyncCalls):
                     failure = e
                     attempt += 1
                     release(server.cache, admissions)
-                    if e.refused:
-                        # Nothing listens there: when the server comes back its cache is empty.
-                        server.cache.reset()
-                    else:
+                    if e.gone:
+                        self._mark_gone(server, e)
+                    if not e.refused:
                         # The server may still run it: abort, so it does not compute for nobody.
                         await self._abort_quietly(server.url, rid)
                     continue
@@ -486,34 +680,37 @@ class SGLangClient(WeightSyncCalls):
                     raise
                 finally:
                     server.in_flight.pop(rid, None)
-                stale = self._stale_version(completions, epoch)
-                if stale is not None or server.repushes != seen:
-                    # From weights other than the pushed ones (or across a re-push): discard,
-                    # make sure the server holds the pushed weights, generate again.
-                    release(server.cache, admissions)
-                    if self._closed:
-                        raise EngineClosedError(
-                            f"the SGLangClient was closed while {server.url} answered from "
-                            f"weights other than those last pushed"
-                        )
-                    repushes += 1
-                    if stale is not None:
-                        await self._restore_weights(server, stale, seen, repushes)
-                    failure = None
-                    continue
-                self._ledger.record(
-                    server.cache, server.url, rid, input_ids, admissions, completions, warm
-                )
-                if epoch == self._version_epoch:
-                    # No weight update through this client since it was sent: the answer's
-                    # version is the servers' current one.
-                    self._weight_version = completions[-1].weight_version
-                if sampling.stop and server.skip_tokenizer_init:
-                    completions = [self._trim_stop_strings(c, sampling.stop) for c in completions]
-                return completions
+            self._mark_back(server)
+            stale = self._stale_version(completions, epoch)
+            if stale is not None or server.repushes != seen:
+                # From weights other than the pushed ones (or across a re-push): discard,
+                # make sure the server holds the pushed weights, generate again.
+                release(server.cache, admissions)
+                if self._closed:
+                    raise EngineClosedError(
+                        f"the SGLangClient was closed while {server.url} answered from "
+                        f"weights other than those last pushed"
+                    )
+                repushes += 1
+                if stale is not None:
+                    await self._restore_weights(server, stale, seen, repushes)
+                failure = None
+                continue
+            self._ledger.record(
+                server.cache, server.url, rid, input_ids, admissions, completions, warm
+            )
+            if epoch == self._version_epoch:
+                # No weight update through this client since it was sent: the answer's
+                # version is the servers' current one.
+                self._weight_version = completions[-1].weight_version
+            if sampling.stop and server.skip_tokenizer_init:
+                completions = [self._trim_stop_strings(c, sampling.stop) for c in completions]
+            return completions
         assert failure is not None
         elapsed = time.monotonic() - started
         attempts = self.retries + 1
+        if failure.gone and all(s.gone for s in self._servers):
+            raise self._none_answers(elapsed, attempts)
         tries = f"{attempts} attempt{'s' if attempts > 1 else ''} in {elapsed:.1f} s"
         if failure.timed_out:
             raise ServerTimeoutError(
@@ -591,7 +788,15 @@ class SGLangClient(WeightSyncCalls):
         )
 
     async def _abort(self, url: str, rid: str, *, abort_all: bool = False) -> None:
-        await self._http.post(url, "/abort_request", {"rid": rid, "abort_all": abort_all}, {})
+        """``/abort_request`` for what was sent to ``url``; through a router, to every worker
+        (sglang-router answers 404 for it)."""
+        body = {"rid": rid, "abort_all": abort_all}
+        if self.routing != "router":
+            await self._http.post(url, "/abort_request", body, {})
+            return
+        await asyncio.gather(
+            *(self._http.post(u, "/abort_request", body, {}) for u in self._control)
+        )
 
     async def _abort_quietly(self, url: str, rid: str) -> None:
         """Best effort: a server that cannot be reached has nothing running for us."""

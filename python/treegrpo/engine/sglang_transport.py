@@ -63,12 +63,26 @@ def retries_for_window(window: float, backoff: float = 0.5, max_backoff: float =
 
 
 class Retriable(Exception):
-    """An attempt that failed in a way worth retrying."""
+    """An attempt that failed in a way worth retrying. ``refused``: nothing listens there;
+    ``dropped``: the connection broke (a server killed mid-request, a reset). Either way the
+    server is gone for now (``gone``); a timeout or an HTTP 5xx came from a live server."""
 
-    def __init__(self, message: str, *, timed_out: bool = False, refused: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        timed_out: bool = False,
+        refused: bool = False,
+        dropped: bool = False,
+    ) -> None:
         super().__init__(message)
         self.timed_out = timed_out
         self.refused = refused
+        self.dropped = dropped
+
+    @property
+    def gone(self) -> bool:
+        return self.refused or self.dropped
 
 
 class Transport:
@@ -132,13 +146,34 @@ class Transport:
             async with self.session.post(endpoint, json=body, headers=headers) as response:
                 raw = await response.read()
                 status = response.status
+        except aiohttp.ConnectionTimeoutError as e:  # no connection at all: a host gone
+            raise Retriable(f"cannot connect ({e or 'timed out'})", refused=True) from None
         except asyncio.TimeoutError:
             raise Retriable(f"no answer within {self.timeout:g} s", timed_out=True) from None
         except aiohttp.ClientConnectorError as e:
             raise Retriable(f"cannot connect ({e})", refused=True) from None
         except (aiohttp.ClientError, OSError) as e:
-            raise Retriable(f"{type(e).__name__}: {e}") from None
+            raise Retriable(f"{type(e).__name__}: {e}", dropped=True) from None
         return read_answer(endpoint, status, raw, control=control)
+
+    async def ping(self, url: str) -> str | None:
+        """One ``GET /health``, not retried, within ``connect_timeout`` seconds: None when
+        the server answers 200, else what went wrong."""
+        if self.session is None:
+            raise EngineClosedError("the client's HTTP session is closed")
+        try:
+            async with self.session.get(
+                url + "/health", timeout=aiohttp.ClientTimeout(total=self.connect_timeout)
+            ) as response:
+                await response.read()
+                status = response.status
+        except asyncio.TimeoutError:
+            return f"GET /health: no answer within {self.connect_timeout:g} s"
+        except aiohttp.ClientConnectorError as e:
+            return f"cannot connect ({e})"
+        except (aiohttp.ClientError, OSError) as e:
+            return f"GET /health: {type(e).__name__}: {e}"
+        return None if status == 200 else f"GET /health answered HTTP {status}"
 
     async def get(self, url: str, path: str, *, parse: bool = True) -> Any:
         """A GET, retried like ``/generate``; :class:`ServerUnavailableError` names the URL."""

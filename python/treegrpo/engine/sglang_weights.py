@@ -268,7 +268,7 @@ class WeightSyncCalls:
                 expected,
                 body["model_path"],
             )
-            urls = [server.url] if self.routing == "tree" else self._control
+            urls = [server.url] if self.routing != "router" else self._control
             await self._update_weights(path, body, "abort", urls=urls)
             if body.get("flush_cache", True):
                 for each in self._servers if self.routing == "router" else [server]:
