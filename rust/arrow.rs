@@ -29,6 +29,7 @@ pub fn nodes_schema() -> SchemaRef {
         Field::new("action_len", DataType::UInt32, false),
         Field::new("observation_len", DataType::UInt32, false),
         Field::new("num_children", DataType::UInt32, false),
+        Field::new("mean_log_prob", DataType::Float64, true),
         Field::new("is_leaf", DataType::Boolean, false),
         Field::new("leaf_reason", dict_utf8(), true),
         Field::new("kept", DataType::Boolean, false),
@@ -125,6 +126,7 @@ impl Forest {
             u32s(n.iter().map(|x| x.action_len)),
             u32s(n.iter().map(|x| x.observation_len())),
             u32s(n.iter().map(|x| x.num_children)),
+            f64s_nan_null(self.mean_log_prob.clone().into()),
             Arc::new(BooleanArray::from_iter(
                 self.leaf.iter().map(|l| Some(l.is_some())),
             )),

@@ -139,12 +139,11 @@ def write_rollout(
     def col(attr: str, kind: pa.DataType) -> pa.Array:
         return pa.array([getattr(x, attr) if x is not None else None for x in info], type=kind)
 
-    mean_log_prob = col("mean_log_prob", pa.float64())
+    # mean_log_prob is the Forest's own column (null at roots and where the engine gave none)
     nodes = (
         nodes.append_column("action_text", col("action_text", pa.string()))
         .append_column("observation_text", col("observation_text", pa.string()))
-        .append_column("mean_log_prob", mean_log_prob)
-        .append_column("surprisal", pc.negate(mean_log_prob))
+        .append_column("surprisal", pc.negate(nodes.column("mean_log_prob")))
         .append_column("finish_reason", col("finish_reason", pa.string()))
         .append_column("tool", col("tool", pa.string()))
         .append_column("query", col("query", pa.string()))
