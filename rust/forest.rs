@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 
-use crate::advantage::AdvantageStats;
 use crate::error::{parse_option, Result, TreeError};
 
 /// Sentinel parent of a root.
@@ -138,13 +137,24 @@ pub struct Forest {
     pub trees: Vec<Tree>,
     pub groups: Vec<Group>,
     group_index: HashMap<i64, u32>,
-    /// Result of the last `advantages` call; cleared by any change to the forest.
-    pub(crate) stats: Option<AdvantageStats>,
+    /// Bumped by every change: statistics computed at another generation describe an earlier
+    /// forest (`AdvantageStats::is_current`), so they never go stale silently.
+    generation: u64,
 }
 
 impl Forest {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How many changes the forest has seen (every added node, reward write and K-subsample).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Record a change made outside this module (K-subsampling).
+    pub(crate) fn changed(&mut self) {
+        self.generation += 1;
     }
 
     pub fn num_leaves(&self) -> usize {
@@ -210,7 +220,7 @@ impl Forest {
         self.kept.push(leaf.is_some());
         self.reward.push(f64::NAN);
         self.mean_log_prob.push(mean_log_prob);
-        self.stats = None;
+        self.generation += 1;
         Ok(id)
     }
 
@@ -307,7 +317,7 @@ impl Forest {
         for (id, &value) in ids.into_iter().zip(rewards) {
             self.reward[id as usize] = value;
         }
-        self.stats = None;
+        self.generation += 1;
         Ok(())
     }
 

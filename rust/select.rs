@@ -355,7 +355,7 @@ impl Forest {
                 self.kept[leaves[i] as usize] = true;
             }
         }
-        self.stats = None;
+        self.changed();
         Ok(())
     }
 }

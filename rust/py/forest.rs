@@ -1,5 +1,6 @@
 //! `treegrpo.Forest`: the Python face of `crate::forest::Forest`.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::{Mutex, MutexGuard};
 
 use numpy::{IntoPyArray, PyArray1};
@@ -10,7 +11,7 @@ use super::pack::PyPack;
 use super::seed::Seed;
 use super::table::PyTable;
 use super::tokens::Tokens;
-use crate::advantage::Estimator;
+use crate::advantage::{AdvantageStats, Estimator};
 use crate::error::TreeError;
 use crate::forest::{Forest, LeafReason};
 
@@ -41,13 +42,35 @@ type WithAdvantages<'py> = (
 /// A rollout forest: groups (prompts) of trees whose nodes are whole agent steps.
 #[pyclass(name = "Forest", module = "treegrpo", frozen)]
 pub struct PyForest {
-    inner: Mutex<Forest>,
+    inner: Mutex<Held>,
+}
+
+/// The forest and the result of its last `advantages()` call, which `pack`, `nodes` and
+/// `trajectory` read while it is current (no change to the forest since: the core checks the
+/// generation it was computed at).
+#[derive(Default)]
+struct Held {
+    forest: Forest,
+    stats: Option<AdvantageStats>,
+}
+
+impl Deref for Held {
+    type Target = Forest;
+    fn deref(&self) -> &Forest {
+        &self.forest
+    }
+}
+
+impl DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut Forest {
+        &mut self.forest
+    }
 }
 
 impl PyForest {
     /// Lock for a short operation. The lock is only ever held by code that does not call
     /// back into Python, so holding the GIL while waiting for it cannot deadlock.
-    fn lock(&self) -> MutexGuard<'_, Forest> {
+    fn lock(&self) -> MutexGuard<'_, Held> {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
@@ -79,7 +102,7 @@ impl PyForest {
     #[new]
     fn new() -> Self {
         Self {
-            inner: Mutex::new(Forest::new()),
+            inner: Mutex::new(Held::default()),
         }
     }
 
@@ -209,8 +232,11 @@ impl PyForest {
         let estimator = Estimator::parse(estimator).py()?;
         let batch = enter(py, || {
             let mut f = self.lock();
-            f.advantages(estimator, scale_std)?;
-            Ok(f.advantages_batch())
+            let stats = f.advantages(estimator, scale_std)?;
+            let f = &mut *f;
+            let batch = f.forest.advantages_batch(Some(&stats));
+            f.stats = Some(stats);
+            Ok(batch)
         })?;
         table(batch)
     }
@@ -239,14 +265,20 @@ impl PyForest {
                 }
                 None => None,
             };
-            enter(py, || self.lock().pack(leaves.as_deref(), agg, pad_id))?
+            enter(py, || {
+                let f = self.lock();
+                f.pack(f.stats.as_ref(), leaves.as_deref(), agg, pad_id)
+            })?
         };
         PyPack::new(py, pack, name)
     }
 
     /// One row per node, with the statistics of the last `advantages` call.
     fn nodes(&self, py: Python<'_>) -> PyResult<PyTable> {
-        table(enter(py, || Ok(self.lock().nodes_batch()))?)
+        table(enter(py, || {
+            let f = self.lock();
+            Ok(f.nodes_batch(f.stats.as_ref()))
+        })?)
     }
 
     /// One row per leaf, kept or not.
@@ -305,7 +337,11 @@ impl PyForest {
             let f = self.lock();
             let leaf = node_id(&f, leaf)?;
             let (tokens, mask) = f.trajectory(leaf).py()?;
-            let advantage = f.stats_for(leaf as u32).py()?;
+            let advantage = f
+                .current(f.stats.as_ref())
+                .ok_or(TreeError::NoAdvantage { node: leaf as u32 })
+                .and_then(|s| s.advantage_of(leaf as u32))
+                .py()?;
             (tokens, mask, advantage)
         };
         let n = tokens.len();
