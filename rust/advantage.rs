@@ -62,6 +62,8 @@ impl Estimator {
 /// instead of copying.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdvantageStats {
+    /// The forest's generation they were computed at ([`AdvantageStats::is_current`]).
+    pub generation: u64,
     pub estimator: Estimator,
     pub scale_std: bool,
     /// Kept leaves, ascending id.
@@ -86,6 +88,16 @@ impl AdvantageStats {
     /// The advantage of a kept leaf, if it has one.
     pub fn of_leaf(&self, leaf: u32) -> Option<f64> {
         self.leaves.binary_search(&leaf).ok().map(|i| self.advantage[i])
+    }
+
+    /// The advantage of a kept leaf, or an error naming it.
+    pub fn advantage_of(&self, leaf: u32) -> Result<f64> {
+        self.of_leaf(leaf).ok_or(TreeError::NoAdvantage { node: leaf })
+    }
+
+    /// Whether these statistics describe `forest` as it is: computed from it, with no change since.
+    pub fn is_current(&self, forest: &Forest) -> bool {
+        self.generation == forest.generation()
     }
 }
 
@@ -162,15 +174,14 @@ fn z_scores(rewards: &[f64], scale_std: bool, out: &mut Vec<f64>) {
 
 impl Forest {
     /// Compute the advantages of every kept leaf and the per-node process statistics.
-    /// Every kept leaf needs a reward. Trees without kept leaves contribute nothing.
-    pub fn advantages(&mut self, estimator: Estimator, scale_std: bool) -> Result<&AdvantageStats> {
-        let stats = self.compute_advantages(estimator, scale_std)?;
-        Ok(self.stats.insert(stats))
-    }
-
+    /// Every kept leaf needs a reward. Trees without kept leaves contribute nothing. The caller
+    /// keeps the result (the Python binding holds the last one); readers of it (`pack`,
+    /// `nodes_batch`) take it as an argument and treat statistics of an earlier state of the
+    /// forest as absent.
+    ///
     /// Three passes over the kept leaves (sums, squared deviations, z-scores) into per-tree and
     /// per-group accumulators, then one bottom-up sweep over the nodes.
-    fn compute_advantages(&self, estimator: Estimator, scale_std: bool) -> Result<AdvantageStats> {
+    pub fn advantages(&self, estimator: Estimator, scale_std: bool) -> Result<AdvantageStats> {
         let n_nodes = self.nodes.len();
         // Kept leaves, ascending: written unconditionally, the end advanced only when kept
         // (no unpredictable branch when K of the leaves are kept).
@@ -260,6 +271,7 @@ impl Forest {
             *v /= f64::from(k);
         }
         Ok(AdvantageStats {
+            generation: self.generation(),
             estimator,
             scale_std,
             leaves: leaves.into(),
@@ -275,16 +287,9 @@ impl Forest {
         })
     }
 
-    /// The last computed statistics, or an error naming the leaf that asked for them.
-    pub fn stats_for(&self, leaf: u32) -> Result<f64> {
-        self.stats
-            .as_ref()
-            .and_then(|s| s.of_leaf(leaf))
-            .ok_or(TreeError::NoAdvantage { node: leaf })
-    }
-
-    pub fn last_stats(&self) -> Option<&AdvantageStats> {
-        self.stats.as_ref()
+    /// `stats` if they describe the forest as it is now; statistics of an earlier state read as none.
+    pub fn current<'a>(&self, stats: Option<&'a AdvantageStats>) -> Option<&'a AdvantageStats> {
+        stats.filter(|s| s.is_current(self))
     }
 }
 
@@ -312,7 +317,7 @@ mod tests {
 
     #[test]
     fn worked_example_matches_the_doc() {
-        let mut f = worked_example();
+        let f = worked_example();
         let s = f.advantages(Estimator::Tree, true).unwrap();
         let expect = [1.849, 1.849, -1.678, 0.054, -2.127, 0.054];
         for (a, e) in s.advantage.iter().zip(expect) {
@@ -322,8 +327,8 @@ mod tests {
 
     #[test]
     fn node_statistics_sum_over_kept_leaves() {
-        let mut f = worked_example();
-        let s = f.advantages(Estimator::Tree, true).unwrap().clone();
+        let f = worked_example();
+        let s = f.advantages(Estimator::Tree, true).unwrap();
         // tree A: root 0, mid 1, leaves 2 (under root), 3 and 4 (under mid)
         assert_eq!(s.kept_below[0], 3);
         assert_eq!(s.kept_below[1], 2);
@@ -359,7 +364,6 @@ mod tests {
                 first: vec![10]
             }
         );
-        assert!(f.last_stats().is_none());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use arrow_array::{
 use arrow_buffer::{NullBuffer, ScalarBuffer};
 use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef};
 
+use crate::advantage::AdvantageStats;
 use crate::forest::{Forest, LeafReason, NO_PARENT};
 
 fn dict_utf8() -> DataType {
@@ -29,6 +30,7 @@ pub fn nodes_schema() -> SchemaRef {
         Field::new("action_len", DataType::UInt32, false),
         Field::new("observation_len", DataType::UInt32, false),
         Field::new("num_children", DataType::UInt32, false),
+        Field::new("mean_log_prob", DataType::Float64, true),
         Field::new("is_leaf", DataType::Boolean, false),
         Field::new("leaf_reason", dict_utf8(), true),
         Field::new("kept", DataType::Boolean, false),
@@ -89,11 +91,12 @@ impl Forest {
         self.groups[self.trees[tree as usize].group as usize].key
     }
 
-    /// Every node, with the per-node statistics of the last `advantages` call (null before one).
-    pub fn nodes_batch(&self) -> Result<RecordBatch, ArrowError> {
+    /// Every node, with the per-node statistics of `stats` (null without them, or when they
+    /// describe an earlier state of the forest).
+    pub fn nodes_batch(&self, stats: Option<&AdvantageStats>) -> Result<RecordBatch, ArrowError> {
         let n = &self.nodes;
         let tree_keys: Vec<i64> = (0..self.trees.len() as u32).map(|t| self.group_key(t)).collect();
-        let (kept_leaves, value, advantage_sum): (ArrayRef, ArrayRef, ArrayRef) = match self.last_stats() {
+        let (kept_leaves, value, advantage_sum): (ArrayRef, ArrayRef, ArrayRef) = match self.current(stats) {
             Some(s) => (
                 Arc::new(UInt32Array::new(s.kept_below.clone(), None)),
                 f64s_nan_null(s.value.clone()),
@@ -125,6 +128,7 @@ impl Forest {
             u32s(n.iter().map(|x| x.action_len)),
             u32s(n.iter().map(|x| x.observation_len())),
             u32s(n.iter().map(|x| x.num_children)),
+            f64s_nan_null(self.mean_log_prob.clone().into()),
             Arc::new(BooleanArray::from_iter(
                 self.leaf.iter().map(|l| Some(l.is_some())),
             )),
@@ -177,10 +181,10 @@ impl Forest {
         RecordBatch::try_new(leaves_schema(), columns)
     }
 
-    /// The kept leaves' advantages from the last `advantages` call (empty before one).
+    /// The kept leaves' advantages of `stats` (empty without current ones).
     /// The columns share the statistics' buffers: no copy.
-    pub fn advantages_batch(&self) -> Result<RecordBatch, ArrowError> {
-        let Some(s) = self.last_stats() else {
+    pub fn advantages_batch(&self, stats: Option<&AdvantageStats>) -> Result<RecordBatch, ArrowError> {
+        let Some(s) = self.current(stats) else {
             return Ok(RecordBatch::new_empty(advantages_schema()));
         };
         let f64s = |v: &ScalarBuffer<f64>| -> ArrayRef { Arc::new(Float64Array::new(v.clone(), None)) };
@@ -205,7 +209,7 @@ mod tests {
     #[test]
     fn tables_follow_their_schemas() {
         let (mut f, _, _, b) = small();
-        let nodes = f.nodes_batch().unwrap();
+        let nodes = f.nodes_batch(None).unwrap();
         assert_eq!(nodes.num_rows(), 3);
         assert_eq!(
             nodes.column_by_name("value").unwrap().null_count(),
@@ -213,13 +217,24 @@ mod tests {
             "no statistics before advantages()"
         );
         f.set_rewards(&[b as u64], &[1.0]).unwrap();
-        f.advantages(Estimator::Tree, true).unwrap();
-        let nodes = f.nodes_batch().unwrap();
+        let s = f.advantages(Estimator::Tree, true).unwrap();
+        let nodes = f.nodes_batch(Some(&s)).unwrap();
         assert_eq!(nodes.column_by_name("value").unwrap().null_count(), 0);
         assert_eq!(nodes.column_by_name("parent").unwrap().null_count(), 1);
         let leaves = f.leaves_batch().unwrap();
         assert_eq!(leaves.num_rows(), 1);
-        let adv = f.advantages_batch().unwrap();
+        let adv = f.advantages_batch(Some(&s)).unwrap();
         assert_eq!(adv.num_rows(), 1);
+        // any change makes the statistics stale: they read as absent
+        f.add_step(0, &[1], &[], None).unwrap();
+        assert_eq!(f.advantages_batch(Some(&s)).unwrap().num_rows(), 0);
+        assert_eq!(
+            f.nodes_batch(Some(&s))
+                .unwrap()
+                .column_by_name("value")
+                .unwrap()
+                .null_count(),
+            4
+        );
     }
 }

@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 
-use crate::advantage::AdvantageStats;
 use crate::error::{parse_option, Result, TreeError};
 
 /// Sentinel parent of a root.
@@ -129,19 +128,33 @@ pub struct Forest {
     pub kept: Vec<bool>,
     /// Per node: the outcome reward of a leaf, NaN while unset (set rewards are finite).
     pub reward: Vec<f64>,
+    /// Per node: the mean log-probability of a step's action tokens under the policy that
+    /// sampled them (set on add), NaN where unknown (roots, steps added without one).
+    pub mean_log_prob: Vec<f64>,
     /// Every leaf's id, ascending (a node is a leaf from its creation on).
     pub leaf_ids: Vec<u32>,
     pub tokens: Vec<u32>,
     pub trees: Vec<Tree>,
     pub groups: Vec<Group>,
     group_index: HashMap<i64, u32>,
-    /// Result of the last `advantages` call; cleared by any change to the forest.
-    pub(crate) stats: Option<AdvantageStats>,
+    /// Bumped by every change: statistics computed at another generation describe an earlier
+    /// forest (`AdvantageStats::is_current`), so they never go stale silently.
+    generation: u64,
 }
 
 impl Forest {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How many changes the forest has seen (every added node, reward write and K-subsample).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Record a change made outside this module (K-subsampling).
+    pub(crate) fn changed(&mut self) {
+        self.generation += 1;
     }
 
     pub fn num_leaves(&self) -> usize {
@@ -168,7 +181,7 @@ impl Forest {
             })
     }
 
-    fn check_id(&self, id: u64) -> Result<u32> {
+    pub(crate) fn check_id(&self, id: u64) -> Result<u32> {
         self.node(id).map(|_| id as u32)
     }
 
@@ -183,7 +196,7 @@ impl Forest {
     fn push_node(
         &mut self,
         node: Node,
-        (parent, tree, leaf): (u32, u32, Option<LeafReason>),
+        (parent, tree, leaf, mean_log_prob): (u32, u32, Option<LeafReason>, f64),
         action: &[u32],
         context: &[u32],
     ) -> Result<u32> {
@@ -206,7 +219,8 @@ impl Forest {
         self.leaf.push(leaf);
         self.kept.push(leaf.is_some());
         self.reward.push(f64::NAN);
-        self.stats = None;
+        self.mean_log_prob.push(mean_log_prob);
+        self.generation += 1;
         Ok(id)
     }
 
@@ -236,7 +250,7 @@ impl Forest {
             context_len,
             num_children: 0,
         };
-        self.push_node(node, (NO_PARENT, tree, None), &[], prompt)
+        self.push_node(node, (NO_PARENT, tree, None, f64::NAN), &[], prompt)
     }
 
     /// Add one complete agent step under `parent`. A leaf (`leaf = Some(reason)`) ends the episode.
@@ -246,6 +260,19 @@ impl Forest {
         action: &[u32],
         observation: &[u32],
         leaf: Option<LeafReason>,
+    ) -> Result<u32> {
+        self.add_scored_step(parent, action, observation, leaf, f64::NAN)
+    }
+
+    /// [`Forest::add_step`] with the mean log-probability of the step's action tokens (NaN =
+    /// unknown), which the surprisal selection policy weighs the step by.
+    pub fn add_scored_step(
+        &mut self,
+        parent: u64,
+        action: &[u32],
+        observation: &[u32],
+        leaf: Option<LeafReason>,
+        mean_log_prob: f64,
     ) -> Result<u32> {
         let parent = self.check_id(parent)?;
         if let Some(reason) = self.leaf[parent as usize] {
@@ -262,7 +289,7 @@ impl Forest {
             num_children: 0,
         };
         let tree = self.tree_of[parent as usize];
-        let id = self.push_node(node, (parent, tree, leaf), action, observation)?;
+        let id = self.push_node(node, (parent, tree, leaf, mean_log_prob), action, observation)?;
         self.nodes[parent as usize].num_children += 1;
         Ok(id)
     }
@@ -290,11 +317,11 @@ impl Forest {
         for (id, &value) in ids.into_iter().zip(rewards) {
             self.reward[id as usize] = value;
         }
-        self.stats = None;
+        self.generation += 1;
         Ok(())
     }
 
-    /// The path root -> `node`, root first.
+    /// The path root -> `node`, root first (`node` must be a valid id; see [`Forest::path_of`]).
     pub fn path(&self, node: u32) -> Vec<u32> {
         let mut path = vec![node];
         let mut cur = node;
@@ -304,6 +331,25 @@ impl Forest {
         }
         path.reverse();
         path
+    }
+
+    /// The path root -> `node`, root first, for an id from outside.
+    pub fn path_of(&self, node: u64) -> Result<Vec<u32>> {
+        self.check_id(node).map(|id| self.path(id))
+    }
+
+    /// The context to continue `node` from: the prompt and every step's tokens through the
+    /// node's own observation (the token ids of [`Forest::trajectory`], without the mask).
+    pub fn context(&self, node: u64) -> Result<Vec<u32>> {
+        let node = self.check_id(node)?;
+        let path = self.path(node);
+        let total: usize = path.iter().map(|&id| self.nodes[id as usize].len()).sum();
+        let mut tokens = Vec::with_capacity(total);
+        for id in path {
+            let n = &self.nodes[id as usize];
+            tokens.extend_from_slice(&self.tokens[n.start..n.start + n.len()]);
+        }
+        Ok(tokens)
     }
 
     /// A leaf's training sequence: prompt + every step on its path, with the loss mask
@@ -384,6 +430,20 @@ pub(crate) mod tests {
             f.set_rewards(&[b as u64], &[f64::INFINITY]),
             Err(TreeError::NonFiniteReward { .. })
         ));
+    }
+
+    #[test]
+    fn contexts_and_paths_read_the_forest() {
+        let (mut f, root, a, b) = small();
+        assert_eq!(f.context(a as u64).unwrap(), vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(f.context(root as u64).unwrap(), vec![1, 2, 3]);
+        assert_eq!(f.context(b as u64).unwrap(), f.trajectory(b as u64).unwrap().0);
+        assert_eq!(f.path_of(b as u64).unwrap(), vec![root, a, b]);
+        assert!(matches!(f.context(9), Err(TreeError::UnknownNode { .. })));
+        assert!(matches!(f.path_of(9), Err(TreeError::UnknownNode { .. })));
+        let c = f.add_scored_step(a as u64, &[8], &[], None, -0.25).unwrap();
+        assert_eq!(f.mean_log_prob[c as usize], -0.25);
+        assert!(f.mean_log_prob[..3].iter().all(|m| m.is_nan()));
     }
 
     #[test]

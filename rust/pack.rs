@@ -19,6 +19,7 @@
 //! `adv_pos[u] = sum of w_i * A_i over A_i >= 0` and `adv_neg[u] = sum of w_i * |A_i| over A_i < 0`.
 //! Terms that do not depend on A (KL, entropy) use `token_weight[u] = sum of w_i over S(u)`.
 
+use crate::advantage::AdvantageStats;
 use crate::error::{parse_option, Result, TreeError};
 use crate::forest::{Forest, NO_PARENT};
 use crate::memory::huge_vec;
@@ -316,9 +317,15 @@ impl Forest {
     }
 
     /// Pack the kept leaves (or `leaves`, if given, each a kept leaf with an advantage) into both
-    /// layouts. Needs a prior `advantages()` call.
-    pub fn pack(&self, leaves: Option<&[u64]>, agg: AggMode, pad_id: u32) -> Result<Pack> {
-        let stats = self.last_stats().ok_or_else(|| {
+    /// layouts, with the advantages of `stats` (the forest's current ones, from `advantages()`).
+    pub fn pack(
+        &self,
+        stats: Option<&AdvantageStats>,
+        leaves: Option<&[u64]>,
+        agg: AggMode,
+        pad_id: u32,
+    ) -> Result<Pack> {
+        let stats = self.current(stats).ok_or_else(|| {
             TreeError::InvalidArgument("pack() needs advantages: call advantages() first".into())
         })?;
         let (leaves, leaf_advantage): (Vec<u32>, Vec<f64>) = match leaves {
@@ -334,7 +341,7 @@ impl Forest {
                         )));
                     }
                     out.0.push(id as u32);
-                    out.1.push(self.stats_for(id as u32)?);
+                    out.1.push(stats.advantage_of(id as u32)?);
                 }
                 out
             }
@@ -501,8 +508,8 @@ mod tests {
     use crate::advantage::Estimator;
     use crate::forest::LeafReason;
 
-    /// Two groups; tree 0 branches at the root and at a middle step.
-    fn forest() -> Forest {
+    /// Two groups; tree 0 branches at the root and at a middle step; and its advantages.
+    fn forest() -> (Forest, AdvantageStats) {
         let mut f = Forest::new();
         let leaf = Some(LeafReason::Answer);
         let r = f.add_root(0, &[1, 2, 3]).unwrap() as u64;
@@ -513,14 +520,14 @@ mod tests {
         let r2 = f.add_root(1, &[20]).unwrap() as u64;
         let l4 = f.add_step(r2, &[21, 22], &[], leaf).unwrap() as u64;
         f.set_rewards(&[l1, l2, l3, l4], &[1.0, 0.0, 0.5, 0.3]).unwrap();
-        f.advantages(Estimator::Tree, true).unwrap();
-        f
+        let s = f.advantages(Estimator::Tree, true).unwrap();
+        (f, s)
     }
 
     #[test]
     fn unpacking_gives_back_every_trajectory() {
-        let f = forest();
-        let p = f.pack(None, AggMode::TokenMean, 0).unwrap();
+        let (f, s) = forest();
+        let p = f.pack(Some(&s), None, AggMode::TokenMean, 0).unwrap();
         assert_eq!(p.total_tokens, 8 + 10 + 4 + 3);
         assert_eq!(p.unique_tokens, 3 + 4 + 1 + 3 + 1 + 1 + 2);
         for (i, &leaf) in p.leaves.iter().enumerate() {
@@ -541,8 +548,8 @@ mod tests {
 
     #[test]
     fn the_mask_rule_is_the_union_of_causal_masks() {
-        let f = forest();
-        let p = f.pack(None, AggMode::TokenMean, 0).unwrap();
+        let (f, s) = forest();
+        let p = f.pack(Some(&s), None, AggMode::TokenMean, 0).unwrap();
         let (u, seg, end) = (p.unique_tokens, &p.packed.segment_ids, &p.packed.subtree_end);
         let mut expect = vec![false; u * u];
         for i in 0..p.leaves.len() {
@@ -564,8 +571,8 @@ mod tests {
 
     #[test]
     fn layout_is_read_off_the_trajectories() {
-        let f = forest();
-        let p = f.pack(None, AggMode::TokenMean, 0).unwrap();
+        let (f, s) = forest();
+        let p = f.pack(Some(&s), None, AggMode::TokenMean, 0).unwrap();
         let (u, lay, cols) = (p.unique_tokens, &p.layout, p.flat.cols);
         let mut pred = vec![-1i64; u];
         let mut count = [vec![0.0f32; u], vec![0.0f32; u], vec![0.0f32; u]];
@@ -603,13 +610,13 @@ mod tests {
 
     #[test]
     fn packed_weights_reproduce_the_flat_loss() {
-        let f = forest();
+        let (f, s) = forest();
         for agg in [
             AggMode::TokenMean,
             AggMode::SeqMeanTokenMean,
             AggMode::SeqMeanTokenSum,
         ] {
-            let p = f.pack(None, agg, 0).unwrap();
+            let p = f.pack(Some(&s), None, agg, 0).unwrap();
             let ratio = |i: usize| 0.5 + 0.13 * (i % 11) as f64; // spans both clip edges
             let (eps, c) = (0.2, 3.0);
             let loss = |r: f64, a: f64| {
@@ -661,31 +668,33 @@ mod tests {
 
     #[test]
     fn pack_rejects_bad_leaves() {
-        let mut f = forest();
+        let (mut f, s) = forest();
         assert!(matches!(
-            f.pack(Some(&[2, 2]), AggMode::TokenMean, 0),
+            f.pack(Some(&s), Some(&[2, 2]), AggMode::TokenMean, 0),
             Err(TreeError::InvalidArgument(_))
         ));
         assert!(matches!(
-            f.pack(Some(&[1]), AggMode::TokenMean, 0),
+            f.pack(Some(&s), Some(&[1]), AggMode::TokenMean, 0),
             Err(TreeError::NoAdvantage { .. })
         ));
         assert!(matches!(
-            f.pack(Some(&[99]), AggMode::TokenMean, 0),
+            f.pack(Some(&s), Some(&[99]), AggMode::TokenMean, 0),
             Err(TreeError::UnknownNode { .. })
         ));
         f.set_rewards(&[2], &[0.0]).unwrap();
         assert!(
-            f.pack(None, AggMode::TokenMean, 0).is_err(),
+            f.pack(Some(&s), None, AggMode::TokenMean, 0).is_err(),
             "stale statistics are gone"
         );
-        let sub = {
-            f.advantages(Estimator::Tree, true).unwrap();
-            f.pack(Some(&[4, 2]), AggMode::SeqMeanTokenSum, 7).unwrap()
-        };
+        let s = f.advantages(Estimator::Tree, true).unwrap();
+        let sub = f
+            .pack(Some(&s), Some(&[4, 2]), AggMode::SeqMeanTokenSum, 7)
+            .unwrap();
         assert_eq!(sub.leaves, vec![4, 2]);
         assert_eq!(sub.flat.input_ids[sub.flat.cols - 1], 7, "padding uses pad_id");
-        let top = f.pack(Some(&[4, 2]), AggMode::TokenMean, u32::MAX).unwrap();
+        let top = f
+            .pack(Some(&s), Some(&[4, 2]), AggMode::TokenMean, u32::MAX)
+            .unwrap();
         assert_eq!(top.flat.input_ids[top.flat.cols - 1], u32::MAX, "any u32 pads");
     }
 }

@@ -4,8 +4,8 @@ use rand::seq::index::sample;
 use rand::SeedableRng;
 use rand_pcg::Pcg64;
 
-use crate::error::{Result, TreeError};
-use crate::forest::Forest;
+use crate::error::{parse_option, Result, TreeError};
+use crate::forest::{Forest, Tree, NO_PARENT};
 
 /// Options of `Forest::select`.
 #[derive(Clone, Copy, Debug)]
@@ -25,6 +25,58 @@ impl Default for SelectOptions {
     }
 }
 
+/// How [`Forest::select_with`] weighs a tree's candidates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// Every candidate weighs 1 (the reference rule).
+    Uniform,
+    /// A step weighs the surprisal of its action tokens, `max(-mean log-prob, 0)` (0 where the
+    /// forest holds no mean log-prob); a root the mean weight of its tree's steps that have
+    /// one (0 if none). TreeRL/ARPO-style uncertainty-guided branching.
+    Surprisal,
+}
+
+impl Policy {
+    pub const VALID: &'static str = "'uniform', 'surprisal'";
+    const TABLE: [(&'static str, Policy); 2] =
+        [("uniform", Policy::Uniform), ("surprisal", Policy::Surprisal)];
+
+    pub fn parse(name: &str) -> Result<Self> {
+        parse_option("selection policy", name, &Self::TABLE, Self::VALID)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Uniform => "uniform",
+            Policy::Surprisal => "surprisal",
+        }
+    }
+}
+
+/// The policy part of [`Forest::select_with`]: how candidates weigh, and what a tree without
+/// a candidate gets.
+#[derive(Clone, Copy, Debug)]
+pub struct Selection {
+    pub policy: Policy,
+    /// Each candidate's weight is divided by `1 + penalty * expansions` (see
+    /// [`Forest::select_weighted`]); 0 leaves the policy's weights as they are.
+    pub overexpand_penalty: f64,
+    /// A tree that got no draw (no candidate: its root excluded and no open step) is expanded
+    /// from its root instead: `n` draws of it with replacement, one without. So every tree
+    /// gets its draws, and a prompt its `1 + L*N` leaves per tree.
+    pub root_fallback: bool,
+}
+
+impl Default for Selection {
+    fn default() -> Self {
+        Self {
+            policy: Policy::Uniform,
+            overexpand_penalty: 0.0,
+            root_fallback: false,
+        }
+    }
+}
+
 /// A seeded generator per (seed, stream), so one tree's draws do not depend on the others'.
 pub(crate) fn rng_for(seed: u64, stream: u64) -> Pcg64 {
     // splitmix64 finaliser decorrelates nearby (seed, stream) pairs.
@@ -32,6 +84,49 @@ pub(crate) fn rng_for(seed: u64, stream: u64) -> Pcg64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     Pcg64::seed_from_u64(z ^ (z >> 31))
+}
+
+/// One 63-bit seed from several integers (e.g. a run's seed, a training step and a round),
+/// stable across processes and platforms: a splitmix64-style fold. Callers that vary a seed
+/// per step pass the parts, and the draws of a step come from this one derivation.
+pub fn seed_from_parts(parts: &[u64]) -> u64 {
+    let mut z: u64 = 0x9E37_79B9_7F4A_7C15;
+    for &p in parts {
+        z = (z ^ p).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z ^= z >> 31;
+    }
+    z >> 1
+}
+
+fn check_penalty(penalty: f64) -> Result<()> {
+    if penalty.is_finite() && penalty >= 0.0 {
+        Ok(())
+    } else {
+        Err(TreeError::InvalidArgument(format!(
+            "overexpand penalty {penalty} is not a finite number >= 0"
+        )))
+    }
+}
+
+fn check_weights(weights: &[f64]) -> Result<()> {
+    match weights
+        .iter()
+        .enumerate()
+        .find(|(_, w)| !(w.is_finite() && **w >= 0.0))
+    {
+        Some((node, w)) => Err(TreeError::InvalidArgument(format!(
+            "weight {w} of node {node} is not a finite number >= 0"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Reused buffers of the weighted draws.
+#[derive(Default)]
+struct Scratch {
+    cands: Vec<u32>,
+    cum: Vec<f64>,
+    expansions: Vec<u32>,
 }
 
 impl Forest {
@@ -57,37 +152,61 @@ impl Forest {
     /// `n` (if it has any candidate); without, `min(n, candidates)` distinct nodes. Deterministic
     /// for a seed, and tree t's draws depend only on (seed, t) and its own nodes.
     pub fn select(&self, n: usize, seed: u64, opts: SelectOptions) -> Vec<u32> {
-        let mut picks = Vec::with_capacity(n * self.trees.len());
-        if n == 0 {
-            return picks;
-        }
-        for (t, tree) in self.trees.iter().enumerate() {
-            // Candidate i is the root (i = 0, if included), else open[i - first_open]: no
-            // candidate list is built.
-            let first_open = usize::from(opts.include_root);
-            let len = first_open + tree.open.len();
-            if len == 0 {
+        self.draw(n, seed, None, 0.0, opts, false)
+    }
+
+    /// Draw `n` nodes to expand in every tree under a policy ([`Selection`]): the one entry
+    /// point of the rollout. The uniform policy without a penalty draws as [`Forest::select`];
+    /// any other as [`Forest::select_weighted`] with the policy's weights, each tree from its
+    /// own generator (seed, tree). With `root_fallback`, a tree without a draw gets its root.
+    /// Errors (nothing drawn) on a penalty that is not a finite number >= 0, and under the
+    /// surprisal policy on a step whose surprisal is infinite.
+    pub fn select_with(&self, n: usize, seed: u64, opts: SelectOptions, how: Selection) -> Result<Vec<u32>> {
+        check_penalty(how.overexpand_penalty)?;
+        let weights = match how.policy {
+            Policy::Uniform if how.overexpand_penalty == 0.0 => None,
+            Policy::Uniform => Some(vec![1.0; self.nodes.len()]),
+            Policy::Surprisal => {
+                let w = self.surprisal_weights();
+                check_weights(&w)?;
+                Some(w)
+            }
+        };
+        Ok(self.draw(
+            n,
+            seed,
+            weights.as_deref(),
+            how.overexpand_penalty,
+            opts,
+            how.root_fallback,
+        ))
+    }
+
+    /// The surprisal policy's weight of every node (see [`Policy::Surprisal`]). A root's mean
+    /// sums its tree's step weights in id order, leaves included.
+    pub fn surprisal_weights(&self) -> Vec<f64> {
+        let mut weights = vec![0.0; self.nodes.len()];
+        let mut sum = vec![0.0f64; self.trees.len()];
+        let mut count = vec![0u32; self.trees.len()];
+        for (id, &m) in self.mean_log_prob.iter().enumerate() {
+            if self.parent[id] == NO_PARENT || m.is_nan() {
                 continue;
             }
-            let candidate = |i: usize| {
-                if i < first_open {
-                    tree.root
-                } else {
-                    tree.open[i - first_open]
-                }
-            };
-            let mut rng = rng_for(seed, t as u64);
-            if opts.replace {
-                use rand::RngExt;
-                picks.extend((0..n).map(|_| candidate(rng.random_range(0..len))));
-            } else {
-                let k = n.min(len);
-                let mut idx = sample(&mut rng, len, k).into_vec();
-                idx.sort_unstable();
-                picks.extend(idx.into_iter().map(candidate));
-            }
+            // max(-m, 0), keeping -m when it is not below 0 (so -0.0 stays -0.0)
+            let w = if 0.0 > -m { 0.0 } else { -m };
+            weights[id] = w;
+            let t = self.tree_of[id] as usize;
+            sum[t] += w;
+            count[t] += 1;
         }
-        picks
+        for (t, tree) in self.trees.iter().enumerate() {
+            weights[tree.root as usize] = if count[t] > 0 {
+                sum[t] / f64::from(count[t])
+            } else {
+                0.0
+            };
+        }
+        weights
     }
 
     /// Like [`Forest::select`], but each candidate is drawn with probability proportional to
@@ -95,9 +214,10 @@ impl Forest {
     /// `1 + penalty * expansions`, where a candidate's expansions are its children but the
     /// first (a root's initial chain, a step's own continuation: branches earlier draws made)
     /// plus the draws it already got in this call. So the penalty acts within a round, as the
-    /// draws are made: with replacement a node drawn once weighs less for the tree's next draw. A tree whose candidates all
-    /// weigh 0 falls back to uniform draws. Uncertainty-guided rules (e.g. surprisal of a
-    /// step's action tokens) set the weights; `penalty = 0` leaves them as given.
+    /// draws are made: with replacement a node drawn once weighs less for the tree's next draw.
+    /// A tree whose candidates all weigh 0 falls back to uniform draws. Uncertainty-guided
+    /// rules (e.g. surprisal of a step's action tokens) set the weights; `penalty = 0` leaves
+    /// them as given.
     pub fn select_weighted(
         &self,
         n: usize,
@@ -113,59 +233,98 @@ impl Forest {
                 self.nodes.len()
             )));
         }
-        if let Some((node, w)) = weights
-            .iter()
-            .enumerate()
-            .find(|(_, w)| !(w.is_finite() && **w >= 0.0))
-        {
-            return Err(TreeError::InvalidArgument(format!(
-                "weight {w} of node {node} is not a finite number >= 0"
-            )));
-        }
-        if !(penalty.is_finite() && penalty >= 0.0) {
-            return Err(TreeError::InvalidArgument(format!(
-                "overexpand penalty {penalty} is not a finite number >= 0"
-            )));
-        }
-        use rand::RngExt;
+        check_weights(weights)?;
+        check_penalty(penalty)?;
+        Ok(self.draw(n, seed, Some(weights), penalty, opts, false))
+    }
+
+    /// Every tree's draws, tree by tree: uniform (`weights = None`) or weighted.
+    fn draw(
+        &self,
+        n: usize,
+        seed: u64,
+        weights: Option<&[f64]>,
+        penalty: f64,
+        opts: SelectOptions,
+        root_fallback: bool,
+    ) -> Vec<u32> {
         let mut picks = Vec::with_capacity(n * self.trees.len());
-        let (mut cands, mut cum, mut expansions) = (Vec::new(), Vec::new(), Vec::new());
-        for t in 0..self.trees.len() as u32 {
-            self.candidates_into(t, opts.include_root, &mut cands);
-            expansions.clear();
-            expansions.extend(
-                cands
-                    .iter()
-                    .map(|&c| self.nodes[c as usize].num_children.saturating_sub(1)),
-            );
+        if n == 0 {
+            return picks;
+        }
+        let mut scratch = Scratch::default();
+        for (t, tree) in self.trees.iter().enumerate() {
+            let before = picks.len();
             let mut rng = rng_for(seed, t as u64);
-            let draws = if opts.replace { n } else { n.min(cands.len()) };
-            for _ in 0..draws {
-                if cands.is_empty() {
-                    break;
-                }
-                cum.clear();
-                let mut total = 0.0;
-                for (&c, &e) in cands.iter().zip(&expansions) {
-                    total += weights[c as usize] / (1.0 + penalty * f64::from(e));
-                    cum.push(total);
-                }
-                let i = if total > 0.0 {
-                    let x = rng.random::<f64>() * total;
-                    cum.partition_point(|&c| c <= x).min(cands.len() - 1)
-                } else {
-                    rng.random_range(0..cands.len())
-                };
-                picks.push(cands[i]);
-                if opts.replace {
-                    expansions[i] += 1;
-                } else {
-                    cands.remove(i);
-                    expansions.remove(i);
-                }
+            match weights {
+                None => draw_uniform(tree, n, &mut rng, opts, &mut picks),
+                Some(w) => self.draw_weighted(
+                    t as u32,
+                    n,
+                    (w, penalty),
+                    &mut rng,
+                    opts,
+                    &mut scratch,
+                    &mut picks,
+                ),
+            }
+            if root_fallback && picks.len() == before {
+                let k = if opts.replace { n } else { 1 };
+                picks.extend(std::iter::repeat_n(tree.root, k));
             }
         }
-        Ok(picks)
+        picks
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn draw_weighted(
+        &self,
+        t: u32,
+        n: usize,
+        (weights, penalty): (&[f64], f64),
+        rng: &mut Pcg64,
+        opts: SelectOptions,
+        scratch: &mut Scratch,
+        picks: &mut Vec<u32>,
+    ) {
+        use rand::RngExt;
+        let Scratch {
+            cands,
+            cum,
+            expansions,
+        } = scratch;
+        self.candidates_into(t, opts.include_root, cands);
+        expansions.clear();
+        expansions.extend(
+            cands
+                .iter()
+                .map(|&c| self.nodes[c as usize].num_children.saturating_sub(1)),
+        );
+        let draws = if opts.replace { n } else { n.min(cands.len()) };
+        for _ in 0..draws {
+            if cands.is_empty() {
+                break;
+            }
+            cum.clear();
+            let mut total = 0.0;
+            for (&c, &e) in cands.iter().zip(expansions.iter()) {
+                total += weights[c as usize] / (1.0 + penalty * f64::from(e));
+                cum.push(total);
+            }
+            let i = if total > 0.0 {
+                let x = rng.random::<f64>() * total;
+                cum.partition_point(|&c| c <= x).min(cands.len() - 1)
+            } else {
+                rng.random_range(0..cands.len())
+            };
+            picks.push(cands[i]);
+            if opts.replace {
+                expansions[i] += 1;
+            } else {
+                cands.remove(i);
+                expansions.remove(i);
+            }
+        }
     }
 
     /// Leaves of one tree, in id order.
@@ -196,8 +355,34 @@ impl Forest {
                 self.kept[leaves[i] as usize] = true;
             }
         }
-        self.stats = None;
+        self.changed();
         Ok(())
+    }
+}
+
+/// One tree's uniform draws. Candidate i is the root (i = 0, if included), else
+/// `open[i - first_open]`: no candidate list is built.
+fn draw_uniform(tree: &Tree, n: usize, rng: &mut Pcg64, opts: SelectOptions, picks: &mut Vec<u32>) {
+    let first_open = usize::from(opts.include_root);
+    let len = first_open + tree.open.len();
+    if len == 0 {
+        return;
+    }
+    let candidate = |i: usize| {
+        if i < first_open {
+            tree.root
+        } else {
+            tree.open[i - first_open]
+        }
+    };
+    if opts.replace {
+        use rand::RngExt;
+        picks.extend((0..n).map(|_| candidate(rng.random_range(0..len))));
+    } else {
+        let k = n.min(len);
+        let mut idx = sample(rng, len, k).into_vec();
+        idx.sort_unstable();
+        picks.extend(idx.into_iter().map(candidate));
     }
 }
 
@@ -327,6 +512,129 @@ mod tests {
             .collect();
         let share = firsts.iter().filter(|&&p| p == root).count() as f64 / firsts.len() as f64;
         assert!((share - 1.0 / 3.0).abs() < 0.02, "{share}"); // 1/2 against 1
+    }
+
+    #[test]
+    fn seeds_from_parts_are_the_documented_fold() {
+        // values of the fold computed independently (tests/reference.py's mix_seed)
+        assert_eq!(seed_from_parts(&[]), 5_700_357_409_661_599_242);
+        assert_eq!(seed_from_parts(&[0]), 7_726_497_881_224_850_386);
+        assert_eq!(seed_from_parts(&[0, 0, 0]), 8_746_761_136_649_461_090);
+        assert_eq!(seed_from_parts(&[1, 2, 3]), 8_682_444_779_101_918_068);
+        assert_eq!(seed_from_parts(&[7, 0, 1_000_003]), 5_638_476_862_219_625_988);
+        assert_eq!(seed_from_parts(&[u64::MAX]), 3_826_321_799_129_986_499);
+        assert!(seed_from_parts(&[u64::MAX, 5, 1]) < 1 << 63);
+    }
+
+    /// Two trees: tree 0 is `small()` (root 0 -> a 1 -> b 2, leaf) plus a leaf c under the
+    /// root; tree 1 (root 4) has one answer at once (leaf 5): no open step.
+    fn two_trees() -> (Forest, [u32; 2]) {
+        let (mut f, root, _, _) = small();
+        f.add_scored_step(root as u64, &[9], &[], Some(LeafReason::Answer), -0.5)
+            .unwrap();
+        let lone = f.add_root(8, &[1]).unwrap();
+        f.add_scored_step(lone as u64, &[2], &[], Some(LeafReason::Answer), -2.0)
+            .unwrap();
+        (f, [root, lone])
+    }
+
+    #[test]
+    fn select_with_the_uniform_policy_draws_as_select_and_select_weighted() {
+        let (f, _) = two_trees();
+        let no_root = SelectOptions {
+            replace: true,
+            include_root: false,
+        };
+        for opts in [SelectOptions::default(), no_root] {
+            for seed in 0..20 {
+                let plain = f.select_with(3, seed, opts, Selection::default()).unwrap();
+                assert_eq!(plain, f.select(3, seed, opts));
+                let how = Selection {
+                    overexpand_penalty: 0.5,
+                    ..Selection::default()
+                };
+                let ones = vec![1.0; f.nodes.len()];
+                assert_eq!(
+                    f.select_with(3, seed, opts, how).unwrap(),
+                    f.select_weighted(3, seed, &ones, 0.5, opts).unwrap()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn surprisal_weights_steps_by_their_mean_log_prob_and_roots_by_their_trees_mean() {
+        let (mut f, [root, lone]) = two_trees();
+        // tree 0: a (1) and b (2) have no mean log-prob (weight 0), c (3) weighs 0.5
+        let w = f.surprisal_weights();
+        assert_eq!(w, vec![0.5, 0.0, 0.0, 0.5, 2.0, 2.0]);
+        f.mean_log_prob[1] = 0.25; // a positive mean (rounding in an engine): weight 0
+        f.mean_log_prob[2] = -1.5;
+        let w = f.surprisal_weights();
+        assert_eq!(w[1], 0.0);
+        assert_eq!(w[root as usize], (0.0 + 1.5 + 0.5) / 3.0);
+        assert_eq!(w[lone as usize], 2.0);
+        let how = Selection {
+            policy: Policy::Surprisal,
+            overexpand_penalty: 0.3,
+            root_fallback: false,
+        };
+        for seed in 0..20 {
+            assert_eq!(
+                f.select_with(4, seed, SelectOptions::default(), how).unwrap(),
+                f.select_weighted(4, seed, &w, 0.3, SelectOptions::default())
+                    .unwrap()
+            );
+        }
+        f.mean_log_prob[3] = f64::NEG_INFINITY;
+        let err = f.select_with(1, 0, SelectOptions::default(), how).unwrap_err();
+        assert!(err.to_string().contains("weight inf of node 0"), "{err}");
+        let bad = Selection {
+            overexpand_penalty: -1.0,
+            ..Selection::default()
+        };
+        assert!(f.select_with(1, 0, SelectOptions::default(), bad).is_err());
+    }
+
+    #[test]
+    fn root_fallback_gives_a_tree_without_a_candidate_its_root() {
+        let (f, [_, lone]) = two_trees();
+        let a = 1;
+        let fallback = Selection {
+            root_fallback: true,
+            ..Selection::default()
+        };
+        for (replace, expect) in [(true, vec![a, a, a, lone, lone, lone]), (false, vec![a, lone])] {
+            let opts = SelectOptions {
+                replace,
+                include_root: false,
+            };
+            assert_eq!(f.select_with(3, 1, opts, fallback).unwrap(), expect);
+            let surprisal = Selection {
+                policy: Policy::Surprisal,
+                ..fallback
+            };
+            assert_eq!(f.select_with(3, 1, opts, surprisal).unwrap(), expect);
+            // without the fallback, the lone tree gets nothing
+            assert_eq!(f.select(3, 1, opts), expect[..expect.len() / 2].to_vec());
+        }
+        // with the root included every tree has a candidate: the fallback changes nothing
+        let with_root = f.select_with(3, 1, SelectOptions::default(), fallback).unwrap();
+        assert_eq!(with_root, f.select(3, 1, SelectOptions::default()));
+        assert!(f
+            .select_with(0, 1, SelectOptions::default(), fallback)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn policies_parse_with_their_valid_values_in_the_error() {
+        assert_eq!(Policy::parse("surprisal").unwrap(), Policy::Surprisal);
+        let msg = Policy::parse("greedy").unwrap_err().to_string();
+        assert!(msg.contains("'uniform', 'surprisal'"), "{msg}");
+        for (name, p) in Policy::TABLE {
+            assert_eq!(p.as_str(), name);
+        }
     }
 
     #[test]

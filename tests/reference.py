@@ -22,6 +22,7 @@ class RefNode:
     reward: float | None = None
     action: list[int] = field(default_factory=list)
     context: list[int] = field(default_factory=list)
+    mean_log_prob: float | None = None
 
 
 def z_scores(rewards: list[float], scale_std: bool) -> list[float]:
@@ -106,3 +107,45 @@ def causal_union(pack) -> list[list[bool]]:
             for kv in idx[: a + 1]:
                 mask[q][kv] = True
     return mask
+
+
+# ---------------------------------------------------------------- selection (the rollout's rules)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from several ints, splitmix64-style: the fold the rollout derived each
+    round's selection seed with, (seed, step, round), before the core did it."""
+    z = 0x9E3779B97F4A7C15
+    for p in parts:
+        z = (z ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        z ^= z >> 31
+    return z >> 1
+
+
+def surprisal_weights(nodes: list[RefNode]) -> list[float]:
+    """Per node: a step weighs max(-mean log-prob, 0) (0 without one); a root the mean weight
+    of its tree's steps that have one (0 if none)."""
+    weights = [0.0] * len(nodes)
+    by_tree: dict[int, list[float]] = {}
+    for i, n in enumerate(nodes):
+        if n.parent is not None and n.mean_log_prob is not None:
+            weights[i] = max(-n.mean_log_prob, 0.0)
+            by_tree.setdefault(n.tree, []).append(weights[i])
+    for i, n in enumerate(nodes):
+        if n.parent is None:
+            seen = by_tree.get(n.tree, [])
+            weights[i] = sum(seen) / len(seen) if seen else 0.0
+    return weights
+
+
+def root_fallback(nodes: list[RefNode], picks: list[int], n: int, replace: bool) -> list[int]:
+    """A tree that got no draw is expanded from its root (n times with replacement, else
+    once); the picks stay grouped by tree, in tree order."""
+    drawn = {nodes[p].tree for p in picks}
+    extra = [
+        i
+        for i, node in enumerate(nodes)
+        if node.parent is None and node.tree not in drawn
+        for _ in range(n if replace else min(n, 1))
+    ]
+    return sorted(picks + extra, key=lambda p: nodes[p].tree)

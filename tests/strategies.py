@@ -48,3 +48,25 @@ def forests(draw: st.DrawFn) -> tuple[Forest, list[RefNode]]:
         for leaf, is_kept in kept:
             ref[leaf].kept = is_kept
     return forest, ref
+
+
+@st.composite
+def scored_forests(draw: st.DrawFn) -> tuple[Forest, list[RefNode]]:
+    """A random forest without rewards whose steps carry a mean log-prob (or none), as the
+    rollout adds them: several trees, some with no open step (a lone answer)."""
+    forest, ref = Forest(), []
+    n_trees = draw(st.integers(1, 5))
+    for t in range(n_trees):
+        forest.add_root(t % 3, [t])
+        ref.append(RefNode(parent=None, tree=t, group=t % 3, context=[t]))
+    log_probs = st.none() | st.sampled_from([0.0, -0.5, -1.0, 0.25]) | st.floats(-8, 1)
+    for _ in range(draw(st.integers(0, 30))):
+        open_nodes = [i for i, n in enumerate(ref) if not n.leaf]
+        parent = draw(st.sampled_from(open_nodes))
+        leaf, mlp = draw(st.booleans()), draw(log_probs)
+        node = forest.add_step(parent, [1], [2], leaf=leaf, mean_log_prob=mlp)
+        ref.append(
+            RefNode(parent, ref[parent].tree, ref[parent].group, leaf, leaf, None, [1], [2], mlp)
+        )
+        assert node == len(ref) - 1
+    return forest, ref

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 
@@ -12,8 +13,8 @@ import pytest
 import treegrpo
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import advantages, node_stats, trajectory
-from strategies import forests
+from reference import advantages, mix_seed, node_stats, root_fallback, surprisal_weights, trajectory
+from strategies import forests, scored_forests
 from treegrpo import Forest
 
 ESTIMATORS = ["tree", "tree_intra", "tree_inter", "grpo"]
@@ -98,7 +99,7 @@ def test_trajectories_match_the_reference(built):
     for leaf in (i for i, n in enumerate(ref) if n.leaf):
         tokens, mask = trajectory(ref, leaf)
         ids, loss_mask = forest.tokens(leaf)
-        assert ids.dtype == np.int64 and loss_mask.dtype == np.bool_
+        assert ids.dtype == np.uint32 and loss_mask.dtype == np.bool_
         assert ids.tolist() == tokens and loss_mask.tolist() == mask
         if leaf in adv:
             ids, loss_mask, a = forest.trajectory(leaf)
@@ -174,6 +175,84 @@ def test_select_refuses_more_draws_than_memory_holds_instead_of_aborting():
         with pytest.raises(treegrpo.InvalidArgumentError, match="draw fewer nodes per tree"):
             f.select_weighted(n, [1.0] * f.num_nodes, seed=0)
     assert len(f.select(2, seed=0)) == 6  # the forest is unchanged and still draws
+
+
+@given(
+    scored_forests(),
+    st.sampled_from(["uniform", "surprisal"]),
+    st.sampled_from([0.0, 0.5, 3.0]),
+    st.booleans(),
+    st.booleans(),
+    st.integers(0, 4),
+    st.lists(st.integers(0, 2**40), min_size=1, max_size=3),
+)
+def test_select_policies_and_root_fallback_match_the_reference(
+    built, policy, penalty, replace, include_root, n, parts
+):
+    """The rollout's rules as they were in Python (tests/reference.py): weights, the seed
+    fold, the fallback to a tree's root; the draws themselves are select's/select_weighted's."""
+    forest, ref = built
+    seed = mix_seed(*parts)
+    opts = {"replace": replace, "include_root": include_root}
+    if policy == "uniform" and penalty == 0:
+        picks = forest.select(n, seed=seed, **opts)
+    else:
+        weights = [1.0] * len(ref) if policy == "uniform" else surprisal_weights(ref)
+        picks = forest.select_weighted(n, weights, seed=seed, overexpand_penalty=penalty, **opts)
+    expect = root_fallback(ref, picks, n, replace) if not include_root else picks
+    got = forest.select(
+        n,
+        seed=parts,
+        policy=policy,
+        overexpand_penalty=penalty,
+        root_fallback=True,
+        **opts,
+    )
+    assert got == expect
+    assert forest.select(n, seed=parts, policy=policy, overexpand_penalty=penalty, **opts) == (
+        picks
+    )
+
+
+@given(scored_forests())
+def test_contexts_paths_places_and_mean_log_probs_read_the_forest(built):
+    forest, ref = built
+    nodes = pl.DataFrame(forest.nodes())
+    for i, n in enumerate(ref):
+        tokens, _ = trajectory(ref, i)
+        assert forest.context(i) == tokens
+        path = forest.path(i)
+        assert path[-1] == i and ref[path[0]].parent is None
+        assert all(ref[b].parent == a for a, b in itertools.pairwise(path))
+        assert forest.place(i) == (n.tree, n.group, len(path) - 1)
+        expect = n.mean_log_prob if n.parent is not None else None
+        assert nodes["mean_log_prob"][i] == expect
+    assert forest.leaf_ids() == [i for i, n in enumerate(ref) if n.leaf]
+
+
+def test_select_seeds_fold_in_the_core_and_bad_options_are_refused():
+    f, _, opened, _ = star()
+    assert f.select(9, seed=(1, 2, 3)) == f.select(9, seed=mix_seed(1, 2, 3))
+    assert f.select(9, seed=[7, -1]) == f.select(9, seed=mix_seed(7, -1))
+    f.keep_leaves(1, seed=(4, 5))
+    kept = pl.DataFrame(f.leaves())["kept"].to_list()
+    f.keep_leaves(1, seed=mix_seed(4, 5))
+    assert pl.DataFrame(f.leaves())["kept"].to_list() == kept
+    with pytest.raises(treegrpo.InvalidOptionError, match="'uniform', 'surprisal'"):
+        f.select(2, policy="greedy")
+    for bad in ("7", [1.5], [True], [2**64]):
+        with pytest.raises(treegrpo.InvalidArgumentError, match="seed must be an int"):
+            f.select(2, seed=bad)
+    with pytest.raises(treegrpo.InvalidArgumentError, match="overexpand penalty"):
+        f.select(2, overexpand_penalty=-1.0)
+    f.add_step(opened[1], [1], leaf=True, mean_log_prob=-math.inf)
+    with pytest.raises(treegrpo.InvalidArgumentError, match="not a finite number"):
+        f.select(2, policy="surprisal")
+    assert len(f.select(2, policy="uniform")) == 2  # the uniform policy reads no surprisal
+    for bad_node in (-1, 99):
+        for call in (f.context, f.path, f.place):
+            with pytest.raises(treegrpo.UnknownNodeError):
+                call(bad_node)
 
 
 def test_keep_leaves_keeps_k_per_tree_uniformly():

@@ -314,3 +314,40 @@ def test_config_errors_name_the_field():
         RolloutConfig(selection="greedy")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_turns"):
         run(search_then_answer(), RolloutConfig(max_turns=2), max_turns=3)
+
+
+def test_a_rollout_imports_no_pyarrow():
+    """The rollout keeps the procedure; the tree logic is the Forest's (selection, contexts,
+    paths), so a rollout with the embedded engine on the tiny policy never loads pyarrow."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    code = """
+import asyncio, sys
+from scripted import FixedRetriever
+from treegrpo.engine.embedded import EmbeddedEngine
+from treegrpo.env import SearchEnv
+from treegrpo.env.rewards import compute_score
+from treegrpo.rollout import Prompt, RolloutConfig, rollout
+from treegrpo.testing.tiny import tiny_policy
+
+model, tok = tiny_policy(seed=0)
+env = SearchEnv(tok, retriever=FixedRetriever(), max_turns=1, max_obs_tokens=16)
+prompts = [Prompt(0, tok.encode("who founded it?"), "nq", {"target": ["x"]})]
+cfg = RolloutConfig(m=2, n=2, l=1, k=2, max_turns=1, max_action_tokens=6,
+                    selection="surprisal", include_root=False)
+engine = EmbeddedEngine(model, tok, seed=0)
+result = asyncio.run(rollout(engine, env, compute_score, prompts, cfg, tokenizer=tok,
+                             eos_token_ids=(2,)))
+assert result.forest.num_leaves == 2 * 3, result.forest
+print(sorted(m for m in sys.modules if m.split(".")[0] == "pyarrow"))
+"""
+    tests = str(Path(__file__).parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tests, capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

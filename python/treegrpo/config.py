@@ -31,13 +31,14 @@ from treegrpo.scratch import ScratchConfig
 if TYPE_CHECKING:
     from treegrpo._core import _Estimator as AdvEstimator
     from treegrpo._core import _LossAggMode as LossAggMode
+    from treegrpo._core import _Selection as Selection
 else:  # the values the Rust core accepts, read from it (its VALID lists)
     AdvEstimator = Literal[tuple(OPTIONS["adv_estimator"])]
     LossAggMode = Literal[tuple(OPTIONS["loss_agg_mode"])]
+    Selection = Literal[tuple(OPTIONS["selection"])]
 KLType = Literal["low_var_kl", "kl", "abs", "mse"]
 Autocast = Literal["bfloat16", "none"]
 Strategy = Literal["ddp", "fsdp2"]
-Selection = Literal["uniform", "surprisal"]
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -599,12 +600,13 @@ class RolloutConfig:
     - ``overexpand_penalty``: divide each candidate's weight (1 under uniform selection) by
       1 + penalty x its expansions: its children but the first (a root's initial chain, a
       step's own continuation) plus the draws it already got in this round, so it acts as the
-      draws are made, from a round's second draw on (``Forest.select_weighted``). 0 (the
+      draws are made, from a round's second draw on (``Forest.select``). 0 (the
       reference) draws without it; > 0 spreads a tree's N draws over more nodes (an
       over-branching penalty).
     - ``replace``: draw with replacement (reference) or without.
     - ``include_root``: the root is a candidate (reference). False draws only open steps, so an
-      expansion never re-generates a whole chain (a tree with no open step then gets no draw).
+      expansion never re-generates a whole chain (a tree with no open step is then expanded
+      from its root: ``Forest.select(..., root_fallback=True)``).
     - ``max_turns``: search-enabled turns before the forced final turn (leaf whatever it says).
     - ``max_action_tokens``: tokens per generated step. ``max_obs_tokens`` is the environment's.
     - ``max_model_len``: the most tokens a trajectory may reach (prompt + every step), None =
@@ -647,9 +649,10 @@ class RolloutConfig:
             f"k (leaves kept per tree) must be in [1, 1 + l*n] = [1, {self.leaves_per_tree}], "
             f"got {self.k}",
         )
+        policies = get_args(Selection)
         need(
-            self.selection in ("uniform", "surprisal"),
-            f"selection must be 'uniform' or 'surprisal', got {self.selection!r}",
+            self.selection in policies,
+            f"selection must be one of {', '.join(map(repr, policies))}, got {self.selection!r}",
         )
         need(
             math.isfinite(self.overexpand_penalty) and self.overexpand_penalty >= 0,

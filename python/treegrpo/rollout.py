@@ -5,10 +5,11 @@ For a batch of prompts (algorithm.md section 2):
 1. Init: M roots per prompt, each rolled out as one multi-turn chain to a leaf.
 2. Expand, L rounds: in every tree, N nodes are drawn (``Forest.select``: uniform with
    replacement over the root and the open nodes, the reference rule; or weighted by the
-   surprisal of a step's action tokens) and each is continued to a leaf from "prompt + steps up
-   to and including the node's observation". Draws of the same node become siblings sampled
-   from one prompt with ``n`` (so do the M roots of one prompt, and any branches whose contexts
-   are equal).
+   surprisal of a step's action tokens, which the Forest holds as each step's mean log-prob)
+   and each is continued to a leaf from "prompt + steps up to and including the node's
+   observation" (``Forest.context``). Draws of the same node become siblings sampled from one
+   prompt with ``n`` (so do the M roots of one prompt, and any branches whose contexts are
+   equal).
 3. K leaves kept per tree; outcome rewards on the leaves.
 
 Chain GRPO is the same code with N = 0 (M independent chains per prompt).
@@ -16,7 +17,9 @@ Chain GRPO is the same code with N = 0 (M independent chains per prompt).
 At every agent step, all active branches of all trees go to the engine as ONE batch; the tool
 calls of the step then run concurrently (the environment batches them per tool). The rollout
 knows no optimizer and no server: it drives an :class:`~treegrpo.engine.Engine` and a
-:class:`~treegrpo.env.SearchEnv`, and records into a :class:`treegrpo.Forest`.
+:class:`~treegrpo.env.SearchEnv`, and records into a :class:`treegrpo.Forest`. The tree logic
+(selection policies, the root fallback, seeds, contexts and paths) lives in the Forest, in
+Rust; this module keeps the procedure, and imports no pyarrow.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ class Prompt:
 
 @dataclass
 class NodeInfo:
-    """What the Forest does not hold about a step: texts, the engine's and the tool's answers."""
+    """What the Forest does not hold about a step: texts, the engine's and the tool's answers.
+    ``mean_log_prob`` is also on the step's node (``Forest.nodes()``), where selection reads it."""
 
     parent: int | None = None
     action_text: str = ""
@@ -122,14 +126,8 @@ class RolloutResult:
     def response_text(self, leaf: int) -> str:
         """The policy's response for a leaf: every step's action and observation after the
         prompt (what verl's reward functions score)."""
-        path = []
-        node: int | None = leaf
-        while node is not None and node in self.info:
-            path.append(node)
-            node = self.info[node].parent
-        return "".join(
-            self.info[i].action_text + self.info[i].observation_text for i in reversed(path)
-        )
+        steps = self.forest.path(leaf)[1:]  # the root holds the prompt
+        return "".join(self.info[i].action_text + self.info[i].observation_text for i in steps)
 
 
 @dataclass
@@ -241,17 +239,25 @@ class Rollout:
                 branches.append(_Branch(root, tree, p.group, list(p.input_ids), 0))
         await self._to_leaves(branches, result)
 
-        # 2. Expand, L rounds of N draws per tree.
+        # 2. Expand, L rounds of N draws per tree. With the root excluded, a tree without an
+        # open step (its chain answered at once) is expanded from its root instead, so every
+        # tree still gets its draws (and the prompt its 1 + L*N leaves per tree).
         if not cfg.chain:
             for round_ in range(cfg.l):
-                seed = _mix(cfg.seed, step, round_)
-                picks = self._root_fallback(result.forest, self._select(result, seed))
-                branches = self._branches_at(result, picks)
-                await self._to_leaves(branches, result)
+                picks = forest.select(
+                    cfg.n,
+                    seed=(cfg.seed, step, round_),
+                    replace=cfg.replace,
+                    include_root=cfg.include_root,
+                    policy=cfg.selection,
+                    overexpand_penalty=cfg.overexpand_penalty,
+                    root_fallback=True,
+                )
+                await self._to_leaves([self._branch_at(forest, p) for p in picks], result)
 
         # 3. K leaves per tree, rewards on the leaves.
         if cfg.k is not None and cfg.k < cfg.leaves_per_tree:
-            forest.keep_leaves(cfg.k, seed=_mix(cfg.seed, step, 1_000_003))
+            forest.keep_leaves(cfg.k, seed=(cfg.seed, step, 1_000_003))
         start = time.perf_counter()
         self._reward(result)
         result.timing["reward"] += time.perf_counter() - start
@@ -307,12 +313,15 @@ class Rollout:
             s = self._bounded(b, g, s)
             action = g.ids
             observation = list(s.observation_ids)
-            node = forest.add_step(b.node, action, observation, reason=s.leaf_reason)
+            mean_log_prob = sum(g.log_probs) / len(g.log_probs) if g.log_probs else math.nan
+            node = forest.add_step(
+                b.node, action, observation, reason=s.leaf_reason, mean_log_prob=mean_log_prob
+            )
             result.info[node] = NodeInfo(
                 parent=b.node,
                 action_text=s.action_text,
                 observation_text=s.observation_text,
-                mean_log_prob=sum(g.log_probs) / len(g.log_probs) if g.log_probs else math.nan,
+                mean_log_prob=mean_log_prob,
                 finish_reason=g.finish.type,
                 tool=s.tool,
                 query=s.query,
@@ -423,87 +432,21 @@ class Rollout:
             return s
         return replace(s, observation_text="", observation_ids=(), leaf_reason="context_limit")
 
-    # ------------------------------------------------------------------ selection, rewards
+    # ------------------------------------------------------------------ branches, rewards
 
-    def _select(self, result: RolloutResult, seed: int) -> list[int]:
-        cfg, forest = self.config, result.forest
-        if cfg.selection == "uniform" and cfg.overexpand_penalty == 0:
-            return forest.select(
-                cfg.n, seed=seed, replace=cfg.replace, include_root=cfg.include_root
-            )
-        weights = [1.0] * forest.num_nodes
-        if cfg.selection == "surprisal":
-            import pyarrow as pa
-
-            nodes = pa.table(forest.nodes())
-            trees = nodes.column("tree").to_pylist()
-            weights = [0.0] * forest.num_nodes
-            by_tree: dict[int, list[float]] = defaultdict(list)
-            for node, info in result.info.items():
-                if not math.isnan(info.mean_log_prob):
-                    weights[node] = max(-info.mean_log_prob, 0.0)
-                    by_tree[trees[node]].append(weights[node])
-            for node, parent in enumerate(nodes.column("parent").to_pylist()):
-                if parent is None:  # a root: the mean weight of its tree's steps
-                    seen = by_tree.get(trees[node], [])
-                    weights[node] = sum(seen) / len(seen) if seen else 0.0
-        # The penalty divides each weight by 1 + penalty x the node's expansions, counting
-        # this round's earlier draws too (in Rust, as the draws are made).
-        return forest.select_weighted(
-            cfg.n,
-            weights,
-            seed=seed,
-            replace=cfg.replace,
-            include_root=cfg.include_root,
-            overexpand_penalty=cfg.overexpand_penalty,
-        )
-
-    def _root_fallback(self, forest: Forest, picks: list[int]) -> list[int]:
-        """With the root excluded, a tree without an open step (its chain answered at once)
-        has no candidate: it is expanded from its root instead, so every tree still gets its
-        draws (and the prompt its 1 + L*N leaves per tree)."""
-        cfg = self.config
-        if cfg.include_root:
-            return picks
-        import pyarrow as pa
-
-        nodes = pa.table(forest.nodes()).select(["tree", "parent"]).to_pydict()
-        trees = nodes["tree"]
-        drawn = {trees[p] for p in picks}
-        extra = [
-            node
-            for node, parent in enumerate(nodes["parent"])
-            if parent is None and trees[node] not in drawn
-            for _ in range(cfg.n if cfg.replace else 1)
-        ]
-        return sorted(picks + extra, key=lambda p: trees[p]) if extra else picks
-
-    def _branches_at(self, result: RolloutResult, picks: list[int]) -> list[_Branch]:
-        """A branch continuing from each drawn node: its context is prompt + every step through
+    @staticmethod
+    def _branch_at(forest: Forest, node: int) -> _Branch:
+        """A branch continuing from a drawn node: its context is prompt + every step through
         the node's observation, and its next turn is the node's depth."""
-        import pyarrow as pa
-
-        forest = result.forest
-        nodes = pa.table(forest.nodes()).select(["tree", "group", "depth"]).to_pydict()
-        return [
-            _Branch(
-                node,
-                nodes["tree"][node],
-                nodes["group"][node],
-                forest.tokens(node)[0].tolist(),
-                nodes["depth"][node],
-            )
-            for node in picks
-        ]
+        tree, group, depth = forest.place(node)
+        return _Branch(node, tree, group, forest.context(node), depth)
 
     def _reward(self, result: RolloutResult) -> None:
-        import pyarrow as pa
-
-        leaves = pa.table(result.forest.leaves())
-        ids, groups = leaves.column("leaf").to_pylist(), leaves.column("group").to_pylist()
+        forest = result.forest
+        ids = forest.leaf_ids()
         rewards = []
-        for leaf, group in zip(ids, groups, strict=True):
-            p = result.prompts[group]
+        for leaf in ids:
+            p = result.prompts[forest.place(leaf)[1]]
             r = float(
                 self.reward_fn(
                     p.data_source, result.response_text(leaf), p.ground_truth, p.extra_info
@@ -537,12 +480,3 @@ async def rollout(
 
 def _stopped_at(finish: FinishReason, stop: str) -> bool:
     return finish.type == "stop" and finish.matched == stop
-
-
-def _mix(*parts: int) -> int:
-    """A 63-bit seed from several ints (splitmix64-style), stable across processes."""
-    z = 0x9E3779B97F4A7C15
-    for p in parts:
-        z = (z ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        z ^= z >> 31
-    return z >> 1

@@ -1,5 +1,6 @@
 //! `treegrpo.Forest`: the Python face of `crate::forest::Forest`.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::{Mutex, MutexGuard};
 
 use numpy::{IntoPyArray, PyArray1};
@@ -7,9 +8,10 @@ use pyo3::prelude::*;
 
 use super::error::{enter, IntoPyResult};
 use super::pack::PyPack;
+use super::seed::Seed;
 use super::table::PyTable;
 use super::tokens::Tokens;
-use crate::advantage::Estimator;
+use crate::advantage::{AdvantageStats, Estimator};
 use crate::error::TreeError;
 use crate::forest::{Forest, LeafReason};
 
@@ -27,9 +29,10 @@ fn check_draws(n: usize, trees: usize) -> Result<(), TreeError> {
     }
 }
 use crate::pack::AggMode;
-use crate::select::SelectOptions;
+use crate::select::{Policy, SelectOptions, Selection};
 
 type Arrays<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<bool>>);
+type TokenArrays<'py> = (Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<bool>>);
 type WithAdvantages<'py> = (
     Bound<'py, PyArray1<i64>>,
     Bound<'py, PyArray1<bool>>,
@@ -39,13 +42,35 @@ type WithAdvantages<'py> = (
 /// A rollout forest: groups (prompts) of trees whose nodes are whole agent steps.
 #[pyclass(name = "Forest", module = "treegrpo", frozen)]
 pub struct PyForest {
-    inner: Mutex<Forest>,
+    inner: Mutex<Held>,
+}
+
+/// The forest and the result of its last `advantages()` call, which `pack`, `nodes` and
+/// `trajectory` read while it is current (no change to the forest since: the core checks the
+/// generation it was computed at).
+#[derive(Default)]
+struct Held {
+    forest: Forest,
+    stats: Option<AdvantageStats>,
+}
+
+impl Deref for Held {
+    type Target = Forest;
+    fn deref(&self) -> &Forest {
+        &self.forest
+    }
+}
+
+impl DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut Forest {
+        &mut self.forest
+    }
 }
 
 impl PyForest {
     /// Lock for a short operation. The lock is only ever held by code that does not call
     /// back into Python, so holding the GIL while waiting for it cannot deadlock.
-    fn lock(&self) -> MutexGuard<'_, Forest> {
+    fn lock(&self) -> MutexGuard<'_, Held> {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
@@ -77,7 +102,7 @@ impl PyForest {
     #[new]
     fn new() -> Self {
         Self {
-            inner: Mutex::new(Forest::new()),
+            inner: Mutex::new(Held::default()),
         }
     }
 
@@ -88,7 +113,10 @@ impl PyForest {
 
     /// Add one agent step (action tokens, then observation tokens) under `parent`.
     /// `leaf=True` ends the episode with reason "answer"; `reason` names another ending.
-    #[pyo3(signature = (parent, action, observation=None, *, leaf=false, reason=None))]
+    /// `mean_log_prob`: the mean log-probability of the action tokens (None or NaN = unknown),
+    /// which the surprisal selection policy weighs the step by.
+    #[pyo3(signature = (parent, action, observation=None, *, leaf=false, reason=None, mean_log_prob=None))]
+    #[allow(clippy::too_many_arguments)]
     fn add_step(
         &self,
         parent: i64,
@@ -96,6 +124,7 @@ impl PyForest {
         observation: Option<Tokens>,
         leaf: bool,
         reason: Option<&str>,
+        mean_log_prob: Option<f64>,
     ) -> PyResult<u32> {
         let leaf = match reason {
             Some(name) => Some(LeafReason::parse(name).py()?),
@@ -104,7 +133,9 @@ impl PyForest {
         let observation = observation.map(|t| t.0).unwrap_or_default();
         let mut f = self.lock();
         let parent = node_id(&f, parent)?;
-        f.add_step(parent, &action.0, &observation, leaf).py()
+        let mean_log_prob = mean_log_prob.unwrap_or(f64::NAN);
+        f.add_scored_step(parent, &action.0, &observation, leaf, mean_log_prob)
+            .py()
     }
 
     /// Set the outcome reward of one leaf.
@@ -124,38 +155,56 @@ impl PyForest {
         f.set_rewards(&leaves, &rewards).py()
     }
 
-    /// Draw `n` nodes to expand per tree, tree by tree.
-    #[pyo3(signature = (n, *, seed=0, replace=true, include_root=true))]
+    /// Draw `n` nodes to expand per tree, tree by tree, under a selection policy
+    /// (`"uniform"` or `"surprisal"`), each candidate's weight divided by
+    /// 1 + `overexpand_penalty` x its expansions; `root_fallback`: a tree without a candidate
+    /// is expanded from its root. `seed`: an int, or a sequence of ints mixed into one.
+    #[pyo3(
+        signature = (n, *, seed=Seed(0), replace=true, include_root=true, policy="uniform", overexpand_penalty=0.0, root_fallback=false),
+        text_signature = "($self, n, *, seed=0, replace=True, include_root=True, policy='uniform', overexpand_penalty=0.0, root_fallback=False)"
+    )]
+    #[allow(clippy::too_many_arguments)]
     fn select(
         &self,
         py: Python<'_>,
         n: usize,
-        seed: u64,
+        seed: Seed,
         replace: bool,
         include_root: bool,
+        policy: &str,
+        overexpand_penalty: f64,
+        root_fallback: bool,
     ) -> PyResult<Vec<u32>> {
         let opts = SelectOptions {
             replace,
             include_root,
         };
+        let how = Selection {
+            policy: Policy::parse(policy).py()?,
+            overexpand_penalty,
+            root_fallback,
+        };
         enter(py, || {
             let f = self.lock();
             check_draws(n, f.trees.len())?;
-            Ok(f.select(n, seed, opts))
+            f.select_with(n, seed.0, opts, how)
         })
     }
 
     /// Draw `n` nodes per tree with probability proportional to `weights` (one per node),
     /// each divided by 1 + `overexpand_penalty` x the node's expansions so far (its children
     /// but the first, plus its draws earlier in this call).
-    #[pyo3(signature = (n, weights, *, seed=0, replace=true, include_root=true, overexpand_penalty=0.0))]
+    #[pyo3(
+        signature = (n, weights, *, seed=Seed(0), replace=true, include_root=true, overexpand_penalty=0.0),
+        text_signature = "($self, n, weights, *, seed=0, replace=True, include_root=True, overexpand_penalty=0.0)"
+    )]
     #[allow(clippy::too_many_arguments)]
     fn select_weighted(
         &self,
         py: Python<'_>,
         n: usize,
         weights: Vec<f64>,
-        seed: u64,
+        seed: Seed,
         replace: bool,
         include_root: bool,
         overexpand_penalty: f64,
@@ -167,14 +216,14 @@ impl PyForest {
         enter(py, || {
             let f = self.lock();
             check_draws(n, f.trees.len())?;
-            f.select_weighted(n, seed, &weights, overexpand_penalty, opts)
+            f.select_weighted(n, seed.0, &weights, overexpand_penalty, opts)
         })
     }
 
     /// Keep a seeded random subset of `k` leaves in every tree.
-    #[pyo3(signature = (k, *, seed=0))]
-    fn keep_leaves(&self, py: Python<'_>, k: usize, seed: u64) -> PyResult<()> {
-        enter(py, || self.lock().keep_leaves(k, seed))
+    #[pyo3(signature = (k, *, seed=Seed(0)), text_signature = "($self, k, *, seed=0)")]
+    fn keep_leaves(&self, py: Python<'_>, k: usize, seed: Seed) -> PyResult<()> {
+        enter(py, || self.lock().keep_leaves(k, seed.0))
     }
 
     /// Compute Tree-GRPO advantages of every kept leaf; returns one row per kept leaf.
@@ -183,8 +232,11 @@ impl PyForest {
         let estimator = Estimator::parse(estimator).py()?;
         let batch = enter(py, || {
             let mut f = self.lock();
-            f.advantages(estimator, scale_std)?;
-            Ok(f.advantages_batch())
+            let stats = f.advantages(estimator, scale_std)?;
+            let f = &mut *f;
+            let batch = f.forest.advantages_batch(Some(&stats));
+            f.stats = Some(stats);
+            Ok(batch)
         })?;
         table(batch)
     }
@@ -213,14 +265,20 @@ impl PyForest {
                 }
                 None => None,
             };
-            enter(py, || self.lock().pack(leaves.as_deref(), agg, pad_id))?
+            enter(py, || {
+                let f = self.lock();
+                f.pack(f.stats.as_ref(), leaves.as_deref(), agg, pad_id)
+            })?
         };
         PyPack::new(py, pack, name)
     }
 
     /// One row per node, with the statistics of the last `advantages` call.
     fn nodes(&self, py: Python<'_>) -> PyResult<PyTable> {
-        table(enter(py, || Ok(self.lock().nodes_batch()))?)
+        table(enter(py, || {
+            let f = self.lock();
+            Ok(f.nodes_batch(f.stats.as_ref()))
+        })?)
     }
 
     /// One row per leaf, kept or not.
@@ -228,14 +286,49 @@ impl PyForest {
         table(enter(py, || Ok(self.lock().leaves_batch()))?)
     }
 
-    /// Token ids of prompt + every step through `node` (the context to continue it from),
-    /// and the loss mask (True on action tokens).
-    fn tokens<'py>(&self, py: Python<'py>, node: i64) -> PyResult<Arrays<'py>> {
+    /// Token ids (uint32, like `Pack`'s) of prompt + every step through `node`, and the loss
+    /// mask (True on action tokens).
+    fn tokens<'py>(&self, py: Python<'py>, node: i64) -> PyResult<TokenArrays<'py>> {
         let (tokens, mask) = {
             let f = self.lock();
             f.trajectory(node_id(&f, node)?).py()?
         };
-        Ok(arrays(py, tokens, mask))
+        let mask: Vec<bool> = mask.into_iter().map(|m| m != 0).collect();
+        Ok((tokens.into_pyarray(py), mask.into_pyarray(py)))
+    }
+
+    /// The context to continue `node` from, as a list of token ids: the prompt and every
+    /// step through the node's observation.
+    fn context(&self, py: Python<'_>, node: i64) -> PyResult<Vec<u32>> {
+        enter(py, || {
+            let f = self.lock();
+            let node = u64::try_from(node).map_err(|_| TreeError::UnknownNode {
+                node,
+                len: f.nodes.len(),
+            })?;
+            f.context(node)
+        })
+    }
+
+    /// Every leaf's id, ascending (the rows of `leaves()`).
+    fn leaf_ids(&self) -> Vec<u32> {
+        self.lock().leaf_ids.clone()
+    }
+
+    /// The node ids from the root to `node`, root first.
+    fn path(&self, node: i64) -> PyResult<Vec<u32>> {
+        let f = self.lock();
+        f.path_of(node_id(&f, node)?).py()
+    }
+
+    /// Where `node` sits: (its tree, its group id, its depth; 0 = a root).
+    fn place(&self, node: i64) -> PyResult<(u32, i64, u32)> {
+        let f = self.lock();
+        let id = node_id(&f, node)?;
+        let depth = f.node(id).py()?.depth;
+        let tree = f.tree_of[id as usize];
+        let group = f.groups[f.trees[tree as usize].group as usize].key;
+        Ok((tree, group, depth))
     }
 
     /// A kept leaf's training sequence: token ids, loss mask, and the leaf's advantage on every token.
@@ -244,7 +337,11 @@ impl PyForest {
             let f = self.lock();
             let leaf = node_id(&f, leaf)?;
             let (tokens, mask) = f.trajectory(leaf).py()?;
-            let advantage = f.stats_for(leaf as u32).py()?;
+            let advantage = f
+                .current(f.stats.as_ref())
+                .ok_or(TreeError::NoAdvantage { node: leaf as u32 })
+                .and_then(|s| s.advantage_of(leaf as u32))
+                .py()?;
             (tokens, mask, advantage)
         };
         let n = tokens.len();

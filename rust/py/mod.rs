@@ -4,6 +4,7 @@ mod error;
 mod forest;
 mod pack;
 mod radix;
+mod seed;
 mod table;
 mod tokens;
 

@@ -7,6 +7,7 @@ use pyo3::types::PyDict;
 use crate::advantage::Estimator;
 use crate::forest::LeafReason;
 use crate::pack::{AggMode, Pack};
+use crate::select::Policy;
 
 /// `treegrpo._core.OPTIONS`: the values each string option of the core accepts, read off the
 /// `VALID` lists its parsers quote in their errors, so Python validates against the same ones.
@@ -21,6 +22,7 @@ pub(crate) fn options(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     out.set_item("loss_agg_mode", names(AggMode::VALID))?;
     out.set_item("adv_estimator", names(Estimator::VALID))?;
     out.set_item("leaf_reason", names(LeafReason::VALID))?;
+    out.set_item("selection", names(Policy::VALID))?;
     Ok(out)
 }
 

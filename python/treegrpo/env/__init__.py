@@ -1,6 +1,11 @@
-"""The search-agent environment: prompts, step parsing, tools, retrievers, rewards, datasets."""
+"""The search-agent environment: prompts, step parsing, tools, retrievers, rewards, datasets.
 
-from treegrpo.env.datasets import Example, load_search_r1, write_search_r1
+The datasets (``Example``, ``load_search_r1``, ``write_search_r1``) load on first use, so a
+rollout, which needs the environment but no Parquet file, does not import pyarrow.
+"""
+
+from typing import Any
+
 from treegrpo.env.prompt import SEARCH_R1_TEMPLATE, PromptBuilder, normalize_question
 from treegrpo.env.rewards import (
     compute_score,
@@ -54,3 +59,13 @@ __all__ = [
     "wrap_information",
     "write_search_r1",
 ]
+
+_DATASETS = ("Example", "load_search_r1", "write_search_r1")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DATASETS:
+        from treegrpo.env import datasets
+
+        return getattr(datasets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

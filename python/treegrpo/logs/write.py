@@ -20,15 +20,15 @@ columns are documented in docs/architecture.md; :mod:`treegrpo.logs.analysis` re
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from treegrpo.fsutil import atomic_file
 
 if TYPE_CHECKING:
     from treegrpo import Table
@@ -63,31 +63,16 @@ def write_table_atomic(table: pa.Table, path: Path, *, name: str) -> Path:
         {b"treegrpo.schema_version": SCHEMA_VERSION.encode(), b"treegrpo.table": name.encode()}
     )
     table = table.replace_schema_metadata(meta)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, suffix=".tmp") as tmp:
+        pq.write_table(table, str(tmp))
     return path
 
 
 def write_text_atomic(text: str, path: Path) -> Path:
     """Write `text` to `path` via a temporary file in the same directory, fsync and a rename:
     a reader (or a process killed mid-write) sees the old file whole or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, suffix=".tmp", fsync=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
@@ -139,12 +124,11 @@ def write_rollout(
     def col(attr: str, kind: pa.DataType) -> pa.Array:
         return pa.array([getattr(x, attr) if x is not None else None for x in info], type=kind)
 
-    mean_log_prob = col("mean_log_prob", pa.float64())
+    # mean_log_prob is the Forest's own column (null at roots and where the engine gave none)
     nodes = (
         nodes.append_column("action_text", col("action_text", pa.string()))
         .append_column("observation_text", col("observation_text", pa.string()))
-        .append_column("mean_log_prob", mean_log_prob)
-        .append_column("surprisal", pc.negate(mean_log_prob))
+        .append_column("surprisal", pc.negate(nodes.column("mean_log_prob")))
         .append_column("finish_reason", col("finish_reason", pa.string()))
         .append_column("tool", col("tool", pa.string()))
         .append_column("query", col("query", pa.string()))

@@ -74,7 +74,7 @@ from treegrpo.engine.base import GenerateRequest, SamplingParams
 from treegrpo.engine.errors import InvalidTokenError
 from treegrpo.engine.stops import StopMatcher
 from treegrpo.engine.tokens import check_token_ids
-from treegrpo.env.retrievers.server import start_app_in_thread
+from treegrpo.httpserver import start_app_in_thread
 
 __all__ = [
     "SGLangStandin",

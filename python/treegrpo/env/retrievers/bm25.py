@@ -30,10 +30,11 @@ import numpy as np
 from bm25s.tokenization import Tokenizer
 
 from treegrpo.env.retrievers._common import check_request
-from treegrpo.env.retrievers.cache import cache_root, corpus_fingerprint, index_dir, publish_dir
+from treegrpo.env.retrievers.cache import cache_root, corpus_fingerprint, index_dir
 from treegrpo.env.retrievers.corpus import Corpus, scan_corpus
 from treegrpo.env.types import Document
 from treegrpo.exceptions import InvalidArgumentError, InvalidOptionError
+from treegrpo.fsutil import atomic_directory
 
 __all__ = ["BM25Method", "BM25Retriever"]
 
@@ -238,7 +239,7 @@ def _save(folder: Path, index: bm25s.BM25, corpus: Corpus, settings: dict[str, A
         "bm25s": bm25s.__version__,
     }
     try:
-        with publish_dir(folder) as scratch:
+        with atomic_directory(folder) as scratch:
             index.save(scratch, show_progress=False)
             np.save(scratch / _OFFSETS, corpus.offsets)
             (scratch / _META).write_text(json.dumps(meta, indent=1), encoding="utf-8")

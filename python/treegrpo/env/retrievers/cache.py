@@ -16,13 +16,13 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cache_root", "corpus_fingerprint", "index_dir", "publish_dir"]
+from treegrpo.fsutil import atomic_file
+
+__all__ = ["cache_root", "corpus_fingerprint", "index_dir"]
 
 _CHUNK = 1 << 20
 _MEMO = "fingerprints.json"
@@ -74,25 +74,6 @@ def index_dir(root: Path, kind: str, fingerprint: str, settings: Mapping[str, An
     return root / kind / f"{fingerprint[:16]}-{hashlib.sha256(blob).hexdigest()[:8]}"
 
 
-@contextlib.contextmanager
-def publish_dir(final: Path) -> Iterator[Path]:
-    """Yield an empty scratch folder beside ``final``; when the block succeeds, rename it to
-    ``final`` in one step, so a reader never sees a half-written index. If another process
-    published ``final`` first, its copy is kept and ours is dropped. On error, nothing is left."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        yield scratch
-        scratch.chmod(0o755)  # mkdtemp makes it private; an index is as readable as its corpus
-        try:
-            scratch.rename(final)
-        except OSError:
-            if not final.is_dir():
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -102,14 +83,5 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, mode=0o644) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")

@@ -29,11 +29,12 @@ from typing import Any
 import numpy as np
 
 from treegrpo.env.retrievers._common import check_request
-from treegrpo.env.retrievers.cache import cache_root, corpus_fingerprint, index_dir, publish_dir
+from treegrpo.env.retrievers.cache import cache_root, corpus_fingerprint, index_dir
 from treegrpo.env.retrievers.corpus import Corpus
 from treegrpo.env.retrievers.errors import MissingDependencyError
 from treegrpo.env.types import Document
 from treegrpo.exceptions import InvalidArgumentError
+from treegrpo.fsutil import atomic_directory
 
 __all__ = ["MODEL_PACKAGE", "DenseRetriever", "SentenceEncoder", "model_dir"]
 
@@ -235,7 +236,7 @@ class DenseRetriever:
                 shutil.rmtree(folder, ignore_errors=True)
         corpus = Corpus.scan(path)
         try:
-            with publish_dir(folder) as scratch:
+            with atomic_directory(folder) as scratch:
                 target = np.lib.format.open_memmap(
                     scratch / _EMBEDDINGS,
                     mode="w+",

@@ -20,13 +20,11 @@ import argparse
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import json
 import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +34,7 @@ from aiohttp import web
 
 from treegrpo.env.types import Document, Retriever
 from treegrpo.exceptions import TreeGRPOError
+from treegrpo.httpserver import base_url, start_app_in_thread
 
 __all__ = [
     "add_subcommand",
@@ -210,15 +209,6 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
 # --------------------------------------------------------------------------- running
 
 
-def _url(host: str, port: int) -> str:
-    try:
-        if ipaddress.ip_address(host).version == 6:
-            host = f"[{host}]"
-    except ValueError:
-        pass
-    return f"http://{host}:{port}"
-
-
 def start_server_in_thread(
     retriever: Retriever, host: str = "127.0.0.1", port: int = 0, **app_options: Any
 ) -> tuple[str, Callable[[], None]]:
@@ -229,63 +219,6 @@ def start_server_in_thread(
     down and waits for the thread. ``app_options`` go to :func:`create_app`.
     """
     return start_app_in_thread(create_app(retriever, **app_options), host, port)
-
-
-def start_app_in_thread(
-    app: web.Application,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    *,
-    shutdown_timeout: float = 5,
-    handler_cancellation: bool = False,
-    on_cleanup: Callable[[], None] | None = None,
-    name: str = "treegrpo-http-server",
-) -> tuple[str, Callable[[], None]]:
-    """Run any aiohttp ``app`` on its own event loop in a daemon thread (tests use it for fake
-    servers). Returns ``(base url, stop)``; ``stop`` waits at most ``shutdown_timeout`` seconds
-    for requests in flight, then closes everything and calls ``on_cleanup`` (also when the
-    server fails to start, before the error is raised here)."""
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        shutdown_timeout=shutdown_timeout,
-        handler_cancellation=handler_cancellation,
-    )
-    started = threading.Event()
-    state: dict[str, Any] = {}
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(runner.setup())
-            loop.run_until_complete(web.TCPSite(runner, host, port).start())
-            state["port"] = runner.addresses[0][1]
-        except BaseException as e:
-            state["error"] = e
-        else:
-            started.set()
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(runner.cleanup())
-            if on_cleanup is not None:
-                on_cleanup()
-            loop.close()
-            started.set()
-
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-    started.wait()
-    if "error" in state:
-        thread.join()
-        raise state["error"]
-
-    def stop() -> None:
-        if thread.is_alive():
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-
-    return _url(host, state["port"]), stop
 
 
 @contextlib.contextmanager
@@ -336,7 +269,7 @@ async def _serve_forever(
         await web.TCPSite(runner, host, port).start()
         bound = runner.addresses[0][1]
         print(
-            f"serving {size:,} documents on {_url(host, bound)} ({kind}, top {topk}; "
+            f"serving {size:,} documents on {base_url(host, bound)} ({kind}, top {topk}; "
             "POST /retrieve, GET /health); Ctrl+C to stop",
             flush=True,
         )
