@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,6 +150,12 @@ def test_two_training_steps_sync_the_weights_over_a_gloo_group(
             assert differences(url, model) == [], step  # every tensor, exactly
             assert server_version(url) == str(step)
             before = after
+        [group] = trainer.engine._groups
+    # closing the trainer had the server leave the group: it has none of that name left
+    body = json.dumps({"group_name": group.group_name}).encode()
+    request = urllib.request.Request(url + "/destroy_weights_update_group", data=body)
+    with pytest.raises(urllib.error.HTTPError, match="400"):
+        urllib.request.urlopen(request, timeout=60)
     for step, version in ((1, "0"), (2, "1")):  # each rollout ran on the weights synced before
         nodes = pl.read_parquet(run / "nodes" / f"step={step:06d}" / "part-0.parquet")
         assert set(nodes["weight_version"].drop_nulls().to_list()) == {version}, step
@@ -269,3 +276,19 @@ def test_a_refused_update_stops_the_sync_at_once_and_breaks_the_group(standin_pr
         loop.run_until_complete(client.close())
     finally:
         loop.close()
+
+
+def test_the_client_refuses_an_unknown_sync_and_sync_settings_it_would_not_use():
+    from treegrpo.exceptions import InvalidArgumentError, InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match="weight_sync must be one of"):
+        SGLangClient("http://127.0.0.1:1", vocab_size=10, weight_sync="nccl")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match=r"only apply to weight_sync=.distributed"):
+        SGLangClient("http://127.0.0.1:1", vocab_size=10, sync_port=29600)
+
+
+def test_the_default_address_is_loopback_for_a_local_server():
+    from treegrpo.engine.sglang_group import local_address_towards
+
+    for url in ("http://127.0.0.1:30000", "http://localhost:30000", "http://[::1]:30000"):
+        assert local_address_towards(url) == "127.0.0.1"

@@ -38,6 +38,7 @@ import logging
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
@@ -304,26 +305,26 @@ class SGLangGroupSync:
     async def _broadcast(
         self, tensors: Sequence[tuple[str, Any]], http: asyncio.Future[Any]
     ) -> None:
-        import torch.distributed as dist
-
-        device = self._device if self.backend == "nccl" else None
-        pending: list[tuple[Any, Any, int]] = []  # (work, tensor kept alive, copied bytes)
-        copied = 0
-        for _, tensor in tensors:
-            t = tensor.detach()
-            moved = 0
-            if device is not None and t.device != device:
-                t, moved = t.to(device), t.numel() * t.element_size()
-            elif device is None and t.device.type != "cpu":
-                t, moved = t.cpu(), t.numel() * t.element_size()
-            t = t.contiguous()
-            work = dist.broadcast(t, group_src=0, group=self._group, async_op=True)
-            pending.append((work, t, moved))
-            copied += moved
-            while copied > _BUCKET_BYTES and pending:
-                copied -= await _completed(pending.pop(0), http)
-        for item in pending:
-            await _completed(item, http)
+        """Issue every broadcast from a daemon thread and wait for them here. The thread,
+        because NCCL connects at the first collective and blocks its caller until the servers
+        connect, which they do only once the HTTP call has reached them: on the event loop's
+        thread that would stall the call itself. The wait here, because a server that
+        refuses must end it at once (the thread may be stuck until the group's timeout)."""
+        group, device = self._group, self._device if self.backend == "nccl" else None
+        issued: list[Any] = []  # the works, in order, appended by the thread
+        issuing = _in_daemon_thread(
+            lambda: _issue(group, device, tensors, issued, self.timeout),
+            name="treegrpo-weight-broadcast",
+        )
+        while not issuing.done():
+            await asyncio.wait({issuing, http}, return_when=asyncio.FIRST_COMPLETED)
+            _raise_if_failed(http)
+        issuing.result()  # the thread's own error (a broadcast refused by torch)
+        for work in issued:
+            while not work.is_completed():
+                _raise_if_failed(http)
+                await asyncio.sleep(_POLL_S)
+            work.wait()  # the broadcast's own error (a timeout, a rank gone)
 
     async def aclose(self) -> None:
         """The servers leave the group (best effort: older servers lack the endpoint), then
@@ -342,18 +343,53 @@ class SGLangGroupSync:
         self._store = None
 
 
-async def _completed(item: tuple[Any, Any, int], http: asyncio.Future[Any]) -> int:
-    """Wait for one broadcast; if the servers' HTTP call fails first, raise its error (the
-    broadcast would otherwise wait for the group's timeout). Returns the bytes it copied."""
-    work, _, moved = item
-    while not work.is_completed():
-        if http.done() and http.exception() is not None:
-            error = http.exception()
-            assert error is not None
-            raise error
-        await asyncio.sleep(_POLL_S)
-    work.wait()  # raises the broadcast's own error (a timeout, a rank gone)
-    return moved
+def _raise_if_failed(http: asyncio.Future[Any]) -> None:
+    """The servers' HTTP call failed: its error, raised here (the broadcasts waiting for them
+    would otherwise wait for the group's timeout)."""
+    if http.done() and not http.cancelled() and http.exception() is not None:
+        error = http.exception()
+        assert error is not None
+        raise error
+
+
+def _issue(
+    group: Any,
+    device: Any,
+    tensors: Sequence[tuple[str, Any]],
+    issued: list[Any],
+    timeout: float,
+) -> None:
+    """Broadcast each tensor from rank 0 (asynchronously; the works go to ``issued``), on
+    ``device`` for NCCL, on CPU for gloo. Copies to another device (an FSDP2 state dict on
+    CPU) are waited for every ``_BUCKET_BYTES``, so they never sit on the GPU whole; torch
+    keeps a copy alive on the collective's stream until its broadcast is done."""
+    import torch
+    import torch.distributed as dist
+
+    if device is not None and device.index is not None:
+        torch.cuda.set_device(device)  # per thread
+    copies: list[Any] = []  # works of copies not yet waited for
+    copied = 0
+    for _, tensor in tensors:
+        t = tensor.detach()
+        if device is not None and t.device != device:
+            t = t.to(device)
+        elif device is None and t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        work = dist.broadcast(t, group_src=0, group=group, async_op=True)
+        issued.append(work)
+        if t.data_ptr() != tensor.data_ptr():
+            copies.append(work)
+            copied += t.numel() * t.element_size()
+        if copied > _BUCKET_BYTES:
+            deadline = time.monotonic() + timeout
+            for pending in copies:  # on the host: NCCL's wait() only orders streams
+                while not pending.is_completed():
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"a broadcast was not received within {timeout} s")
+                    time.sleep(_POLL_S)
+            copies, copied = [], 0
 
 
 def _join_group(store: Any, backend: str, world_size: int, name: str, timeout: float) -> Any:
