@@ -193,14 +193,19 @@ class RefusingSGLang:
         return web.json_response({"success": False, "message": message}, status=400)
 
 
-def _sync_for(url: str, loop: asyncio.AbstractEventLoop, **options: Any) -> Any:
+def _sync_for(
+    url: str, loop: asyncio.AbstractEventLoop, gathered: dict[str, Any] | None = None
+) -> Any:
+    """A client and its group sync for the tiny policy; with ``gathered``, as under FSDP2:
+    the policy is sharded and its full weights are what ``state_dict`` gathers."""
     model, tokenizer = tiny_policy(seed=0)
-    client = SGLangClient(url, tokenizer=tokenizer, weight_sync="distributed", **options)
+    client = SGLangClient(url, tokenizer=tokenizer, weight_sync="distributed")
     source = PolicySource(
         model=model,
         tokenizer=tokenizer,
-        state_dict=lambda every_rank: dict(model.state_dict()),
+        state_dict=lambda every_rank: dict(model.state_dict()) if gathered is None else gathered,
         directory=Path("/nonexistent"),
+        sharded=gathered is not None,
         run=loop.run_until_complete,
     )
     return client, client.weight_sync(source)
@@ -258,21 +263,30 @@ def test_a_port_in_use_fails_at_setup_and_leaves_the_run_directory_untouched(
     assert not run.exists()  # set-up had not passed: nothing was written
 
 
-def test_a_refused_update_stops_the_sync_at_once_and_breaks_the_group(standin_process: str):
-    """The stand-in joined, then refuses the update (it knows no such group): the broadcast
-    waiting for it stops on the refusal, and the next push says the group is broken."""
+def test_a_sharded_policy_sends_its_gathered_weights_then_a_refused_update_breaks_the_group(
+    standin_process: str,
+):
+    """As under FSDP2, the full weights ``state_dict`` gathers are sent (not the model's own
+    parameters, its shards). Then the stand-in refuses an update (it knows no such group): the
+    broadcast waiting for it stops on the refusal, and the next push says the group is
+    broken."""
+    url = standin_process
+    full = {name: torch.randn_like(p) for name, p in tiny_policy(seed=0)[0].state_dict().items()}
     loop = asyncio.new_event_loop()
     try:
-        client, sync = _sync_for(standin_process, loop)
+        client, sync = _sync_for(url, loop, gathered=full)
         sync.timeout = 10.0  # the abandoned broadcast fails on its own after this
         sync.start()
+        sync.push(1)
+        names = [name for name, _ in sync.source.model.named_parameters()]
+        assert all(torch.equal(served(url, name), full[name]) for name in names)
         sync.group_name = "not-the-group"  # what the servers are told to receive over
-        with pytest.raises(WeightSyncError, match="broke during the sync of version '1'") as e:
-            sync.push(1)
+        with pytest.raises(WeightSyncError, match="broke during the sync of version '2'") as e:
+            sync.push(2)
         assert "no process group 'not-the-group'" in str(e.value)
         assert "Restart the servers and the run" in str(e.value)
-        with pytest.raises(WeightSyncError, match="broke during the sync of version '1'"):
-            sync.push(2)  # at once: the group is unusable
+        with pytest.raises(WeightSyncError, match="broke during the sync of version '2'"):
+            sync.push(3)  # at once: the group is unusable
         loop.run_until_complete(client.close())
     finally:
         loop.close()
