@@ -52,8 +52,6 @@ def config_classes(root: type) -> tuple[dict[str, type], dict[str, dict[str, str
 CLASSES, NESTED = config_classes(TrainConfig)
 # Fields no code needs to read, each with the reason and the test of that behaviour below.
 NOT_READ = {
-    ("EngineConfig", "weight_sync"): "one value is accepted, 'disk', what the trainer does; "
-    "'nccl' is refused in EngineConfig.__post_init__ (test_weight_sync_nccl_is_refused)",
     ("TrainConfig", "preset"): "load_config applies the preset to the raw mapping before the "
     "dataclass is built; the field records which one in config.json "
     "(test_the_preset_acts_before_the_dataclass_is_built)",
@@ -275,12 +273,25 @@ def test_the_preset_acts_before_the_dataclass_is_built() -> None:
     assert load_config(None, ["preset=smollm2"]).model.path == "default"
 
 
-def test_weight_sync_nccl_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"engine.weight_sync=nccl is not supported yet.*disk"):
-        load_config(
-            None, ["engine.kind=sglang", "engine.urls=[http://x:1]", "engine.weight_sync=nccl"]
-        )
+def test_weight_sync_values_and_the_settings_that_go_with_them() -> None:
+    sglang = ["engine.kind=sglang", "engine.urls=[http://x:1]"]
+    with pytest.raises(ConfigError, match=r"engine.weight_sync must be one of 'disk', 'distrib"):
+        load_config(None, [*sglang, "engine.weight_sync=nccl"])  # an unknown value
     assert load_config(None, ["engine.weight_sync=disk"]).engine.weight_sync == "disk"
+    cfg = load_config(None, [*sglang, "engine.weight_sync=distributed", "engine.sync_port=29600"])
+    assert (cfg.engine.weight_sync, cfg.engine.sync_port) == ("distributed", 29600)
+    with pytest.raises(ConfigError, match=r"distributed only acts with engine\.kind=sglang"):
+        load_config(None, ["engine.weight_sync=distributed"])  # embedded: shared weights
+    distributed = [*sglang, "engine.weight_sync=distributed"]
+    for overrides, match in (
+        ([*distributed, "engine.sync_dir=/w"], "sync_dir is only used with engine.weight_sync=d"),
+        ([*sglang, "engine.sync_port=29600"], "sync_port is only used with engine.weight_sync="),
+        ([*sglang, "engine.sync_address=10.0.0.1"], "sync_address is only used with"),
+        ([*distributed, "engine.sync_port=70000"], r"sync_port must be a TCP port in \[0, 65535"),
+        ([*distributed, "engine.sync_address= "], "sync_address must be a host name"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, overrides)
 
 
 @pytest.mark.parametrize("preset", ["smollm2", "tiny"])

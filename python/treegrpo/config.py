@@ -269,11 +269,22 @@ class EngineConfig:
     - ``kind``: ``embedded`` (transformers in this process, KV prefix reuse) or ``sglang``
       (HTTP to SGLang servers at ``urls``; weights pushed after each update).
     - ``kv_budget_tokens``: embedded engine's prefix-cache capacity, in tokens.
-    - ``weight_sync``: ``disk``: after each update the trainer writes the policy to
-      ``sync_dir`` and the SGLang servers load it (``/update_weights_from_disk``); the
-      embedded engine shares the learner's weights either way. ``nccl`` (a broadcast to the
-      servers) is refused until the trainer drives it (a separate issue).
-    - ``sync_dir``: where the disk path writes weights (must be readable by the servers).
+    - ``weight_sync``: how SGLang servers get the policy after each update (and at set-up).
+      ``disk`` (default): the trainer writes it to ``sync_dir`` and the servers load it
+      (``/update_weights_from_disk``); works across machines through shared storage.
+      ``distributed``: the trainer forms a process group with the servers once at set-up
+      (``/init_weights_update_group``; NCCL when the policy is on a GPU, gloo on CPU) and
+      broadcasts every parameter from its rank 0 after each update
+      (``/update_weights_from_distributed``, between ``/pause_generation`` and
+      ``/continue_generation``): nothing is written. SGLang ``kind`` only (the embedded engine
+      shares the learner's weights).
+    - ``sync_dir``: where ``weight_sync=disk`` writes weights (must be readable by the servers;
+      default ``<run_dir>/weights``).
+    - ``sync_address``: with ``weight_sync=distributed``, the address of this machine that the
+      servers connect to for the group (default: the address of the interface that reaches the
+      first server, ``127.0.0.1`` for a local one).
+    - ``sync_port``: with ``weight_sync=distributed``, the group's TCP port on this machine
+      (0, the default: a free one; it must differ from torchrun's ``MASTER_PORT``).
     - ``routing``: which of several servers a request goes to. ``tree`` (default): every
       request of a prompt group to one server (a stable hash of the group), so a tree's
       prefixes stay in one radix cache (the Tree-GRPO reuse); ``round_robin``: requests in
@@ -304,8 +315,10 @@ class EngineConfig:
     kind: Literal["embedded", "sglang"] = "embedded"
     urls: list[str] = field(default_factory=list)
     kv_budget_tokens: int = 200_000
-    weight_sync: Literal["disk", "nccl"] = "disk"
+    weight_sync: Literal["disk", "distributed"] = "disk"
     sync_dir: str | None = None
+    sync_address: str | None = None
+    sync_port: int = 0
     dtype: Literal["auto", "policy", "float32", "bfloat16"] = "auto"
     retry_window_s: float = 30.0
     routing: Literal["tree", "round_robin", "router"] = "tree"
@@ -313,12 +326,31 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _one_of("engine.kind", self.kind, ("embedded", "sglang"))
-        _one_of("engine.weight_sync", self.weight_sync, ("disk", "nccl"))
+        _one_of("engine.weight_sync", self.weight_sync, ("disk", "distributed"))
         _need(
-            self.weight_sync != "nccl",
-            "engine.weight_sync=nccl is not supported yet: the trainer pushes weights to SGLang "
-            "servers from disk only; use engine.weight_sync=disk (the default), with "
-            "engine.sync_dir on a filesystem the servers can read",
+            self.kind == "sglang" or self.weight_sync == "disk",
+            "engine.weight_sync=distributed only acts with engine.kind=sglang (the embedded "
+            "engine shares the learner's weights): set engine.kind=sglang or leave it out",
+        )
+        _need(
+            self.weight_sync == "disk" or self.sync_dir is None,
+            "engine.sync_dir is only used with engine.weight_sync=disk (distributed writes "
+            "nothing): leave it out, or set engine.weight_sync=disk",
+        )
+        for name, unset in (("sync_address", None), ("sync_port", 0)):
+            _need(
+                self.weight_sync == "distributed" or getattr(self, name) == unset,
+                f"engine.{name} is only used with engine.weight_sync=distributed: set "
+                "engine.weight_sync=distributed or leave it out",
+            )
+        _need(
+            0 <= self.sync_port <= 65535,
+            f"engine.sync_port must be a TCP port in [0, 65535] (0: a free one), got "
+            f"{self.sync_port}",
+        )
+        _need(
+            self.sync_address is None or bool(self.sync_address.strip()),
+            "engine.sync_address must be a host name or IP address, or left out",
         )
         _one_of("engine.dtype", self.dtype, ("auto", "policy", "float32", "bfloat16"))
         _need(self.kind != "sglang" or bool(self.urls), "engine.urls is required with kind=sglang")

@@ -9,7 +9,7 @@ The choices this loop makes, in order (algorithm.md):
 4. Update: PPO dual-clip loss, KL (k3) to the reference, entropy bonus; shared prefixes trained
    once (tree packing) with weights that make the loss equal the per-trajectory one.
 5. Weight sync: the embedded engine shares the learner's weights (version bump + cache flush);
-   SGLang servers get them from disk or over NCCL.
+   SGLang servers get them from disk or broadcast over a process group (NCCL; gloo on CPU).
 6. Log: verl metric names plus tree/*, to console/JSONL/TensorBoard/W&B, each step's records
    once (treegrpo.logs.metrics); rollouts as Parquet.
 7. Checkpoint: policy (safetensors) + optimizer + scheduler + RNG + data cursor + the engine's
@@ -169,6 +169,9 @@ class Trainer:
                 retry_window=cfg.engine.retry_window_s,
                 routing=cfg.engine.routing,
                 control_urls=cfg.engine.urls if router else None,
+                weight_sync=cfg.engine.weight_sync,
+                sync_address=cfg.engine.sync_address,
+                sync_port=cfg.engine.sync_port,
             )
             self._await(self.engine.start())
         # How the engine follows the learner's weights is the engine's business (WeightSync):
@@ -185,6 +188,9 @@ class Trainer:
                 run=self._await,
             )
         )
+        # What the sync needs (a process group with the servers) is formed now, before the
+        # run directory is written: a sync that cannot work fails with nothing lost.
+        self._weights.start()
         on_step, hold = self._weights.on_step, self._weights.hold
         eos = sorted(getattr(self.engine, "eos_token_ids", ()) or ())
         tree = replace(cfg.tree, seed=cfg.tree.seed + world.rank) if world.parallel else cfg.tree
@@ -399,8 +405,8 @@ class Trainer:
 
     def _sync_weights(self, version: int) -> None:
         """The engine takes the policy after an update (or at set-up): see
-        :class:`treegrpo.engine.base.WeightSync` (SGLang servers get it pushed from disk, the
-        embedded engine's replica a copy; shared weights need nothing)."""
+        :class:`treegrpo.engine.base.WeightSync` (SGLang servers get it from disk or over a
+        process group, the embedded engine's replica a copy; shared weights need nothing)."""
         self._weights.push(version)
 
     def _next_prompts(self) -> list[Any]:

@@ -131,14 +131,19 @@ class WeightSync(Protocol):
     (each engine its own), so the trainer never asks which kind of engine it holds.
 
     ``on_step`` / ``hold``: given to the learner, which calls ``on_step()`` after each optimizer
-    step inside ``with hold():`` (None: nothing to do there). :meth:`push` runs after every
-    update and once at set-up; :meth:`weights_loaded` after a checkpoint loaded weights into
+    step inside ``with hold():`` (None: nothing to do there). :meth:`start` runs once at
+    set-up, before anything is written into the run directory (it forms what the sync needs,
+    e.g. a process group with the servers, and fails there if it cannot); :meth:`push` runs
+    after every update and once at set-up; :meth:`weights_loaded` after a checkpoint loaded
+    weights into
     ``source.model``. :meth:`state_dict` / :meth:`load_state_dict`: the engine's part of a
     checkpoint; ``keeps_state`` False where it keeps nothing (``state_dict`` is then None)."""
 
     keeps_state: bool
     on_step: Callable[[], Any] | None
     hold: Callable[[], AbstractContextManager[Any]] | None
+
+    def start(self) -> None: ...
 
     def push(self, version: int) -> None: ...
 

@@ -447,6 +447,9 @@ class EmbeddedWeightSync:
         self.on_step = engine.bump_weight_version if self.shared else None
         self.hold = engine.exclusive if self.shared else None
 
+    def start(self) -> None:
+        """Nothing to form: the engine lives in this process."""
+
     def push(self, version: int) -> None:
         if self.shared:
             return  # the learner's on_step bumped the version

@@ -18,6 +18,7 @@ __all__ = [
     "ServerTimeoutError",
     "ServerUnavailableError",
     "StaleWeightsError",
+    "WeightSyncError",
 ]
 
 
@@ -92,3 +93,10 @@ class StaleWeightsError(EngineError, RuntimeError):
         self.url = url
         self.expected = expected
         self.got = got
+
+
+class WeightSyncError(EngineError, RuntimeError):
+    """A weight sync over a process group (``engine.weight_sync=distributed``) that could not
+    be set up or did not complete: the group's port in use, a server that refused to join or
+    to receive, ranks that never arrived, a broadcast that failed. The message says what to
+    check."""

@@ -79,6 +79,7 @@ from treegrpo.engine.errors import (
     ServerUnavailableError,
 )
 from treegrpo.engine.sglang_cache import CacheLedger, CacheRecord, CacheReport, admit, release
+from treegrpo.engine.sglang_group import SGLangGroupSync
 from treegrpo.engine.sglang_launch import add_subcommand, launch_command, router_command
 from treegrpo.engine.sglang_transport import START_HINT as _START_HINT
 from treegrpo.engine.sglang_transport import Retriable as _Retriable
@@ -109,6 +110,7 @@ ROUTING_HEADER = "X-SMG-Routing-Key"
 """The header ``sglang_router`` hashes with ``--policy consistent_hashing``."""
 
 _ROUTINGS = ("tree", "round_robin", "router")
+_WEIGHT_SYNCS = ("disk", "distributed")
 
 _PROBE_INTERVAL_S = 1.0
 """Seconds between background ``GET /health`` probes of a server that went away while others
@@ -208,6 +210,12 @@ class SGLangClient(WeightSyncCalls):
             default ``max_total_num_tokens`` from ``/server_info`` (no eviction if absent).
         control_urls: with ``routing="router"``, the worker URLs that get weight updates and
             other control calls (default: the router URL itself).
+        weight_sync: what :meth:`weight_sync` gives the trainer: ``"disk"`` (default; the
+            policy saved and loaded with ``/update_weights_from_disk``) or ``"distributed"``
+            (a process group the servers join, :mod:`~treegrpo.engine.sglang_group`).
+        sync_address: with ``"distributed"``, this machine's address the servers connect to
+            (default: the one on the interface that reaches the first server).
+        sync_port: with ``"distributed"``, the group's port on this machine (0: a free one).
     """
 
     def __init__(
@@ -226,6 +234,9 @@ class SGLangClient(WeightSyncCalls):
         max_concurrency: int = 256,
         cache_tokens: int | None = None,
         control_urls: Sequence[str] | None = None,
+        weight_sync: Literal["disk", "distributed"] = "disk",
+        sync_address: str | None = None,
+        sync_port: int = 0,
     ) -> None:
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
@@ -239,6 +250,14 @@ class SGLangClient(WeightSyncCalls):
             )
         if control_urls is not None and routing != "router":
             raise InvalidArgumentError('control_urls only applies to routing="router"')
+        if weight_sync not in _WEIGHT_SYNCS:
+            raise InvalidOptionError(
+                f"weight_sync must be one of {_WEIGHT_SYNCS}, got {weight_sync!r}"
+            )
+        if weight_sync == "disk" and (sync_address is not None or sync_port):
+            raise InvalidArgumentError(
+                'sync_address and sync_port only apply to weight_sync="distributed"'
+            )
         for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
             if not value > 0:
                 raise InvalidArgumentError(f"{name} must be > 0 seconds, got {value}")
@@ -286,6 +305,11 @@ class SGLangClient(WeightSyncCalls):
         self._pushed: tuple[str, dict[str, Any]] | None = None
         self.weight_repushes = 0
         """Times a server's weights were pushed again after it answered from other weights."""
+        self.weight_sync_kind = weight_sync
+        """How :meth:`weight_sync` syncs the trainer's weights: ``disk`` or ``distributed``."""
+        self._sync_address = sync_address
+        self._sync_port = int(sync_port)
+        self._groups: list[SGLangGroupSync] = []  # closed with the client
         self._ledger = CacheLedger()
         self._http = Transport(
             timeout=self.timeout,
@@ -403,6 +427,9 @@ class SGLangClient(WeightSyncCalls):
         """
         if self._closed:
             return
+        if self._http.session is not None:
+            for group in self._groups:  # the servers leave the weight-update groups
+                await group.aclose()
         self._closed = True
         if self._http.session is None:
             return
@@ -806,9 +833,23 @@ class SGLangClient(WeightSyncCalls):
     # ------------------------------------------------------------------ control
     # (the weight updates and pauses: WeightSyncCalls, in sglang_weights.py)
 
-    def weight_sync(self, source: PolicySource) -> SGLangWeightSync:
-        """The trainer's weight sync: the policy pushed from disk after every update."""
-        return SGLangWeightSync(self, source)
+    def weight_sync(self, source: PolicySource) -> SGLangWeightSync | SGLangGroupSync:
+        """The trainer's weight sync, of the kind this client was made with
+        (``weight_sync=``): the policy pushed from disk after every update
+        (:class:`SGLangWeightSync`), or broadcast over a process group the servers join
+        (:class:`~treegrpo.engine.sglang_group.SGLangGroupSync`); the client closes the
+        group when it closes."""
+        if self.weight_sync_kind == "disk":
+            return SGLangWeightSync(self, source)
+        sync = SGLangGroupSync(self, source, address=self._sync_address, port=self._sync_port)
+        self._groups.append(sync)
+        return sync
+
+    @property
+    def control_urls(self) -> list[str]:
+        """The servers that take control calls (weight updates, aborts): the ``urls``, or
+        with ``routing="router"`` the workers behind the router."""
+        return list(self._control)
 
     async def flush_cache(self) -> None:
         """``POST /flush_cache`` on every control URL; SGLang refuses (400) unless idle."""

@@ -92,6 +92,7 @@ def _print_command(args: argparse.Namespace) -> int:
         print(router_command(workers, port=args.port, host=args.host))
         print(
             "# or give treegrpo the worker URLs themselves: SGLangClient routes each tree to "
-            "one server (tree affinity)."
+            "one server (tree affinity). engine.weight_sync=distributed needs separate "
+            "servers: one with --dp-size is refused."
         )
     return 0

@@ -11,7 +11,8 @@
   :class:`~treegrpo.engine.errors.StaleWeightsError` is raised where it cannot be.
 
 :class:`SGLangWeightSync` is the client's :class:`~treegrpo.engine.base.WeightSync` for the
-trainer: after each update rank 0 saves the policy to a directory and pushes it from disk.
+trainer with ``weight_sync="disk"``: after each update rank 0 saves the policy to a directory
+and pushes it from disk (``"distributed"``: :mod:`treegrpo.engine.sglang_group`).
 """
 
 from __future__ import annotations
@@ -129,6 +130,17 @@ class WeightSyncCalls:
                     },
                 )
                 for url, offset in zip(self._control, offsets, strict=True)
+            )
+        )
+
+    async def destroy_weights_update_group(self, group_name: str) -> None:
+        """``POST /destroy_weights_update_group {"group_name"}`` on every control URL: the
+        servers leave the group (SGLang >= 0.5; older servers answer 404)."""
+        await self._ensure_started()
+        await asyncio.gather(
+            *(
+                self._control_post(url, "/destroy_weights_update_group", {"group_name": group_name})
+                for url in self._control
             )
         )
 
@@ -290,6 +302,9 @@ class SGLangWeightSync:
     def __init__(self, client: SGLangClient, source: PolicySource) -> None:
         self.client = client
         self.source = source
+
+    def start(self) -> None:
+        """Nothing to form: every push goes through ``source.directory``."""
 
     def push(self, version: int) -> None:
         source = self.source

@@ -27,7 +27,12 @@ on, so that pointing the client at a real SGLang server changes nothing:
   cache (``flush_cache: false`` is refused: the engine never reuses KV of old weights);
   ``/flush_cache`` (400 unless idle); ``/init_weights_update_group`` and
   ``/update_weights_from_distributed`` really receive the tensors over a ``gloo`` process group
-  (``nccl`` too where CUDA is present; refused with a clear message otherwise).
+  (``nccl`` too where CUDA is present; refused with a clear message otherwise), loading each
+  into the served parameter of its name; ``/destroy_weights_update_group`` leaves it. The
+  stand-in joins with its own code (:func:`join_weight_update_group`), not the trainer's
+  (``treegrpo.engine.sglang_group``), so a test of one checks the other.
+- ``/get_weights_by_name`` (SGLang's debug endpoint): a served parameter's values as float32
+  lists (its first ``truncate_size`` rows), for tests that check what the server holds.
 - ``GET /health``, ``/health_generate``, ``/model_info``, ``/server_info``.
 - ``meta_info.cached_tokens``: the prompt tokens the stand-in's own engine really served from
   its KV prefix cache when it prefilled the sample (the embedded engine's radix cache of
@@ -288,6 +293,9 @@ class SGLangStandin:
             ("POST", "/update_weights_from_disk", self._update_weights_from_disk),
             ("POST", "/init_weights_update_group", self._init_weights_update_group),
             ("POST", "/update_weights_from_distributed", self._update_weights_from_distributed),
+            ("POST", "/destroy_weights_update_group", self._destroy_weights_update_group),
+            ("POST", "/get_weights_by_name", self._get_weights_by_name),
+            ("GET", "/get_weights_by_name", self._get_weights_by_name),
             ("POST", "/flush_cache", self._flush_cache),
             ("GET", "/flush_cache", self._flush_cache),
             ("GET", "/health", self._health),
@@ -932,7 +940,41 @@ class SGLangStandin:
             self.engine.bump_weight_version()
         return problems
 
+    async def _destroy_weights_update_group(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        group_name = body.get("group_name", "weight_update_group")
+        group = self._groups.pop(group_name, None)
+        if group is None:
+            return _control(False, f"no process group {group_name!r} to destroy")
+        import torch.distributed as dist
+
+        await asyncio.to_thread(dist.destroy_process_group, group)
+        return _control(True, f"Succeeded to destroy group {group_name}.")
+
     # ------------------------------------------------------------------ information
+
+    async def _get_weights_by_name(self, request: web.Request) -> web.Response:
+        """SGLang's debug endpoint: the served parameter ``name`` as (nested) lists of float32
+        values, its first ``truncate_size`` rows (default 100); HTTP 400 for an unknown name."""
+        body = await _json_body(request)
+        name, truncate = body.get("name"), body.get("truncate_size", 100)
+        if isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 0:
+            return _error(400, f"truncate_size must be an integer >= 0, got {truncate!r}")
+        param = dict(self.model.named_parameters()).get(name) if isinstance(name, str) else None
+        if param is None:
+            return _error(400, f"Get parameter by name failed: no parameter {name!r}")
+        assert self._engine_lock is not None
+
+        def read() -> list[Any]:
+            import torch
+
+            with self.engine.exclusive(), torch.no_grad():
+                values = param.detach().to("cpu", torch.float32)
+            rows = values.tolist()
+            return rows[:truncate] if isinstance(rows, list) else [rows]
+
+        async with self._engine_lock:
+            return web.json_response(await self._on_model_thread(read))
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -1044,11 +1086,12 @@ def join_weight_update_group(
 ) -> Any:
     """Join (or, as rank 0, create) the process group SGLang's ``/init_weights_update_group``
     forms: a TCP rendezvous at ``master_address:master_port`` and a group of its own named
-    ``group_name``, apart from any default group. The trainer calls it with ``rank=0`` while
-    the servers join; then it broadcasts each tensor from rank 0 over the returned group.
+    ``group_name``, apart from any default group. A test playing the trainer may call it
+    with ``rank=0`` and broadcast from it; the trainer itself forms its side with its own code
+    (:mod:`treegrpo.engine.sglang_group`), which this module never calls.
 
     This mirrors how SGLang (and the RL frameworks that drive it) build that group, with torch's
-    private ``_new_process_group_helper``, so the same trainer code works against a real server.
+    private ``_new_process_group_helper``.
     """
     import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
