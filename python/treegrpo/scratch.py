@@ -17,8 +17,11 @@ environment, step rules, rollout, learner and trainer as the pretrained path:
    random weights drawn from the seed, no chat template (the prompt is the short template
    :data:`SHORT_TEMPLATE`).
 3. Warm start: the usual ``treegrpo sft`` on gold episodes of the world's train questions (loss
-   on action tokens only), kept short (``model.sft_steps``) to leave room for RL: held-out EM
-   0.14 after the tiny preset's 400 steps (docs/benchmarks.md says what RL then does).
+   on action tokens only). The tiny preset leaves room for RL with noise: 70% of its warm-start
+   episodes answer at once without searching (``model.sft_guess``), so the warm-started policy
+   mostly guesses (greedy held-out EM 0) and RL has to learn that searching pays; measured
+   without the guesses, a warm start that always searches gains only +0.005 to +0.03 from RL
+   (docs/benchmarks.md, "Quickstart" and "What the tiny policy learns").
 
 The built checkpoint is cached under ``<cache root>/models/scratch-<key>``, the key hashing the
 world's files and :class:`ScratchConfig`, so a change of either builds a new one; the directory
