@@ -74,8 +74,9 @@ from typing import Any
 
 from aiohttp import web
 
-from treegrpo.env.retrievers.server import start_app_in_thread
 from treegrpo.env.types import Document
+from treegrpo.httpserver import start_app_in_thread
+from treegrpo.testing import sglang_protocol as protocol
 
 __all__ = [
     "SGLangSim",
@@ -343,41 +344,6 @@ class _Job:
     admitted: bool = False
 
 
-class _BadRequest(Exception):
-    pass
-
-
-_SAMPLING_KEYS = frozenset(
-    {
-        "max_new_tokens",
-        "stop",
-        "stop_token_ids",
-        "stop_regex",
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "frequency_penalty",
-        "presence_penalty",
-        "repetition_penalty",
-        "min_new_tokens",
-        "n",
-        "json_schema",
-        "regex",
-        "ebnf",
-        "structural_tag",
-        "ignore_eos",
-        "skip_special_tokens",
-        "spaces_between_special_tokens",
-        "no_stop_trim",
-        "custom_params",
-        "stream_interval",
-        "logit_bias",
-        "sampling_seed",
-    }
-)
-
-
 # --------------------------------------------------------------------------- the server
 
 
@@ -477,27 +443,23 @@ class SGLangSim:
     # ------------------------------------------------------------------ application
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024**2)
-        routes = [
-            ("POST", "/generate", self._generate),
-            ("POST", "/abort_request", self._abort_request),
-            ("POST", "/pause_generation", self._pause_generation),
-            ("POST", "/continue_generation", self._continue_generation),
-            ("POST", "/update_weights_from_disk", self._update_weights_from_disk),
-            ("POST", "/init_weights_update_group", self._not_simulated),
-            ("POST", "/update_weights_from_distributed", self._not_simulated),
-            ("POST", "/flush_cache", self._flush_cache),
-            ("GET", "/flush_cache", self._flush_cache),
-            ("GET", "/health", self._health),
-            ("GET", "/health_generate", self._health),
-            ("GET", "/model_info", self._model_info),
-            ("GET", "/get_model_info", self._model_info),
-            ("GET", "/server_info", self._server_info),
-            ("GET", "/get_server_info", self._server_info),
-            ("GET", "/sim_stats", self._sim_stats),
-        ]
-        for method, path, handler in routes:
-            app.router.add_route(method, path, handler)
+        app = protocol.application(
+            {
+                "generate": self._generate,
+                "abort_request": self._abort_request,
+                "pause_generation": self._pause_generation,
+                "continue_generation": self._continue_generation,
+                "update_weights_from_disk": self._update_weights_from_disk,
+                "init_weights_update_group": self._not_simulated,
+                "update_weights_from_distributed": self._not_simulated,
+                "flush_cache": self._flush_cache,
+                "health": self._health,
+                "health_generate": self._health,
+                "model_info": self._model_info,
+                "server_info": self._server_info,
+            },
+            [("GET", "/sim_stats", self._sim_stats)],
+        )
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         return app
@@ -520,15 +482,11 @@ class SGLangSim:
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         try:
-            body = await request.json()
-        except ValueError as e:
-            return _error(400, f"body must be JSON ({e})")
-        try:
-            job, single = self._parse(body)
-        except _BadRequest as e:
-            return _error(400, str(e))
-        except TypeError as e:  # an unknown sampling key: SGLang's uncaught TypeError
-            return web.Response(status=500, text=f"Internal Server Error ({e})")
+            job, single = self._parse(await protocol.request_json(request))
+        except protocol.BadRequest as e:
+            return protocol.error(400, str(e))
+        except (TypeError, protocol.InternalError) as e:  # a bare 500, as SGLang's server
+            return protocol.internal_error(e)
         self.stats["requests"] += len(job.prompts)
         self._rids.update(job.rids)
         self._waiting.append(job)
@@ -544,73 +502,48 @@ class SGLangSim:
         return web.json_response(answers[0] if single else answers)
 
     def _parse(self, body: Any) -> tuple[_Job, bool]:
-        if not isinstance(body, dict):
-            raise _BadRequest("the body must be a JSON object")
-        if body.get("stream"):
-            raise _BadRequest("the simulator does not stream: send stream=false")
-        raw = body.get("input_ids")
-        if raw is None:
-            raise _BadRequest("send input_ids (the simulator has no tokenizer for text)")
-        single = bool(raw) and not isinstance(raw[0], list)
-        prompts = [raw] if single else raw
-        if not isinstance(prompts, list) or not prompts:
-            raise _BadRequest("input_ids must be a non-empty list of token ids or of lists")
-        vocab = self.params.vocab_size
-        for k, prompt in enumerate(prompts):
-            if not isinstance(prompt, list) or not prompt:
-                raise _BadRequest("every prompt must be a non-empty list of token ids")
-            for pos, token in enumerate(prompt):
-                if isinstance(token, bool) or not isinstance(token, int):
-                    raise _BadRequest(f"prompt {k}: input_ids[{pos}] is not a token id")
-                if not 0 <= token < vocab:
-                    # A real server's scheduler crashes here (an IndexError in the embedding).
-                    raise TypeError(f"prompt {k}: input_ids[{pos}] = {token} >= vocab {vocab}")
-        sampling = body.get("sampling_params") or {}
-        if not isinstance(sampling, dict):
-            raise _BadRequest("sampling_params must be an object")
-        unknown = sorted(set(sampling) - _SAMPLING_KEYS)
-        if unknown:
-            raise TypeError(f"SamplingParams got an unexpected keyword argument {unknown[0]!r}")
-        max_new = sampling.get("max_new_tokens", 128)
-        n = sampling.get("n", 1)
-        if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 0:
-            raise _BadRequest(f"max_new_tokens must be an integer >= 0, got {max_new!r}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise _BadRequest(f"n must be at least 1, got {n!r}")
-        stop = sampling.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else list(stop)
-        stop_ids = [int(t) for t in sampling.get("stop_token_ids") or []]
-        for prompt in prompts:
-            if len(prompt) + max_new >= self.params.context_length:
-                raise _BadRequest(
-                    f"Requested token count exceeds the model's maximum context length of "
-                    f"{self.params.context_length} tokens: {len(prompt)} input tokens + "
-                    f"{max_new} max_new_tokens."
-                )
-        rid = body.get("rid")
-        if rid is None:
-            rids = [uuid.uuid4().hex for _ in prompts]
-        elif isinstance(rid, str):
-            rids = [rid] if single else [f"{rid}_{i}" for i in range(len(prompts))]
-        elif isinstance(rid, list) and len(rid) == len(prompts):
-            rids = [str(r) for r in rid]
-        else:
-            raise _BadRequest("rid must be a string or a list of one string per prompt")
-        for r in rids:
-            if r in self._rids:
-                raise _BadRequest(f"Duplicate request ID detected: {r}")
+        call = protocol.parse_generate(
+            body,
+            server="the simulator",
+            tokenize=_no_text,
+            check_prompt=self._check_prompt,
+            context_length=self.params.context_length,
+            in_flight=self._rids,
+        )
+        if call.per_prompt_sampling:
+            raise protocol.BadRequest("sampling_params must be an object (one for all prompts)")
+        sampling = call.sampling[0]
+        max_new, n = sampling.max_new_tokens, sampling.n
         samples = []
-        for r, prompt in zip(rids, prompts, strict=True):
+        for r, prompt in zip(call.rids, call.prompts, strict=True):
             for i in range(n):
                 sid = r if n == 1 else uuid.uuid4().hex  # SGLang: fresh ids for n > 1
-                plan, finish = self._draw(prompt, i, max_new, stop, stop_ids)
+                plan, finish = self._draw(
+                    prompt, i, max_new, sampling.stop, sampling.stop_token_ids
+                )
                 samples.append(_Sample(sid, list(prompt), max_new, plan, finish))
         loop = asyncio.get_running_loop()
-        job = _Job(rids, [list(p) for p in prompts], samples, n, self.now(), loop.create_future())
-        return job, single and n == 1
+        job = _Job(call.rids, call.prompts, samples, n, self.now(), loop.create_future())
+        return job, call.answers_one
+
+    def _check_prompt(self, k: int, prompt: list[Any]) -> None:
+        vocab = self.params.vocab_size
+        for pos, token in enumerate(prompt):
+            if isinstance(token, bool) or not isinstance(token, int):
+                raise protocol.BadRequest(f"prompt {k}: input_ids[{pos}] is not a token id")
+            if not 0 <= token < vocab:
+                # A real server's scheduler crashes here (an IndexError in the embedding).
+                raise protocol.InternalError(
+                    f"prompt {k}: input_ids[{pos}] = {token} >= vocab {vocab}"
+                )
 
     def _draw(
-        self, prompt: list[int], index: int, max_new: int, stop: list[str], stop_ids: list[int]
+        self,
+        prompt: list[int],
+        index: int,
+        max_new: int,
+        stop: Sequence[str],
+        stop_ids: Sequence[int],
     ) -> tuple[list[int], dict[str, Any]]:
         """One sample's output and finish reason (see the module docstring)."""
         p = self.params
@@ -657,20 +590,18 @@ class SGLangSim:
 
     def _answer(self, job: _Job, s: _Sample) -> dict[str, Any]:
         assert s.finish is not None
-        meta = {
-            "id": s.id,
-            "finish_reason": s.finish,
-            "prompt_tokens": len(s.prompt),
-            "completion_tokens": len(s.output),
-            "cached_tokens": s.cached_tokens,
-            "input_token_logprobs": [],
-            "output_token_logprobs": [[-1.0, t, None] for t in s.output],
-            "weight_version": s.weight_version,
-            "e2e_latency": self.clock - job.arrived,
-        }
-        answer: dict[str, Any] = {"output_ids": list(s.output), "meta_info": meta}
-        answer["text"] = "" if self.tokenizer is None else str(self.tokenizer.decode(s.output))
-        return answer
+        meta = protocol.meta_info(
+            id=s.id,
+            finish_reason=s.finish,
+            prompt_tokens=len(s.prompt),
+            output_ids=s.output,
+            cached_tokens=s.cached_tokens,
+            weight_version=s.weight_version,
+            e2e_latency=self.clock - job.arrived,
+            output_log_probs=[-1.0] * len(s.output),  # always: there is no model to score
+        )
+        text = "" if self.tokenizer is None else str(self.tokenizer.decode(s.output))
+        return protocol.answer_body(s.output, meta, text)
 
     # ------------------------------------------------------------------ scheduling
 
@@ -809,7 +740,7 @@ class SGLangSim:
     # ------------------------------------------------------------------ control
 
     async def _abort_request(self, request: web.Request) -> web.Response:
-        body = await _json(request)
+        body = await protocol.json_body(request)
         if body.get("abort_all"):
             self._abort(lambda s: True, "aborted (abort_all)")
         else:
@@ -818,29 +749,31 @@ class SGLangSim:
         return web.Response(status=200)
 
     async def _pause_generation(self, request: web.Request) -> web.Response:
-        mode = (await _json(request)).get("mode", "abort")
+        mode = (await protocol.json_body(request)).get("mode", "abort")
         if mode not in ("abort", "retract", "in_place"):
-            return _control(False, f"mode must be abort, retract or in_place, got {mode!r}")
+            return protocol.control(False, f"mode must be abort, retract or in_place, got {mode!r}")
         self._paused = True
         if mode == "abort":
             self._abort(lambda s: True, "paused (abort)")
-        return _control(True, f"paused ({mode})")
+        return protocol.control(True, f"paused ({mode})")
 
     async def _continue_generation(self, request: web.Request) -> web.Response:
         self._paused = False
         self._poke()
-        return _control(True, "continued")
+        return protocol.control(True, "continued")
 
     async def _flush_cache(self, request: web.Request) -> web.Response:
         if self._waiting or self._running:
-            return _control(False, "Cache not flushed: there are requests running or waiting")
+            return protocol.control(
+                False, "Cache not flushed: there are requests running or waiting"
+            )
         self.cache.reset()
-        return _control(True, "Cache flushed.")
+        return protocol.control(True, "Cache flushed.")
 
     async def _update_weights_from_disk(self, request: web.Request) -> web.Response:
-        body = await _json(request)
+        body = await protocol.json_body(request)
         if not isinstance(body.get("model_path"), str):
-            return _control(False, "model_path must be a string")
+            return protocol.control(False, "model_path must be a string")
         self._updating += 1
         try:
             if body.get("abort_all_requests"):
@@ -855,10 +788,10 @@ class SGLangSim:
         finally:
             self._updating -= 1
             self._poke()
-        return _control(True, "Succeeded to update model weights (simulated).")
+        return protocol.control(True, "Succeeded to update model weights (simulated).")
 
     async def _not_simulated(self, request: web.Request) -> web.Response:
-        return _control(
+        return protocol.control(
             False,
             "the simulator has no weights to receive over a process group: use "
             "/update_weights_from_disk with it, or the stand-in (sglang_standin) for this path",
@@ -868,34 +801,28 @@ class SGLangSim:
         return web.Response(status=200)
 
     async def _model_info(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "model_path": self.model_path,
-                "tokenizer_path": self.model_path,
-                "is_generation": True,
-                "preferred_sampling_params": None,
-                "weight_version": self.weight_version,
-            }
-        )
+        return protocol.model_info(self.model_path, self.weight_version)
 
     async def _server_info(self, request: web.Request) -> web.Response:
         p = self.params
-        return web.json_response(
-            {
-                "model_path": self.model_path,
-                "page_size": p.page_size,
-                "schedule_policy": p.schedule_policy,
-                "skip_tokenizer_init": False,  # it ends outputs on stop strings itself
-                "context_length": p.context_length,
-                "max_total_num_tokens": p.cache_tokens,
-                "max_running_requests": p.max_running_requests,
-                "weight_version": self.weight_version,
-                "version": "treegrpo-sim",
-            }
+        return protocol.server_info(
+            model_path=self.model_path,
+            page_size=p.page_size,
+            schedule_policy=p.schedule_policy,
+            skip_tokenizer_init=False,  # it ends outputs on stop strings itself
+            context_length=p.context_length,
+            max_total_num_tokens=p.cache_tokens,
+            weight_version=self.weight_version,
+            version="treegrpo-sim",
+            max_running_requests=p.max_running_requests,
         )
 
     async def _sim_stats(self, request: web.Request) -> web.Response:
         return web.json_response({**self.stats, "clock_s": self.now()})
+
+
+def _no_text(text: Any) -> list[Any]:
+    raise protocol.BadRequest("send input_ids (the simulator has no tokenizer for text)")
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -903,24 +830,6 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=False))
     except TypeError:  # a tokenizer without that keyword
         return list(tokenizer.encode(text))
-
-
-async def _json(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"message": message}}, status=status)
-
-
-def _control(success: bool, message: str) -> web.Response:
-    return web.json_response(
-        {"success": success, "message": message}, status=200 if success else 400
-    )
 
 
 # --------------------------------------------------------------------------- the tool side

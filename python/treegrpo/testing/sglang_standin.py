@@ -80,6 +80,8 @@ from treegrpo.engine.errors import InvalidTokenError
 from treegrpo.engine.stops import StopMatcher
 from treegrpo.engine.tokens import check_token_ids
 from treegrpo.httpserver import start_app_in_thread
+from treegrpo.testing import sglang_protocol as protocol
+from treegrpo.testing.sglang_protocol import Sampling
 
 __all__ = [
     "SGLangStandin",
@@ -94,38 +96,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_CACHE_TOKENS = 65536
-
-# SGLang's SamplingParams arguments: any other key is a TypeError (HTTP 500) there.
-_SAMPLING_KEYS = frozenset(
-    {
-        "max_new_tokens",
-        "stop",
-        "stop_token_ids",
-        "stop_regex",
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "frequency_penalty",
-        "presence_penalty",
-        "repetition_penalty",
-        "min_new_tokens",
-        "n",
-        "json_schema",
-        "regex",
-        "ebnf",
-        "structural_tag",
-        "ignore_eos",
-        "skip_special_tokens",
-        "spaces_between_special_tokens",
-        "no_stop_trim",
-        "custom_params",
-        "stream_interval",
-        "logit_bias",
-        "sampling_seed",
-    }
-)
-
 
 # Keys SGLang takes that the stand-in does not emulate, with their neutral values; any other
 # value is a 400 here rather than silently ignored.
@@ -154,25 +124,7 @@ _KEEPS_NO_CACHE = (
 )
 
 
-class _BadRequest(Exception):
-    """An HTTP 400 ``{"error": {"message": ...}}``."""
-
-
 # --------------------------------------------------------------------------- requests
-
-
-@dataclass(frozen=True)
-class _Params:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    stop: tuple[str, ...]
-    stop_token_ids: tuple[int, ...]
-    skip_special_tokens: bool
-    no_stop_trim: bool
-    ignore_eos: bool
-    n: int
 
 
 @dataclass(eq=False)
@@ -181,7 +133,7 @@ class _Sample:
 
     id: str
     prompt: list[int]
-    params: _Params
+    params: Sampling
     return_logprob: bool
     output: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
@@ -284,29 +236,24 @@ class SGLangStandin:
 
     def app(self) -> web.Application:
         """The aiohttp application: every SGLang endpoint the contract names."""
-        app = web.Application(client_max_size=64 * 1024**2)
-        routes = [
-            ("POST", "/generate", self._generate),
-            ("POST", "/abort_request", self._abort_request),
-            ("POST", "/pause_generation", self._pause_generation),
-            ("POST", "/continue_generation", self._continue_generation),
-            ("POST", "/update_weights_from_disk", self._update_weights_from_disk),
-            ("POST", "/init_weights_update_group", self._init_weights_update_group),
-            ("POST", "/update_weights_from_distributed", self._update_weights_from_distributed),
-            ("POST", "/destroy_weights_update_group", self._destroy_weights_update_group),
-            ("POST", "/get_weights_by_name", self._get_weights_by_name),
-            ("GET", "/get_weights_by_name", self._get_weights_by_name),
-            ("POST", "/flush_cache", self._flush_cache),
-            ("GET", "/flush_cache", self._flush_cache),
-            ("GET", "/health", self._health),
-            ("GET", "/health_generate", self._health_generate),
-            ("GET", "/model_info", self._model_info),
-            ("GET", "/get_model_info", self._model_info),
-            ("GET", "/server_info", self._server_info),
-            ("GET", "/get_server_info", self._server_info),
-        ]
-        for method, path, handler in routes:
-            app.router.add_route(method, path, handler)
+        app = protocol.application(
+            {
+                "generate": self._generate,
+                "abort_request": self._abort_request,
+                "pause_generation": self._pause_generation,
+                "continue_generation": self._continue_generation,
+                "update_weights_from_disk": self._update_weights_from_disk,
+                "init_weights_update_group": self._init_weights_update_group,
+                "update_weights_from_distributed": self._update_weights_from_distributed,
+                "destroy_weights_update_group": self._destroy_weights_update_group,
+                "get_weights_by_name": self._get_weights_by_name,
+                "flush_cache": self._flush_cache,
+                "health": self._health,
+                "health_generate": self._health_generate,
+                "model_info": self._model_info,
+                "server_info": self._server_info,
+            }
+        )
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         return app
@@ -364,19 +311,11 @@ class SGLangStandin:
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         try:
-            body = await request.json()
-        except ValueError as e:
-            return _error(400, f"body must be JSON ({e})")
-        try:
-            job, single = self._parse_generate(body)
-        except _BadRequest as e:
-            return _error(400, str(e))
-        except TypeError as e:
-            # SGLang builds SamplingParams(**sampling_params): an unknown key is an uncaught
-            # TypeError, which its HTTP server answers with a bare 500.
-            return web.Response(status=500, text=f"Internal Server Error ({e})")
-        except _OutOfVocabulary as e:
-            return web.Response(status=500, text=f"Internal Server Error ({e})")
+            job, single = self._parse_generate(await protocol.request_json(request))
+        except protocol.BadRequest as e:
+            return protocol.error(400, str(e))
+        except (TypeError, protocol.InternalError) as e:  # a bare 500, as SGLang's server
+            return protocol.internal_error(e)
         self._rids.update(job.rids)
         self._waiting.append(job)
         self._poke()
@@ -393,175 +332,63 @@ class SGLangStandin:
         return web.json_response(answers[0] if single else answers)
 
     def _parse_generate(self, body: Any) -> tuple[_Job, bool]:
-        """Validate a ``/generate`` body into a job (raises _BadRequest / TypeError)."""
-        if not isinstance(body, dict):
-            raise _BadRequest("the body must be a JSON object")
-        if body.get("stream"):
-            raise _BadRequest("the stand-in does not stream: send stream=false")
-        if body.get("input_ids") is None and body.get("text") is None:
-            raise _BadRequest("either text or input_ids should be provided")
-        raw = body.get("input_ids")
-        if raw is None:
-            raw = self._tokenize(body["text"])
-        single = bool(raw) and not isinstance(raw[0], list)
-        prompts = [raw] if single else raw
-        if not isinstance(prompts, list) or not prompts:
-            raise _BadRequest("input_ids must be a non-empty list of token ids or of lists")
-        for k, prompt in enumerate(prompts):
-            if not isinstance(prompt, list) or not prompt:
-                raise _BadRequest("every prompt must be a non-empty list of token ids")
-            try:
-                check_token_ids(
-                    prompt,
-                    self.vocab_size,
-                    where=f"prompt {k}",
-                    note=": a real SGLang server does not check this and may crash",
-                )
-            except InvalidTokenError as e:
-                raise (_OutOfVocabulary if e.out_of_range else _BadRequest)(str(e)) from None
-        sampling = body.get("sampling_params") or {}
-        sampling_list = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
-        if len(sampling_list) != len(prompts):
-            raise _BadRequest(f"{len(sampling_list)} sampling_params for {len(prompts)} prompts")
-        params = [self._sampling(s) for s in sampling_list]
-        for prompt, p in zip(prompts, params, strict=True):
-            if len(prompt) >= self.context_length:
-                raise _BadRequest(
-                    f"The input ({len(prompt)} tokens) is longer than the model's context "
-                    f"length ({self.context_length} tokens)."
-                )
-            if len(prompt) + p.max_new_tokens >= self.context_length:
-                raise _BadRequest(
-                    f"Requested token count exceeds the model's maximum context length of "
-                    f"{self.context_length} tokens: {len(prompt)} input tokens + "
-                    f"{p.max_new_tokens} max_new_tokens. Lower max_new_tokens or shorten the "
-                    "input."
-                )
-        rids = self._rids_of(body.get("rid"), len(prompts), single)
-        for rid in rids:
-            if rid in self._rids:
-                raise _BadRequest(f"Duplicate request ID detected: {rid}")
-        if len(set(rids)) != len(rids):
-            raise _BadRequest("rid holds duplicate request IDs")
-        return_logprob = body.get("return_logprob", False)
-        flags = return_logprob if isinstance(return_logprob, list) else [return_logprob] * len(rids)
+        """Validate a ``/generate`` body into a job (raises BadRequest, InternalError or
+        TypeError)."""
+        call = protocol.parse_generate(
+            body,
+            server="the stand-in",
+            tokenize=self._tokenize,
+            check_prompt=self._check_prompt,
+            context_length=self.context_length,
+            in_flight=self._rids,
+            not_emulated=_NOT_EMULATED,
+        )
         samples = []
-        for rid, prompt, p, flag in zip(rids, prompts, params, flags, strict=True):
+        for rid, prompt, p, flag in zip(
+            call.rids, call.prompts, call.sampling, call.return_logprob, strict=True
+        ):
             for _ in range(p.n):
                 # n > 1: SGLang gives every sample a fresh id, so meta_info.id is not the rid.
                 sid = rid if p.n == 1 else uuid.uuid4().hex
-                samples.append(_Sample(sid, list(prompt), p, bool(flag)))
+                samples.append(_Sample(sid, list(prompt), p, flag))
         loop = asyncio.get_running_loop()
-        job = _Job(
-            rids, [list(p) for p in prompts], samples, time.monotonic(), loop.create_future()
-        )
-        return job, single and params[0].n == 1
+        job = _Job(call.rids, call.prompts, samples, time.monotonic(), loop.create_future())
+        return job, call.answers_one
+
+    def _check_prompt(self, k: int, prompt: list[Any]) -> None:
+        try:
+            check_token_ids(
+                prompt,
+                self.vocab_size,
+                where=f"prompt {k}",
+                note=": a real SGLang server does not check this and may crash",
+            )
+        except InvalidTokenError as e:
+            kind = protocol.InternalError if e.out_of_range else protocol.BadRequest
+            raise kind(str(e)) from None
 
     def _tokenize(self, text: Any) -> list[Any]:
         if isinstance(text, str):
             return list(self.tokenizer.encode(text))
         if isinstance(text, list) and all(isinstance(t, str) for t in text):
             return [list(self.tokenizer.encode(t)) for t in text]
-        raise _BadRequest("text must be a string or a list of strings")
-
-    @staticmethod
-    def _rids_of(rid: Any, count: int, single: bool) -> list[str]:
-        if rid is None:
-            return [uuid.uuid4().hex for _ in range(count)]
-        if isinstance(rid, str):
-            return [rid] if single else [f"{rid}_{i}" for i in range(count)]
-        if isinstance(rid, list) and all(isinstance(r, str) for r in rid):
-            if len(rid) != count:
-                raise _BadRequest(f"{len(rid)} rids for {count} prompts")
-            return list(rid)
-        raise _BadRequest("rid must be a string or a list of strings")
-
-    def _sampling(self, raw: Any) -> _Params:
-        if not isinstance(raw, dict):
-            raise _BadRequest("sampling_params must be an object (or a list of objects)")
-        unknown = sorted(set(raw) - _SAMPLING_KEYS)
-        if unknown:
-            raise TypeError(
-                f"SamplingParams.__init__() got an unexpected keyword argument {unknown[0]!r}"
-            )
-
-        for key, default in _NOT_EMULATED.items():
-            if raw.get(key, default) != default:
-                raise _BadRequest(
-                    f"the stand-in does not emulate sampling_params.{key} (SGLang does): "
-                    "leave it out in tests"
-                )
-
-        def number(key: str, default: float) -> float:
-            value = raw.get(key, default)
-            if value is None:
-                return default
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise _BadRequest(f"{key} must be a number, got {value!r}")
-            return float(value)
-
-        max_new_tokens = raw.get("max_new_tokens", 128)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-            raise _BadRequest(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
-        if max_new_tokens < 0:
-            raise _BadRequest(f"max_new_tokens must be at least 0, got {max_new_tokens}.")
-        temperature = number("temperature", 1.0)
-        if temperature < 0:
-            raise _BadRequest(f"temperature must be non-negative, got {temperature}.")
-        top_p = number("top_p", 1.0)
-        if not 0 < top_p <= 1:
-            raise _BadRequest(f"top_p must be in (0, 1], got {top_p}.")
-        top_k = raw.get("top_k", -1)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or (top_k < 1 and top_k != -1):
-            raise _BadRequest(f"top_k must be -1 (disable) or at least 1, got {top_k}.")
-        n = raw.get("n", 1)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise _BadRequest(f"n must be at least 1, got {n!r}.")
-        stop = raw.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise _BadRequest("stop must be a string or a list of non-empty strings")
-        stop_ids = raw.get("stop_token_ids") or []
-        if not isinstance(stop_ids, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in stop_ids
-        ):
-            raise _BadRequest("stop_token_ids must be a list of token ids")
-        return _Params(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            stop=tuple(stop),
-            stop_token_ids=tuple(stop_ids),
-            skip_special_tokens=bool(raw.get("skip_special_tokens", True)),
-            no_stop_trim=bool(raw.get("no_stop_trim", False)),
-            ignore_eos=bool(raw.get("ignore_eos", False)),
-            n=n,
-        )
+        raise protocol.BadRequest("text must be a string or a list of strings")
 
     def _answer(self, job: _Job, s: _Sample) -> dict[str, Any]:
         """One sample's answer, shaped like SGLang's non-streaming ``/generate``."""
         assert s.finish is not None
-        meta: dict[str, Any] = {
-            "id": s.id,
-            "finish_reason": s.finish,
-            "prompt_tokens": len(s.prompt),
-            "completion_tokens": len(s.output),
-            "cached_tokens": s.cached_tokens,
-            "weight_version": s.weight_version,
-            "e2e_latency": time.monotonic() - job.started,
-        }
-        if s.return_logprob:
-            meta["input_token_logprobs"] = []
-            meta["output_token_logprobs"] = [
-                [lp, t, None] for lp, t in zip(s.log_probs, s.output, strict=True)
-            ]
-        answer: dict[str, Any] = {}
-        if not self.skip_tokenizer_init:
-            answer["text"] = self._text(s)
-        answer["output_ids"] = list(s.output)
-        answer["meta_info"] = meta
-        return answer
+        meta = protocol.meta_info(
+            id=s.id,
+            finish_reason=s.finish,
+            prompt_tokens=len(s.prompt),
+            output_ids=s.output,
+            cached_tokens=s.cached_tokens,
+            weight_version=s.weight_version,
+            e2e_latency=time.monotonic() - job.started,
+            output_log_probs=s.log_probs if s.return_logprob else None,
+        )
+        text = None if self.skip_tokenizer_init else self._text(s)
+        return protocol.answer_body(s.output, meta, text)
 
     def _text(self, s: _Sample) -> str:
         """``text``: the output decoded; without ``no_stop_trim`` a matched stop token is
@@ -747,10 +574,10 @@ class SGLangStandin:
     # ------------------------------------------------------------------ control endpoints
 
     async def _abort_request(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await protocol.json_body(request)
         rid = body.get("rid", "")
         if not isinstance(rid, str):
-            return _error(400, "rid must be a string")
+            return protocol.error(400, "rid must be a string")
         if body.get("abort_all"):
             self._abort_matching(lambda s: True, "aborted by /abort_request (abort_all)")
         elif rid:
@@ -758,28 +585,28 @@ class SGLangStandin:
         return web.Response(status=200)
 
     async def _pause_generation(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await protocol.json_body(request)
         mode = body.get("mode", "abort")
         if mode not in ("abort", "retract", "in_place"):
-            return _control(False, f"mode must be abort, retract or in_place, got {mode!r}")
+            return protocol.control(False, f"mode must be abort, retract or in_place, got {mode!r}")
         self._paused = True
         if mode == "abort":
             self._abort_matching(lambda s: True, "aborted by /pause_generation")
-        return _control(True, f"Generation paused ({mode}).")
+        return protocol.control(True, f"Generation paused ({mode}).")
 
     async def _continue_generation(self, request: web.Request) -> web.Response:
         self._paused = False
         self._poke()
-        return _control(True, "Generation continued.")
+        return protocol.control(True, "Generation continued.")
 
     async def _flush_cache(self, request: web.Request) -> web.Response:
         if self._busy():
-            return _control(
+            return protocol.control(
                 False,
                 "Cache not flushed: requests are running or waiting (flush only when idle).",
             )
         await self._on_model_thread(self.engine.flush_cache)
-        return _control(True, "Cache flushed.")
+        return protocol.control(True, "Cache flushed.")
 
     async def _quiesce(self, abort_all: bool) -> None:
         """What SGLang does before a weight update: abort everything if asked; unless paused,
@@ -795,12 +622,12 @@ class SGLangStandin:
             self.weight_version = weight_version
 
     async def _update_weights_from_disk(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await protocol.json_body(request)
         path = body.get("model_path")
         if not isinstance(path, str) or not path:
-            return _control(False, "model_path is required")
+            return protocol.control(False, "model_path is required")
         if body.get("flush_cache", True) is not True:
-            return _control(False, _KEEPS_NO_CACHE)
+            return protocol.control(False, _KEEPS_NO_CACHE)
         assert self._engine_lock is not None
         self._updating += 1
         try:
@@ -809,12 +636,12 @@ class SGLangStandin:
                 try:
                     await self._on_model_thread(lambda: self._load_checkpoint(path))
                 except Exception as e:
-                    return _control(False, f"Failed to load weights from {path}: {e}")
+                    return protocol.control(False, f"Failed to load weights from {path}: {e}")
                 self._after_update(body.get("weight_version"))
         finally:
             self._updating -= 1
             self._poke()
-        return _control(True, f"Succeeded to update model weights from {path}.")
+        return protocol.control(True, f"Succeeded to update model weights from {path}.")
 
     def _load_checkpoint(self, path: str) -> None:
         """Copy the weights of the HF checkpoint at ``path`` into the served model."""
@@ -834,7 +661,7 @@ class SGLangStandin:
             self.engine.bump_weight_version()
 
     async def _init_weights_update_group(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await protocol.json_body(request)
         try:
             address = _field(body, "master_address", str)
             port = _field(body, "master_port", int)
@@ -842,21 +669,21 @@ class SGLangStandin:
             world_size = _field(body, "world_size", int)
             group_name = body.get("group_name", "weight_update_group")
             backend = body.get("backend", "nccl")
-        except _BadRequest as e:
-            return _control(False, str(e))
+        except protocol.BadRequest as e:
+            return protocol.control(False, str(e))
         if not 0 < port < 65536 or world_size < 2 or not 1 <= rank_offset < world_size:
-            return _control(
+            return protocol.control(
                 False,
                 f"need 0 < master_port < 65536, world_size >= 2 and 1 <= rank_offset < "
                 f"world_size (the trainer is rank 0); got port {port}, world_size "
                 f"{world_size}, rank_offset {rank_offset}",
             )
         if group_name in self._groups:
-            return _control(False, f"process group {group_name!r} already exists")
+            return protocol.control(False, f"process group {group_name!r} already exists")
         if backend not in ("gloo", "nccl"):
-            return _control(False, f"backend must be nccl or gloo, got {backend!r}")
+            return protocol.control(False, f"backend must be nccl or gloo, got {backend!r}")
         if backend == "nccl" and not _cuda_available():
-            return _control(
+            return protocol.control(
                 False,
                 "the stand-in runs on CPU and cannot join an NCCL group: use backend 'gloo' "
                 "with the stand-in (the trainer's side works the same way)",
@@ -873,23 +700,23 @@ class SGLangStandin:
                 group_name,
             )
         except Exception as e:
-            return _control(False, f"Failed to init group {group_name}: {e}")
+            return protocol.control(False, f"Failed to init group {group_name}: {e}")
         self._groups[group_name] = group
-        return _control(True, f"Succeeded to initialize group {group_name} ({backend}).")
+        return protocol.control(True, f"Succeeded to initialize group {group_name} ({backend}).")
 
     async def _update_weights_from_distributed(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await protocol.json_body(request)
         names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
         if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)):
-            return _control(False, "names, dtypes and shapes must be lists")
+            return protocol.control(False, "names, dtypes and shapes must be lists")
         if not len(names) == len(dtypes) == len(shapes):
-            return _control(False, "names, dtypes and shapes must have the same length")
+            return protocol.control(False, "names, dtypes and shapes must have the same length")
         if body.get("flush_cache", True) is not True:
-            return _control(False, _KEEPS_NO_CACHE)
+            return protocol.control(False, _KEEPS_NO_CACHE)
         group_name = body.get("group_name", "weight_update_group")
         group = self._groups.get(group_name)
         if group is None:
-            return _control(
+            return protocol.control(
                 False, f"no process group {group_name!r}: call /init_weights_update_group first"
             )
         assert self._engine_lock is not None
@@ -902,14 +729,14 @@ class SGLangStandin:
                         lambda: self._receive(group, names, dtypes, shapes)
                     )
                 except Exception as e:
-                    return _control(False, f"Failed to receive weights: {e}")
+                    return protocol.control(False, f"Failed to receive weights: {e}")
                 if problems:
-                    return _control(False, "; ".join(problems))
+                    return protocol.control(False, "; ".join(problems))
                 self._after_update(body.get("weight_version"))
         finally:
             self._updating -= 1
             self._poke()
-        return _control(True, f"Succeeded to update {len(names)} parameters.")
+        return protocol.control(True, f"Succeeded to update {len(names)} parameters.")
 
     def _receive(
         self, group: Any, names: list[Any], dtypes: list[Any], shapes: list[Any]
@@ -941,28 +768,28 @@ class SGLangStandin:
         return problems
 
     async def _destroy_weights_update_group(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await protocol.json_body(request)
         group_name = body.get("group_name", "weight_update_group")
         group = self._groups.pop(group_name, None)
         if group is None:
-            return _control(False, f"no process group {group_name!r} to destroy")
+            return protocol.control(False, f"no process group {group_name!r} to destroy")
         import torch.distributed as dist
 
         await asyncio.to_thread(dist.destroy_process_group, group)
-        return _control(True, f"Succeeded to destroy group {group_name}.")
+        return protocol.control(True, f"Succeeded to destroy group {group_name}.")
 
     # ------------------------------------------------------------------ information
 
     async def _get_weights_by_name(self, request: web.Request) -> web.Response:
         """SGLang's debug endpoint: the served parameter ``name`` as (nested) lists of float32
         values, its first ``truncate_size`` rows (default 100); HTTP 400 for an unknown name."""
-        body = await _json_body(request)
+        body = await protocol.json_body(request)
         name, truncate = body.get("name"), body.get("truncate_size", 100)
         if isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 0:
-            return _error(400, f"truncate_size must be an integer >= 0, got {truncate!r}")
+            return protocol.error(400, f"truncate_size must be an integer >= 0, got {truncate!r}")
         param = dict(self.model.named_parameters()).get(name) if isinstance(name, str) else None
         if param is None:
-            return _error(400, f"Get parameter by name failed: no parameter {name!r}")
+            return protocol.error(400, f"Get parameter by name failed: no parameter {name!r}")
         assert self._engine_lock is not None
 
         def read() -> list[Any]:
@@ -982,7 +809,7 @@ class SGLangStandin:
     async def _health_generate(self, request: web.Request) -> web.Response:
         """Generate one token, as SGLang's health check does."""
         prompt = [self.eos_token_id if self.eos_token_id is not None else 0]
-        params = self._sampling({"max_new_tokens": 1, "temperature": 0})
+        params = protocol.parse_sampling({"max_new_tokens": 1, "temperature": 0})
         loop = asyncio.get_running_loop()
         sample = _Sample(f"health-{uuid.uuid4().hex}", prompt, params, False)
         job = _Job([sample.id], [prompt], [sample], time.monotonic(), loop.create_future(), False)
@@ -997,64 +824,34 @@ class SGLangStandin:
 
     async def _model_info(self, request: web.Request) -> web.Response:
         config = getattr(self.model, "config", None)
-        return web.json_response(
-            {
-                "model_path": self.model_path,
-                "tokenizer_path": self.model_path,
-                "is_generation": True,
-                "preferred_sampling_params": None,
-                "weight_version": self.weight_version,
-                "model_type": getattr(config, "model_type", None),
-                "architectures": getattr(config, "architectures", None),
-            }
+        return protocol.model_info(
+            self.model_path,
+            self.weight_version,
+            model_type=getattr(config, "model_type", None),
+            architectures=getattr(config, "architectures", None),
         )
 
     async def _server_info(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "model_path": self.model_path,
-                "tokenizer_path": self.model_path,
-                "page_size": self.page_size,
-                "schedule_policy": "lpm",
-                "skip_tokenizer_init": self.skip_tokenizer_init,
-                "context_length": self.context_length,
-                "max_total_num_tokens": self.cache_tokens,
-                "weight_version": self.weight_version,
-                "version": "treegrpo-standin",
-            }
+        return protocol.server_info(
+            model_path=self.model_path,
+            page_size=self.page_size,
+            schedule_policy="lpm",
+            skip_tokenizer_init=self.skip_tokenizer_init,
+            context_length=self.context_length,
+            max_total_num_tokens=self.cache_tokens,
+            weight_version=self.weight_version,
+            version="treegrpo-standin",
         )
-
-
-class _OutOfVocabulary(Exception):
-    pass
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
 def _field(body: dict[str, Any], key: str, kind: type) -> Any:
     value = body.get(key)
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise _BadRequest(f"{key} must be a {kind.__name__}, got {value!r}")
+        raise protocol.BadRequest(f"{key} must be a {kind.__name__}, got {value!r}")
     return value
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"message": message}}, status=status)
-
-
-def _control(success: bool, message: str) -> web.Response:
-    return web.json_response(
-        {"success": success, "message": message}, status=200 if success else 400
-    )
 
 
 def _cuda_available() -> bool:
