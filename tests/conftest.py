@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -52,3 +54,20 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def make_standin(policy: tuple[Any, Any]) -> Iterator[Callable[..., Any]]:
+    """``make_standin(**options)``: a :class:`sglang_helpers.Standin` over the test module's
+    ``policy`` fixture (a ``(model, tokenizer)`` pair), stopped after the test."""
+    from sglang_helpers import Standin
+
+    made: list[Standin] = []
+
+    def make(**options: Any) -> Standin:
+        made.append(Standin(policy, **options))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.stop()

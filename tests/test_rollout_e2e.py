@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ pytest.importorskip("transformers")
 from reference import RefNode, node_stats
 from reference import advantages as reference_advantages
 from scripted import FixedRetriever
-from treegrpo.engine.base import Completion, GenerateRequest
+from sglang_helpers import Recorder
 from treegrpo.engine.embedded import EmbeddedEngine
 from treegrpo.engine.sglang_client import SGLangClient
 from treegrpo.env import INVALID_ACTION, SearchEnv
@@ -76,26 +75,6 @@ def text_reward(
     """A reward that varies with the response (exact match would be 0 for every leaf here), so
     that advantages, V and the summed advantages are not all zero."""
     return (len(solution_str) % 5) / 4
-
-
-class Recorder:
-    """An engine wrapper that records every request with its completions."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-        self.calls: list[tuple[GenerateRequest, list[Completion]]] = []
-
-    @property
-    def weight_version(self) -> str:
-        return self.engine.weight_version
-
-    async def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Completion]]:
-        out = await self.engine.generate(requests)
-        self.calls.extend(zip(requests, out, strict=True))
-        return out
-
-    async def close(self) -> None:
-        await self.engine.close()
 
 
 @pytest.fixture(scope="module")

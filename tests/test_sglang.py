@@ -21,6 +21,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from aiohttp import web
+from sglang_helpers import Standin
 from treegrpo import InvalidArgumentError, TreeGRPOError
 from treegrpo.engine.base import Completion, Engine, GenerateRequest, SamplingParams
 from treegrpo.engine.errors import (
@@ -61,40 +62,11 @@ def policy() -> tuple[Any, Any]:
     return tiny_policy(seed=0)
 
 
-class Standin:
-    """A stand-in server on a thread: ``url``, the ``server`` object, ``stop()``."""
-
-    def __init__(self, policy: tuple[Any, Any], port: int = 0, **options: Any) -> None:
-        self.policy, self.options = policy, options
-        self.server: SGLangStandin
-        self.server, self.url, self.stop = start_standin_server(policy, port=port, **options)
-        self.port = int(self.url.rsplit(":", 1)[1])
-
-    def restart(self) -> None:
-        """A fresh server (empty cache) on the same port."""
-        self.server, self.url, self.stop = start_standin_server(
-            self.policy, port=self.port, **self.options
-        )
-
-
 @pytest.fixture(scope="module")
 def standin(policy: tuple[Any, Any]) -> Iterator[Standin]:
     s = Standin(policy)
     yield s
     s.stop()
-
-
-@pytest.fixture
-def make_standin(policy: tuple[Any, Any]) -> Iterator[Callable[..., Standin]]:
-    made: list[Standin] = []
-
-    def make(**options: Any) -> Standin:
-        made.append(Standin(policy, **options))
-        return made[-1]
-
-    yield make
-    for s in made:
-        s.stop()
 
 
 def client_for(urls: str | list[str], policy: tuple[Any, Any], **options: Any) -> SGLangClient:

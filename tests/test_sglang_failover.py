@@ -8,7 +8,7 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 
 from aiohttp import web
 from scripted import FixedRetriever
+from sglang_helpers import Recorder
 from treegrpo import InvalidArgumentError
 from treegrpo.engine.base import Completion, GenerateRequest, SamplingParams
 from treegrpo.engine.errors import InvalidTokenError, ServerUnavailableError
@@ -26,7 +27,6 @@ from treegrpo.env import SearchEnv
 from treegrpo.env.prompt import PromptBuilder
 from treegrpo.env.retrievers.server import start_app_in_thread
 from treegrpo.rollout import Prompt, Rollout, RolloutConfig
-from treegrpo.testing.sglang_standin import SGLangStandin, start_standin_server
 from treegrpo.testing.tiny import tiny_policy
 
 LONG = SamplingParams(max_new_tokens=400, temperature=0.0)
@@ -35,39 +35,6 @@ LONG = SamplingParams(max_new_tokens=400, temperature=0.0)
 @pytest.fixture(scope="module")
 def policy() -> tuple[Any, Any]:
     return tiny_policy(seed=0)
-
-
-class Standin:
-    def __init__(self, policy: tuple[Any, Any], port: int = 0, **options: Any) -> None:
-        self.policy, self.options = policy, options
-        self.server: SGLangStandin
-        self.server, self.url, self._stop = start_standin_server(policy, port=port, **options)
-        self.port = int(self.url.rsplit(":", 1)[1])
-        self.stopped = False
-
-    def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            self._stop()
-
-    def restart(self) -> None:
-        self.server, self.url, self._stop = start_standin_server(
-            self.policy, port=self.port, **self.options
-        )
-        self.stopped = False
-
-
-@pytest.fixture
-def make_standin(policy: tuple[Any, Any]) -> Iterator[Callable[..., Standin]]:
-    made: list[Standin] = []
-
-    def make(**options: Any) -> Standin:
-        made.append(Standin(policy, **options))
-        return made[-1]
-
-    yield make
-    for s in made:
-        s.stop()
 
 
 class Fake:
@@ -212,24 +179,6 @@ def make_prompts(tok: Any) -> list[Prompt]:
         Prompt(10 + g, builder.render(q, tok), "nq", {"target": ["x"]})
         for g, q in enumerate(questions)
     ]
-
-
-class Recorder:
-    def __init__(self, engine: SGLangClient) -> None:
-        self.engine = engine
-        self.calls: list[tuple[GenerateRequest, list[Completion]]] = []
-
-    @property
-    def weight_version(self) -> str:
-        return self.engine.weight_version
-
-    async def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Completion]]:
-        out = await self.engine.generate(requests)
-        self.calls.extend(zip(requests, out, strict=True))
-        return out
-
-    async def close(self) -> None:
-        await self.engine.close()
 
 
 def test_killing_one_of_two_servers_mid_rollout_loses_and_duplicates_nothing(make_standin, policy):

@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("torch")
 
+from sglang_helpers import sglang_train_settings
 from treegrpo.config import load_config
 from treegrpo.testing.sglang_standin import start_standin_server
 from treegrpo.train import Trainer
@@ -25,25 +26,8 @@ def test_a_server_restarted_mid_rollout_never_feeds_a_step_its_base_weights(
     port = int(url.rsplit(":", 1)[1])
     stops = [stop_first]
     run = tmp_path / "run"
-    settings = {
-        "preset": "smollm2",  # the reference settings, on a tiny random model
-        "model.path": str(tiny_dir),
-        "model.sft_steps": "0",
-        "data.synth_docs": "80",
-        "data.synth_train": "16",
-        "data.synth_test": "8",
-        "data.val_size": "2",
-        "data.train_batch_size": "2",
-        "tree.max_action_tokens": "24",
-        "env.max_obs_tokens": "48",
-        "engine.kind": "sglang",
-        "engine.urls": f"[{url}]",
-        "engine.retry_window_s": "20",
-        "trainer.run_dir": str(run),
-        "trainer.logger": "[jsonl]",
-        "trainer.val_before": "false",
-        "trainer.val_after": "false",
-    }
+    extra = {"tree.max_action_tokens": "24", "engine.retry_window_s": "20"}
+    settings = sglang_train_settings(url, run, tiny_dir, extra)
     cfg = load_config(None, [f"{k}={v}" for k, v in settings.items()])
     killed = threading.Event()
 

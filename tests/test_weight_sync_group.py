@@ -27,6 +27,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from aiohttp import web  # noqa: E402
+from sglang_helpers import sglang_train_settings  # noqa: E402
 from treegrpo.config import load_config  # noqa: E402
 from treegrpo.engine.base import PolicySource  # noqa: E402
 from treegrpo.engine.errors import WeightSyncError  # noqa: E402
@@ -99,25 +100,7 @@ def snapshot(model: Any) -> dict[str, Any]:
 
 
 def settings(url: str, run: Path, policy_dir: Path) -> dict[str, str]:
-    return {
-        "preset": "smollm2",  # the reference settings, on a tiny random model
-        "model.path": str(policy_dir),
-        "model.sft_steps": "0",
-        "data.synth_docs": "80",
-        "data.synth_train": "16",
-        "data.synth_test": "8",
-        "data.val_size": "2",
-        "data.train_batch_size": "2",
-        "tree.max_action_tokens": "16",
-        "env.max_obs_tokens": "48",
-        "engine.kind": "sglang",
-        "engine.urls": f"[{url}]",
-        "engine.weight_sync": "distributed",
-        "trainer.run_dir": str(run),
-        "trainer.logger": "[jsonl]",
-        "trainer.val_before": "false",
-        "trainer.val_after": "false",
-    }
+    return sglang_train_settings(url, run, policy_dir, {"engine.weight_sync": "distributed"})
 
 
 def test_two_training_steps_sync_the_weights_over_a_gloo_group(
