@@ -580,7 +580,7 @@ class SGLangSim:
             stop_id = stop_ids[0] if stop_ids else p.eos_token_id
             ending, body_len = [stop_id], wanted - 1
             finish = {"type": "stop", "matched": stop_id}
-        plan = []
+        plan: list[int] = []
         while len(plan) < body_len:
             token = rng.randrange(p.filler_low, p.vocab_size)
             if token not in avoid:
