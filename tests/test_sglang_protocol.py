@@ -126,3 +126,15 @@ def test_the_protocol_module_imports_nothing_of_the_client():
         for alias in node.names
     ]
     assert imported and not [m for m in imported if m and m.startswith("treegrpo")]
+
+
+def test_abort_and_pause_bodies():
+    assert protocol.parse_abort({"rid": "req-1"}) == (False, "req-1")
+    assert protocol.parse_abort({"rid": "", "abort_all": True}) == (True, "")
+    assert protocol.parse_abort({}) == (False, "")  # an empty rid aborts nothing
+    with pytest.raises(protocol.BadRequest, match="rid must be a string"):
+        protocol.parse_abort({"rid": 3})
+    assert protocol.pause_mode({}) == "abort"
+    assert protocol.pause_mode({"mode": "in_place"}) == "in_place"
+    with pytest.raises(protocol.BadRequest, match="got 'later'"):
+        protocol.pause_mode({"mode": "later"})

@@ -23,6 +23,7 @@ from aiohttp import web
 
 __all__ = [
     "ENDPOINTS",
+    "PAUSE_MODES",
     "SAMPLING_KEYS",
     "BadRequest",
     "GenerateCall",
@@ -30,6 +31,7 @@ __all__ = [
     "Sampling",
     "answer_body",
     "application",
+    "check_context",
     "check_sampling_keys",
     "control",
     "error",
@@ -37,8 +39,10 @@ __all__ = [
     "json_body",
     "meta_info",
     "model_info",
+    "parse_abort",
     "parse_generate",
     "parse_sampling",
+    "pause_mode",
     "request_json",
     "rids_of",
     "server_info",
@@ -374,6 +378,31 @@ def answer_body(
     answer["output_ids"] = list(output_ids)
     answer["meta_info"] = meta
     return answer
+
+
+# --------------------------------------------------------------------------- control
+
+
+def parse_abort(body: Mapping[str, Any]) -> tuple[bool, str]:
+    """``/abort_request``'s body: ``(abort_all, rid)``. Without ``abort_all``, every request
+    whose id starts with ``rid`` is aborted (a prefix match, as SGLang's scheduler does); an
+    empty ``rid`` aborts nothing. A rid that is not a string is a :class:`BadRequest`."""
+    rid = body.get("rid", "")
+    if not isinstance(rid, str):
+        raise BadRequest("rid must be a string")
+    return bool(body.get("abort_all")), rid
+
+
+PAUSE_MODES = ("abort", "retract", "in_place")
+
+
+def pause_mode(body: Mapping[str, Any]) -> str:
+    """``/pause_generation``'s ``mode`` (default ``abort``: abort everything running;
+    ``retract`` and ``in_place`` hold it); another is a :class:`BadRequest`."""
+    mode = body.get("mode", "abort")
+    if mode not in PAUSE_MODES:
+        raise BadRequest(f"mode must be abort, retract or in_place, got {mode!r}")
+    return str(mode)
 
 
 # --------------------------------------------------------------------------- information

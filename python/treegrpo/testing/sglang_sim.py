@@ -740,18 +740,21 @@ class SGLangSim:
     # ------------------------------------------------------------------ control
 
     async def _abort_request(self, request: web.Request) -> web.Response:
-        body = await protocol.json_body(request)
-        if body.get("abort_all"):
+        try:
+            abort_all, rid = protocol.parse_abort(await protocol.json_body(request))
+        except protocol.BadRequest as e:
+            return protocol.error(400, str(e))
+        if abort_all:
             self._abort(lambda s: True, "aborted (abort_all)")
-        else:
-            rid = str(body.get("rid", ""))
+        elif rid:
             self._abort(lambda s: s.id.startswith(rid), "aborted by request")
         return web.Response(status=200)
 
     async def _pause_generation(self, request: web.Request) -> web.Response:
-        mode = (await protocol.json_body(request)).get("mode", "abort")
-        if mode not in ("abort", "retract", "in_place"):
-            return protocol.control(False, f"mode must be abort, retract or in_place, got {mode!r}")
+        try:
+            mode = protocol.pause_mode(await protocol.json_body(request))
+        except protocol.BadRequest as e:
+            return protocol.control(False, str(e))
         self._paused = True
         if mode == "abort":
             self._abort(lambda s: True, "paused (abort)")

@@ -574,21 +574,21 @@ class SGLangStandin:
     # ------------------------------------------------------------------ control endpoints
 
     async def _abort_request(self, request: web.Request) -> web.Response:
-        body = await protocol.json_body(request)
-        rid = body.get("rid", "")
-        if not isinstance(rid, str):
-            return protocol.error(400, "rid must be a string")
-        if body.get("abort_all"):
+        try:
+            abort_all, rid = protocol.parse_abort(await protocol.json_body(request))
+        except protocol.BadRequest as e:
+            return protocol.error(400, str(e))
+        if abort_all:
             self._abort_matching(lambda s: True, "aborted by /abort_request (abort_all)")
         elif rid:
             self._abort_matching(lambda s: s.id.startswith(rid), "aborted by /abort_request")
         return web.Response(status=200)
 
     async def _pause_generation(self, request: web.Request) -> web.Response:
-        body = await protocol.json_body(request)
-        mode = body.get("mode", "abort")
-        if mode not in ("abort", "retract", "in_place"):
-            return protocol.control(False, f"mode must be abort, retract or in_place, got {mode!r}")
+        try:
+            mode = protocol.pause_mode(await protocol.json_body(request))
+        except protocol.BadRequest as e:
+            return protocol.control(False, str(e))
         self._paused = True
         if mode == "abort":
             self._abort_matching(lambda s: True, "aborted by /pause_generation")
