@@ -3,7 +3,8 @@
 The stand-in (:mod:`treegrpo.testing.sglang_standin`) runs a real model, so it is as slow as a
 CPU; this server answers the same requests in the time an SGLang server on a GPU would take,
 so the rollout's own behaviour (barriers, concurrency, cache reuse) can be measured at the
-paper's scale on a laptop. Nothing here runs a model:
+paper's scale on a laptop. Requests are read and answers shaped by the protocol module the
+stand-in uses too (:mod:`treegrpo.testing.sglang_protocol`). Nothing here runs a model:
 
 - **Scheduler** (SGLang's loop, simplified): requests wait in a queue; while fewer than
   ``max_running_requests`` samples run and the queue is not empty, a *prefill batch* admits

@@ -42,10 +42,12 @@ on, so that pointing the client at a real SGLang server changes nothing:
   measured, not predicted: the client's cache model (engine/cache_model.py) is not used here,
   so a test that the client predicts it checks the model against a real cache.
 
-Scheduling mimics SGLang's continuous batching: one scheduler task runs decode steps of
-``decode_chunk`` tokens over every running sample through the embedded engine (on its own
-thread, so the server keeps answering while the model runs); new requests join at the next step,
-aborts and pauses take effect between steps. Not emulated (a 400 rather than silently ignored):
+Reading requests and shaping answers (the protocol itself) is
+:mod:`treegrpo.testing.sglang_protocol`, which the simulator shares. Scheduling mimics SGLang's
+continuous batching: one scheduler task runs decode steps of ``decode_chunk`` tokens over every
+running sample through the embedded engine (on its own thread, so the server keeps answering
+while the model runs); new requests join at the next step, aborts and pauses take effect
+between steps. Not emulated (a 400 rather than silently ignored):
 streaming (``stream: true``), penalties, ``min_p``, ``min_new_tokens``, grammars and logit bias;
 nor LoRA or multimodal inputs. ``--skip-tokenizer-init`` drops ``text`` and stop strings.
 
