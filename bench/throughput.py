@@ -14,9 +14,17 @@ Measured per schedule:
 - rollout wall time (in simulated seconds: real x time scale) over the simulator's lower bound,
   its own busy time (prefill + decode at the concurrency it was given). Target: async <= 1.15x;
   lockstep's ratio beside it;
+  The bound differs between the schedules (the simulator's busy time depends on how requests
+  arrive: async admits many small prefill batches, each holding decoding up), so the simulated
+  wall times are compared directly too;
 - the client's own cost: requests per second the SGLang client sustains against a zero-latency
   simulator (``time_scale = inf``, output length 4; target >= 2,000/s) and the rollout's
-  process CPU seconds per 1,000 trajectories.
+  process CPU seconds per 1,000 trajectories;
+- the embedded engine on this CPU (tiny random policy, ``--embedded-prompts`` prompts, 24
+  tokens per turn, 2 turns): model forward passes and wall time of both schedules (the async
+  schedule relies on the engine running the calls that wait as one batch). On a loaded
+  machine the forward passes (the model's work) are the steadier measure; wall and CPU
+  seconds are recorded with them.
 
     .venv/bin/python bench/throughput.py [--prompts 512] [--time-scale 4] [--quick]
 """
@@ -184,6 +192,60 @@ def client_rate(requests: int, concurrency: int) -> dict[str, float]:
     }
 
 
+def embedded(prompts_n: int, repeats: int) -> dict[str, Any]:
+    """Both schedules through the embedded engine (tiny random policy) on this CPU."""
+    import sys
+    from dataclasses import replace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from scripted import FixedRetriever
+    from treegrpo.engine.embedded import EmbeddedEngine
+    from treegrpo.testing.tiny import tiny_policy
+
+    model, tok = tiny_policy(seed=0)
+    builder = PromptBuilder()
+    prompts = [
+        Prompt(g, builder.render(f"question {g} about a bridge", tok), "nq", {"target": ["x"]})
+        for g in range(prompts_n)
+    ]
+    stops = (2, *range(100, 124))  # about half of the steps end on one (as tests/ do)
+    cfg = RolloutConfig(m=2, n=2, l=1, max_turns=2, max_action_tokens=24, seed=7)
+    out: dict[str, list[dict[str, float]]] = {s: [] for s in SCHEDULES}
+    for repeat in range(repeats + 1):  # the first is a warm-up
+        for schedule in SCHEDULES if repeat % 2 else tuple(reversed(SCHEDULES)):
+            engine = EmbeddedEngine(model, tok, seed=repeat)
+            env = SearchEnv(tok, retriever=FixedRetriever(), max_turns=2, max_obs_tokens=64)
+            runner = Rollout(
+                engine,
+                env,
+                lambda *a, **k: 0.0,
+                replace(cfg, schedule=schedule),  # type: ignore[arg-type]
+                tokenizer=tok,
+                eos_token_ids=stops,
+            )
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = asyncio.run(runner.run(prompts, step=repeat))
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            if repeat:
+                out[schedule].append(
+                    {
+                        "wall_s": wall,
+                        "cpu_s": cpu,
+                        "forward_passes": engine.stats.forward_passes,
+                        "engine_calls_requests": engine.stats.requests,
+                        "generated_tokens": result.total.generated_tokens,
+                        "generated_tokens_per_s": result.total.generated_tokens / wall,
+                    }
+                )
+    return {
+        "prompts": prompts_n,
+        "runs": out,
+        "medians": {
+            s: {k: statistics.median(r[k] for r in out[s]) for k in out[s][0]} for s in SCHEDULES
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, default=512)
@@ -194,11 +256,14 @@ def main() -> None:
     parser.add_argument("--tool-latency", type=float, default=0.3, help="median search, s")
     parser.add_argument("--client-requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--embedded-prompts", type=int, default=16)
+    parser.add_argument("--embedded-repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="32 prompts, 1 repeat, no JSON")
     parser.add_argument("--out", default=None, help="result file (default bench/results/...)")
     args = parser.parse_args()
     if args.quick:
         args.prompts, args.repeats, args.client_requests = 32, 1, 1000
+        args.embedded_prompts, args.embedded_repeats = 4, 1
 
     started = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SCHEDULES}
@@ -215,6 +280,8 @@ def main() -> None:
             )
     rate = client_rate(args.client_requests, args.concurrency)
     print(f"  client: {rate['requests_per_s']:.0f} requests/s", flush=True)
+    cpu = embedded(args.embedded_prompts, args.embedded_repeats)
+    em = cpu["medians"]
 
     def med(schedule: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[schedule])
@@ -251,6 +318,24 @@ def main() -> None:
         f"client against a zero-latency simulator: {rate['requests_per_s']:.0f} requests/s "
         f"({args.concurrency} concurrent callers)"
     )
+    wall_ratio = med("async", "simulated_wall_s") / med("lockstep", "simulated_wall_s")
+    print(f"simulated wall, async / lockstep: {wall_ratio:.2f}x")
+    print(f"embedded engine, {args.embedded_prompts} prompts (medians of {args.embedded_repeats}):")
+    print(
+        markdown_table(
+            ["schedule", "wall (s)", "process CPU (s)", "forward passes", "generated tokens/s"],
+            [
+                [
+                    s,
+                    f"{em[s]['wall_s']:.2f}",
+                    f"{em[s]['cpu_s']:.2f}",
+                    f"{em[s]['forward_passes']:.0f}",
+                    f"{em[s]['generated_tokens_per_s']:.0f}",
+                ]
+                for s in SCHEDULES
+            ],
+        )
+    )
     print(f"total {time.perf_counter() - started:.0f} s")
 
     note = f"{args.prompts} prompts, time scale {args.time_scale}, median of {args.repeats}"
@@ -264,7 +349,10 @@ def main() -> None:
                 "<=",
                 TARGET_RATIO,
                 "x",
-                note=f"{note}; lockstep {med('lockstep', 'ratio_to_bound'):.2f}x",
+                note=(
+                    f"{note}; lockstep {med('lockstep', 'ratio_to_bound'):.2f}x; simulated "
+                    f"wall async / lockstep {wall_ratio:.2f}x"
+                ),
             ),
             target(
                 "SGLang client requests/s against a zero-latency simulator",
@@ -297,6 +385,8 @@ def main() -> None:
             for s in SCHEDULES
         },
         "client": rate,
+        "simulated_wall_async_over_lockstep": wall_ratio,
+        "embedded": cpu,
     }
     if not args.quick or args.out is not None:  # a smoke run keeps the full run's file
         out = write_results("throughput", payload, None if args.out is None else Path(args.out))
