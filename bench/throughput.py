@@ -194,11 +194,8 @@ def client_rate(requests: int, concurrency: int) -> dict[str, float]:
 
 def embedded(prompts_n: int, repeats: int) -> dict[str, Any]:
     """Both schedules through the embedded engine (tiny random policy) on this CPU."""
-    import sys
     from dataclasses import replace
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from scripted import FixedRetriever
     from treegrpo.engine.embedded import EmbeddedEngine
     from treegrpo.testing.tiny import tiny_policy
 
@@ -214,7 +211,8 @@ def embedded(prompts_n: int, repeats: int) -> dict[str, Any]:
     for repeat in range(repeats + 1):  # the first is a warm-up
         for schedule in SCHEDULES if repeat % 2 else tuple(reversed(SCHEDULES)):
             engine = EmbeddedEngine(model, tok, seed=repeat)
-            env = SearchEnv(tok, retriever=FixedRetriever(), max_turns=2, max_obs_tokens=64)
+            retriever = SimRetriever(latency_s=0.0, doc_words=8, seed=repeat)
+            env = SearchEnv(tok, retriever=retriever, max_turns=2, max_obs_tokens=64)
             runner = Rollout(
                 engine,
                 env,
