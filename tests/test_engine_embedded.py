@@ -453,6 +453,51 @@ def test_async_generate_keeps_the_event_loop_running(policy, prompts):
     assert b[0][0].output_ids == one(engine_for(policy), prompts[1], params).output_ids
 
 
+def test_calls_made_while_it_generates_run_together_in_the_next_batch(policy, prompts):
+    # The async rollout's many small calls: the first runs alone, the ones made while it runs
+    # wait and then run as one scheduler call; each gets its own (greedy, so exact) results,
+    # and a call cancelled while it waits never runs.
+    engine = engine_for(policy)
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    runs: list[int] = []
+    run = engine._scheduler.run
+
+    def counting(prompts_, rows, call):  # type: ignore[no-untyped-def]
+        runs.append(len(rows))
+        return run(prompts_, rows, call)
+
+    engine._scheduler.run = counting  # type: ignore[method-assign]
+
+    async def main() -> list:
+        first = asyncio.ensure_future(engine.generate([GenerateRequest(prompts[0], params)]))
+        while not runs:  # the first call is running
+            await asyncio.sleep(0.001)
+        later = [
+            asyncio.ensure_future(engine.generate([GenerateRequest(p, params, key=f"k{i}")]))
+            for i, p in enumerate(prompts[1:3])
+        ]
+        gone = asyncio.ensure_future(engine.generate([GenerateRequest(prompts[0], params)]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        pair = asyncio.ensure_future(
+            engine.generate([GenerateRequest(prompts[1], params), GenerateRequest([], params)])
+        )
+        out = await asyncio.gather(first, *later)
+        with pytest.raises(InvalidArgumentError, match="input_ids is empty"):
+            await pair  # a bad request fails its own call, not the batch
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        return out
+
+    first, *later = asyncio.run(main())
+    assert runs == [1, 2]
+    fresh = engine_for(policy)
+    for out, ids in zip([first, *later], prompts[:3], strict=True):
+        assert out[0][0].output_ids == one(fresh, ids, params).output_ids
+    assert engine.stats.requests == 3
+    assert engine._calls == set()
+
+
 def test_exclusive_blocks_generation_until_released(policy, prompts):
     engine = engine_for(policy)
     events: list[str] = []

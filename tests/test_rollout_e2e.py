@@ -14,6 +14,7 @@ nodes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections import Counter
 from pathlib import Path
@@ -48,7 +49,7 @@ STOP_IDS = (2, *range(100, 124))
 MAX_TURNS = 2
 TREE = RolloutConfig(m=2, n=2, l=1, k=2, max_turns=MAX_TURNS, max_action_tokens=12, seed=7)
 CHAIN = RolloutConfig(m=4, n=0, max_turns=MAX_TURNS, max_action_tokens=12, seed=7)
-CONFIGS = {"tree": TREE, "chain": CHAIN}
+CONFIGS = {"tree": TREE, "chain": CHAIN, "tree-async": dataclasses.replace(TREE, schedule="async")}
 # Columns of Forest.nodes() other than leaf_reason (a dictionary column, compared as text).
 NODE_COLUMNS = [
     "node",

@@ -76,6 +76,7 @@ def test_an_override_that_is_not_yaml_names_the_override():
         ("tree.temperature=.nan", r"tree\.temperature must be a finite number; got nan"),
         ("tree.top_p=.nan", r"tree\.top_p must be a finite number"),
         ("tree.overexpand_penalty=.inf", r"tree\.overexpand_penalty must be a finite"),
+        ("tree.schedule=eventually", r"tree\.schedule must be one of 'async', 'lockstep'"),
         ("learner.lr=inf", r"learner\.lr must be a finite number; got inf"),
         ("learner.grad_clip=.inf", r"learner\.grad_clip must be a finite number"),
         ("learner.clip_ratio_c=1e999", r"learner\.clip_ratio_c must be a finite number"),

@@ -39,6 +39,7 @@ else:  # the values the Rust core accepts, read from it (its VALID lists)
 KLType = Literal["low_var_kl", "kl", "abs", "mse"]
 Autocast = Literal["bfloat16", "none"]
 Strategy = Literal["ddp", "fsdp2"]
+Schedule = Literal["async", "lockstep"]
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -651,6 +652,21 @@ class RolloutConfig:
       question and the tree's shared prefixes.
     - ``temperature``/``top_p``/``top_k``: sampling (reference: 1.0, 0.95, -1).
     - ``seed``: selection and subsampling seed (the engine has its own).
+    - ``schedule``: how branches move (rollout.py's docstring). ``"lockstep"`` (default):
+      every agent step of every branch is one engine call and one batch of tool calls: the
+      fewest, largest requests, each step waiting for the slowest generation and tool call of
+      the batch, and no expansion before every tree's first chain has ended. ``"async"``:
+      every branch advances on its own and a tree's expansion round starts once that tree's
+      previous round is done; against a server with continuous batching (SGLang) the GPU is
+      not left idle at every barrier and a long-tailed length costs only its own branch's
+      time, at the price of many more, smaller requests (one branch, or a node's siblings).
+      Use it with ``engine.kind=sglang``. The default stays lockstep because the embedded
+      engine batches within a call (it merges the calls that wait while it generates into its
+      next call, but rows do not join a running decode), so on CPU lockstep keeps its batches
+      full, and because it keeps earlier runs' rollouts reproducible. For given completions a
+      tree is the same under async whatever the timing; node ids differ from lockstep's (the
+      Forest numbers nodes as they are recorded), and lockstep also merges branches whose
+      contexts happen to be equal into one request.
     """
 
     m: int = 2
@@ -668,10 +684,17 @@ class RolloutConfig:
     top_p: float = 0.95
     top_k: int = -1
     seed: int = 0
+    schedule: Schedule = "lockstep"
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
             _need(ok, f"RolloutConfig: {message}")
+
+        schedules = get_args(Schedule)
+        need(
+            self.schedule in schedules,
+            f"schedule must be one of {', '.join(map(repr, schedules))}, got {self.schedule!r}",
+        )
 
         need(self.m >= 1, f"m (trees per prompt) must be >= 1, got {self.m}")
         need(self.n >= 0, f"n (nodes drawn per tree and round) must be >= 0, got {self.n}")

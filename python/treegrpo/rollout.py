@@ -14,8 +14,22 @@ For a batch of prompts (algorithm.md section 2):
 
 Chain GRPO is the same code with N = 0 (M independent chains per prompt).
 
-At every agent step, all active branches of all trees go to the engine as ONE batch; the tool
-calls of the step then run concurrently (the environment batches them per tool). The rollout
+Two schedules (``RolloutConfig.schedule``, see its docstring for the trade-off):
+
+- ``"lockstep"``: at every agent step, all active branches of all trees go to the engine as
+  ONE batch; the tool calls of the step then run concurrently (the environment batches them
+  per tool). Every step waits for the slowest generation and the slowest tool call of the
+  batch, and no expansion starts before every tree's first chain has ended.
+- ``"async"``: every branch advances on its own (generate -> tool call -> generate ...) as
+  soon as its previous step is done, and a tree's expansion round starts as soon as that
+  tree's previous round is complete. Siblings (the draws of one node, the M roots of one
+  prompt) still go out as one request with ``n``. Steps are recorded in the Forest per tree
+  when its round is complete, in a fixed order (step depth, then the branch's place in the
+  round's draws, siblings of a node together), and selection is per tree with a per-tree
+  seed, so for given completions a tree is the same whatever the timing. Tool calls made in
+  the same event-loop turn still go to the environment as one batch.
+
+The rollout
 knows no optimizer and no server: it drives an :class:`~treegrpo.engine.Engine` and a
 :class:`~treegrpo.env.SearchEnv`, and records into a :class:`treegrpo.Forest`. The tree logic
 (selection policies, the root fallback, seeds, contexts and paths) lives in the Forest, in
@@ -24,12 +38,13 @@ Rust; this module keeps the procedure, and imports no pyarrow.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from treegrpo import Forest
 from treegrpo.config import RolloutConfig
@@ -46,6 +61,8 @@ from treegrpo.exceptions import InvalidArgumentError
 __all__ = ["Budget", "NodeInfo", "Prompt", "Rollout", "RolloutConfig", "RolloutResult", "rollout"]
 
 RewardFn = Callable[..., float]
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True)
@@ -118,7 +135,9 @@ class RolloutResult:
     budget: dict[int, Budget]
     total: Budget = field(default_factory=Budget)
     # Wall seconds in the engine (``generate``), the environment's tool calls (``tool``) and
-    # the reward function (``reward``); the rest of a rollout is bookkeeping.
+    # the reward function (``reward``); the rest of a rollout is bookkeeping. Seconds with at
+    # least one call of the kind in flight: under the async schedule generation and tool
+    # calls overlap, so ``generate + tool`` can exceed the rollout's wall time.
     timing: dict[str, float] = field(
         default_factory=lambda: {"generate": 0.0, "tool": 0.0, "reward": 0.0}
     )
@@ -159,6 +178,96 @@ class _Gen:
         return cls(ids, list(c.log_probs), c.finish, c.weight_version, budget, len(ids))
 
 
+@dataclass
+class _Done:
+    """One finished step of a branch, before it is recorded in the Forest (async schedule)."""
+
+    action: list[int]
+    observation: list[int]
+    reason: str | None
+    info: NodeInfo  # its parent is set when the step is recorded
+    leaf: bool
+
+
+class _Busy:
+    """Wall seconds during which at least one call of a kind is in flight."""
+
+    def __init__(self, timing: dict[str, float], key: str) -> None:
+        self.timing, self.key, self.depth, self.start = timing, key, 0, 0.0
+
+    def __enter__(self) -> None:
+        if self.depth == 0:
+            self.start = time.perf_counter()
+        self.depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            self.timing[self.key] += time.perf_counter() - self.start
+
+
+class _Batched(Generic[_T, _R]):
+    """Calls ``fn(items) -> results`` once for the items submitted in one event-loop turn
+    (each caller awaits its own result). Used for the tool calls and the per-tree selection
+    of the async schedule, so branches that become ready together are still served as one
+    batch."""
+
+    def __init__(self, fn: Callable[[list[_T]], Awaitable[list[_R]]]) -> None:
+        self.fn = fn
+        self.items: list[_T] = []
+        self.futures: list[asyncio.Future[_R]] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, item: _T) -> _R:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_R] = loop.create_future()
+        if not self.items:
+            loop.call_soon(self._flush)
+        self.items.append(item)
+        self.futures.append(future)
+        return await future
+
+    def _flush(self) -> None:
+        items, futures = self.items, self.futures
+        self.items, self.futures = [], []
+        task = asyncio.get_running_loop().create_task(self._serve(items, futures))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, items: list[_T], futures: list[asyncio.Future[_R]]) -> None:
+        try:
+            results = await self.fn(items)
+            if len(results) != len(items):
+                raise RuntimeError(f"{len(results)} results for {len(items)} items")
+        except BaseException as e:  # handed to every waiting caller
+            for f in futures:
+                if not f.done():
+                    f.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for f, r in zip(futures, results, strict=True):
+            if not f.done():
+                f.set_result(r)
+
+    def cancel(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+
+
+async def _all(coros: Sequence[Coroutine[Any, Any, _R]]) -> list[_R]:
+    """``asyncio.gather`` that cancels the others when one fails (Python 3.10 has no
+    TaskGroup), so a failed rollout leaves no branch running."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 class Rollout:
     """Runs tree (or chain) rollouts with one engine, one environment and one reward function.
 
@@ -185,6 +294,7 @@ class Rollout:
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
         self._bar: Any = None  # the progress bar of the run in progress
+        self._busy: dict[str, _Busy] = {}  # the run in progress's timers
         # The most tokens a trajectory may reach, one short of the model's context length
         # (SGLang refuses input + max_new_tokens >= context length); None = no bound.
         limit = config.max_model_len or getattr(engine, "context_length", None)
@@ -229,7 +339,26 @@ class Rollout:
         result = RolloutResult(forest, {}, {p.group: p for p in prompts}, {})
         for p in prompts:
             result.budget[p.group] = Budget()
+        self._busy = {k: _Busy(result.timing, k) for k in ("generate", "tool")}
+        if cfg.schedule == "async":
+            await self._run_async(prompts, step, result)
+        else:
+            await self._run_lockstep(prompts, step, result)
 
+        # 3. K leaves per tree, rewards on the leaves.
+        if cfg.k is not None and cfg.k < cfg.leaves_per_tree:
+            forest.keep_leaves(cfg.k, seed=(cfg.seed, step, 1_000_003))
+        start = time.perf_counter()
+        self._reward(result)
+        result.timing["reward"] += time.perf_counter() - start
+        for budget in result.budget.values():
+            result.total.add(budget)
+        return result
+
+    async def _run_lockstep(
+        self, prompts: Sequence[Prompt], step: int, result: RolloutResult
+    ) -> None:
+        cfg, forest = self.config, result.forest
         # 1. Init: M chains per prompt.
         branches = []
         for p in prompts:
@@ -255,15 +384,177 @@ class Rollout:
                 )
                 await self._to_leaves([self._branch_at(forest, p) for p in picks], result)
 
-        # 3. K leaves per tree, rewards on the leaves.
-        if cfg.k is not None and cfg.k < cfg.leaves_per_tree:
-            forest.keep_leaves(cfg.k, seed=(cfg.seed, step, 1_000_003))
-        start = time.perf_counter()
-        self._reward(result)
-        result.timing["reward"] += time.perf_counter() - start
-        for budget in result.budget.values():
-            result.total.add(budget)
-        return result
+    # ------------------------------------------------------------------ the async schedule
+
+    async def _run_async(self, prompts: Sequence[Prompt], step: int, result: RolloutResult) -> None:
+        """Every tree runs its rounds on its own (init, then L expansion rounds); every branch
+        its steps. A tree's steps enter the Forest when its round is complete (`_record`)."""
+        cfg, forest = self.config, result.forest
+        tree_of: dict[int, int] = {}  # node -> tree, to split a selection's picks by tree
+        starts: list[tuple[Prompt, list[_Branch]]] = []
+        for p in prompts:
+            roots = []
+            for _ in range(cfg.m):
+                root = forest.add_root(p.group, list(p.input_ids))
+                tree = forest.num_trees - 1
+                tree_of[root] = tree
+                roots.append(_Branch(root, tree, p.group, list(p.input_ids), 0))
+            starts.append((p, roots))
+
+        async def step_all(inputs: list[StepInput]) -> list[StepResult]:
+            with self._busy["tool"]:
+                return await self.env.step(inputs)
+
+        async def select_all(items: list[tuple[int, int]]) -> list[list[int]]:
+            # One Forest.select per round serves every tree asking for that round in this
+            # turn: each tree's draws depend only on that tree and the seed (the core seeds
+            # every tree on its own), and every tree is between rounds when it asks.
+            picks_of: dict[tuple[int, int], list[int]] = {}
+            for round_ in sorted({r for _, r in items}):
+                picks = forest.select(
+                    cfg.n,
+                    seed=(cfg.seed, step, round_),
+                    replace=cfg.replace,
+                    include_root=cfg.include_root,
+                    policy=cfg.selection,
+                    overexpand_penalty=cfg.overexpand_penalty,
+                    root_fallback=True,
+                )
+                for node in picks:
+                    picks_of.setdefault((tree_of[node], round_), []).append(node)
+            return [picks_of.get(item, []) for item in items]
+
+        tools = _Batched(step_all)
+        select = _Batched(select_all)
+
+        async def tree_rounds(first: list[tuple[_Branch, list[_Done]]]) -> None:
+            self._record(first, result, tree_of)
+            if cfg.chain:
+                return
+            tree = first[0][0].tree
+            for round_ in range(cfg.l):
+                picks = await select((tree, round_))
+                # The draws of one node are siblings: one request with n (in lockstep's order:
+                # a node's draws together, nodes in the order of their first draw).
+                same: dict[int, list[_Branch]] = {}
+                for node in picks:
+                    same.setdefault(node, []).append(self._branch_at(forest, node))
+                groups = list(same.values())
+                chains = await _all([self._siblings(g, tools, result) for g in groups])
+                self._record(
+                    [
+                        (b, c)
+                        for g, cs in zip(groups, chains, strict=True)
+                        for b, c in zip(g, cs, strict=True)
+                    ],
+                    result,
+                    tree_of,
+                )
+
+        async def tree_life(b: _Branch, g: _Gen) -> None:
+            await tree_rounds([(b, await self._chain(b, g, tools, result))])
+
+        async def prompt_trees(roots: list[_Branch]) -> None:
+            # The M roots of a prompt: one request with n = M, then every tree on its own.
+            gens = await self._sample(roots, result)
+            await _all([tree_life(b, g) for b, g in zip(roots, gens, strict=True)])
+
+        try:
+            await _all([prompt_trees(roots) for _, roots in starts])
+        finally:
+            tools.cancel()
+            select.cancel()
+
+    async def _sample(self, same: list[_Branch], result: RolloutResult) -> list[_Gen]:
+        """The first generation of branches with one context: one request with n."""
+        b = same[0]
+        budget = self._room(len(b.context))
+        request = GenerateRequest(
+            b.context, self._sampling(b, budget, len(same)), key=f"group-{b.group}"
+        )
+        (outs,) = await self._generate([request], result, [b.group])
+        if len(outs) != len(same):
+            raise RuntimeError(f"engine returned {len(outs)} samples for n={len(same)}")
+        return [_Gen.of(c, budget) for c in outs]
+
+    async def _siblings(
+        self, same: list[_Branch], tools: _Batched[StepInput, StepResult], result: RolloutResult
+    ) -> list[list[_Done]]:
+        gens = await self._sample(same, result)
+        return await _all(
+            [self._chain(b, g, tools, result) for b, g in zip(same, gens, strict=True)]
+        )
+
+    async def _chain(
+        self, b: _Branch, g: _Gen, tools: _Batched[StepInput, StepResult], result: RolloutResult
+    ) -> list[_Done]:
+        """One branch to a leaf from its first generation ``g``, step after step."""
+        steps: list[_Done] = []
+        while True:
+            await self._continue_past_answers([(b, g)], result)
+            text = self._decode(g.ids)
+            s = await tools(StepInput(text, b.turn, truncated=g.finish.type != "stop"))
+            done = self._outcome(b, g, s, result)
+            steps.append(done)
+            if done.leaf:
+                return steps
+            b = _Branch(-1, b.tree, b.group, b.context + done.action + done.observation, b.turn + 1)
+            (g,) = await self._sample([b], result)
+
+    def _record(
+        self,
+        chains: list[tuple[_Branch, list[_Done]]],
+        result: RolloutResult,
+        tree_of: dict[int, int],
+    ) -> None:
+        """A tree's round into the Forest, in a fixed order: by depth in the round, then by
+        the branch's place (the order of ``chains``)."""
+        parents = [b.node for b, _ in chains]
+        depth = 0
+        while any(depth < len(steps) for _, steps in chains):
+            for i, (b, steps) in enumerate(chains):
+                if depth < len(steps):
+                    parents[i] = self._add(result, parents[i], steps[depth])
+                    tree_of[parents[i]] = b.tree
+            depth += 1
+
+    # ------------------------------------------------------------------ steps
+
+    def _outcome(self, b: _Branch, g: _Gen, s: StepResult, result: RolloutResult) -> _Done:
+        """A generated step and the tool's answer as a step to record; counts it in the
+        budget."""
+        s = self._bounded(b, g, s)
+        mean_log_prob = sum(g.log_probs) / len(g.log_probs) if g.log_probs else math.nan
+        info = NodeInfo(
+            action_text=s.action_text,
+            observation_text=s.observation_text,
+            mean_log_prob=mean_log_prob,
+            finish_reason=g.finish.type,
+            tool=s.tool,
+            query=s.query,
+            answer=s.answer,
+            valid=s.valid,
+            weight_version=g.weight_version,
+        )
+        budget = result.budget[b.group]
+        budget.generated_tokens += g.generated
+        budget.tool_calls += s.tool is not None
+        if s.is_leaf:
+            budget.leaves += 1
+            if self._bar is not None:
+                self._bar.update()
+        return _Done(g.ids, list(s.observation_ids), s.leaf_reason, info, s.is_leaf)
+
+    def _add(self, result: RolloutResult, parent: int, done: _Done) -> int:
+        node = result.forest.add_step(
+            parent,
+            done.action,
+            done.observation,
+            reason=done.reason,
+            mean_log_prob=done.info.mean_log_prob,
+        )
+        result.info[node] = replace(done.info, parent=parent)
+        return node
 
     async def _to_leaves(self, branches: list[_Branch], result: RolloutResult) -> None:
         """Advance every branch one agent step at a time until all reached a leaf."""
@@ -304,41 +595,22 @@ class Rollout:
             StepInput(text, b.turn, truncated=g.finish.type != "stop")
             for (b, g), text in zip(flat, texts, strict=True)
         ]
-        start = time.perf_counter()
-        steps: list[StepResult] = await self.env.step(inputs)
-        result.timing["tool"] += time.perf_counter() - start
+        with self._busy["tool"]:
+            steps: list[StepResult] = await self.env.step(inputs)
 
-        forest, nxt = result.forest, []
+        nxt = []
         for (b, g), s in zip(flat, steps, strict=True):
-            s = self._bounded(b, g, s)
-            action = g.ids
-            observation = list(s.observation_ids)
-            mean_log_prob = sum(g.log_probs) / len(g.log_probs) if g.log_probs else math.nan
-            node = forest.add_step(
-                b.node, action, observation, reason=s.leaf_reason, mean_log_prob=mean_log_prob
-            )
-            result.info[node] = NodeInfo(
-                parent=b.node,
-                action_text=s.action_text,
-                observation_text=s.observation_text,
-                mean_log_prob=mean_log_prob,
-                finish_reason=g.finish.type,
-                tool=s.tool,
-                query=s.query,
-                answer=s.answer,
-                valid=s.valid,
-                weight_version=g.weight_version,
-            )
-            budget = result.budget[b.group]
-            budget.generated_tokens += g.generated
-            budget.tool_calls += s.tool is not None
-            if s.is_leaf:
-                budget.leaves += 1
-                if self._bar is not None:
-                    self._bar.update()
-            else:
+            done = self._outcome(b, g, s, result)
+            node = self._add(result, b.node, done)
+            if not done.leaf:
                 nxt.append(
-                    _Branch(node, b.tree, b.group, b.context + action + observation, b.turn + 1)
+                    _Branch(
+                        node,
+                        b.tree,
+                        b.group,
+                        b.context + done.action + done.observation,
+                        b.turn + 1,
+                    )
                 )
         return nxt
 
@@ -361,9 +633,8 @@ class Rollout:
         self, requests: list[GenerateRequest], result: RolloutResult, groups: list[int]
     ) -> list[list[Completion]]:
         """One engine call; its time and its prompts' prefill/cache counts go to the budget."""
-        start = time.perf_counter()
-        completions = await self.engine.generate(requests)
-        result.timing["generate"] += time.perf_counter() - start
+        with self._busy["generate"]:
+            completions = await self.engine.generate(requests)
         if len(completions) != len(requests):
             raise RuntimeError(
                 f"engine returned {len(completions)} results for {len(requests)} requests"

@@ -2,7 +2,10 @@
 radix prefix cache of KV blocks, sharing the model object with the learner.
 
 How one :meth:`EmbeddedEngine.generate` call runs (all of it under the engine's lock, on a worker
-thread, so the event loop keeps serving tool calls): every request is validated (token ids in
+thread, so the event loop keeps serving tool calls; calls made while the engine generates wait,
+and all the calls waiting when it is done run together as one batch, so an asynchronous caller
+with many small calls, the rollout's ``tree.schedule=async``, still gets full batches): every
+request is validated (token ids in
 the vocabulary, :func:`~treegrpo.engine.tokens.check_token_ids`; the prompt within the
 context), then the call is laid out in one KV slab, prefilled in chunks and decoded in lock step
 (:mod:`treegrpo.engine.scheduling`), with the KV memory of :mod:`treegrpo.engine.kv_cache` (the
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -61,7 +65,9 @@ class EngineStats:
     Token counts, for the rollout's budget accounting:
 
     - ``prompt_tokens``: tokens of the prompts prefilled (a prompt shared by ``n`` samples or by
-      identical requests of one call counts once);
+      identical requests of one call counts once; a call's prompt that an earlier call of the
+      same batch, see :meth:`EmbeddedEngine.generate`, also has counts as that call would
+      have counted it after the other: all but its last token cached, SGLang's rule);
     - ``cached_tokens``: of those, served from the prefix cache;
     - ``prefill_tokens``: of those, computed (``prompt_tokens - cached_tokens``);
     - ``decode_tokens``: tokens generated (every sampled output token).
@@ -193,6 +199,10 @@ class EmbeddedEngine:
         self._calls_lock = threading.Lock()
         self._calls: set[_Call] = set()
         self._closed = False
+        # async calls waiting for the running one to end (run together next), and the task
+        # that runs them
+        self._waiting: list[_Waiting] = []
+        self._drainer: asyncio.Task[None] | None = None
 
     # ---- public state
 
@@ -309,8 +319,11 @@ class EmbeddedEngine:
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Completion]]:
         """Per request, its ``n`` completions (see the module docstring).
 
-        Runs on a worker thread under the engine's lock; concurrent calls run one after another.
-        Cancelling the awaiting task aborts the call's requests (they stop at the next token).
+        Runs on a worker thread under the engine's lock. Calls made while the engine generates
+        wait; when it is done, every waiting call runs in one batch (one slab: their prompts
+        prefill together and their rows decode together), and each gets its own results.
+        Cancelling the awaiting task aborts the call's requests (they stop at the next token;
+        a call cancelled before it runs does not run).
 
         Raises:
             InvalidTokenError: a token id that is negative, not an int or beyond the vocabulary.
@@ -319,11 +332,82 @@ class EmbeddedEngine:
             EngineClosedError: after :meth:`close`.
         """
         call = self._register(requests)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[list[Completion]]] = loop.create_future()
+        self._waiting.append((list(requests), call, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = loop.create_task(self._drain())
         try:
-            return await asyncio.to_thread(self._run_registered, requests, call)
+            return await future
         except asyncio.CancelledError:
             call.aborted = [True] * len(call.aborted)
             raise
+
+    async def _drain(self) -> None:
+        """Run the waiting calls, all of them as one batch, until none waits."""
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            for _, call, future in batch:
+                if future.done():  # cancelled while it waited: never runs
+                    with self._calls_lock:
+                        self._calls.discard(call)
+            batch = [w for w in batch if not w[2].done()]
+            if not batch:
+                continue
+            try:
+                outs = await asyncio.to_thread(self._run_batch, batch)
+            except asyncio.CancelledError:
+                for _, _, future in batch:
+                    future.cancel()
+                raise
+            except Exception as e:  # handed to every call of the batch
+                outs = [e] * len(batch)
+            for (_, _, future), out in zip(batch, outs, strict=True):
+                if future.done():
+                    continue
+                if isinstance(out, BaseException):
+                    future.set_exception(out)
+                else:
+                    future.set_result(out)
+
+    def _run_batch(self, batch: list[_Waiting]) -> list[list[list[Completion]] | Exception]:
+        """Several calls as one: each is validated on its own (a bad request fails only its
+        call), the valid ones run in one scheduler call."""
+        results: list[list[list[Completion]] | Exception] = [[] for _ in batch]
+        good: list[tuple[int, list[GenerateRequest], list[list[int]], _Call]] = []
+        try:
+            for j, (requests, call, _) in enumerate(batch):
+                try:
+                    ids = [self._check_prompt(i, r) for i, r in enumerate(requests)]
+                except Exception as e:  # this call's error
+                    results[j] = e
+                    continue
+                if requests:
+                    good.append((j, requests, ids, call))
+            if not good:
+                return results
+            with self._held():
+                if self._closed:
+                    raise EngineClosedError("the EmbeddedEngine was closed while this call waited")
+                outs = self._generate_locked(
+                    [r for g in good for r in g[1]],
+                    [x for g in good for x in g[2]],
+                    _Merged([g[3] for g in good]),
+                )
+            start = 0
+            seen: set[tuple[int, ...]] = set()
+            for j, requests, ids, _ in good:
+                outs_j = outs[start : start + len(requests)]
+                start += len(requests)
+                results[j] = [
+                    self._as_if_after(x, o, seen) for x, o in zip(ids, outs_j, strict=True)
+                ]
+                seen.update(tuple(x) for x in ids)
+            return results
+        finally:
+            with self._calls_lock:
+                for _, call, _ in batch:
+                    self._calls.discard(call)
 
     def generate_sync(self, requests: Sequence[GenerateRequest]) -> list[list[Completion]]:
         """:meth:`generate` for callers without an event loop (blocks this thread)."""
@@ -377,6 +461,19 @@ class EmbeddedEngine:
             with self._calls_lock:
                 self._calls.discard(call)
 
+    def _as_if_after(
+        self, ids: list[int], outs: list[Completion], seen: set[tuple[int, ...]]
+    ) -> list[Completion]:
+        """A request of a batched call whose prompt an earlier call of the batch has: it shared
+        that prefill, and reports (and counts) what it would have run after that call, all but
+        its last token cached (SGLang's rule), so each call's accounting does not depend on
+        which calls happened to wait together."""
+        if tuple(ids) not in seen:
+            return outs
+        reuse = len(ids) - 1
+        self._count(prompt_tokens=len(ids), cached_tokens=reuse, prefill_tokens=1)
+        return [dataclasses.replace(c, cached_tokens=reuse) for c in outs]
+
     def _check_prompt(self, i: int, request: GenerateRequest) -> list[int]:
         ids = check_token_ids(request.input_ids, self.vocab_size, where=f"request {i}")
         if not ids:
@@ -391,7 +488,7 @@ class EmbeddedEngine:
     # ---- the work (under the lock, on the calling thread)
 
     def _generate_locked(
-        self, requests: Sequence[GenerateRequest], ids: list[list[int]], call: _Call
+        self, requests: Sequence[GenerateRequest], ids: list[list[int]], call: _Call | _Merged
     ) -> list[list[Completion]]:
         version = self.weight_version
         prompts, rows = self._scheduler.plan(requests, ids)
@@ -426,6 +523,30 @@ class EmbeddedEngine:
     def _draw(self, log_probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """:meth:`treegrpo.engine.sampling.Sampler.draw` with the engine's generator."""
         return self._sampler.draw(log_probs, params)
+
+
+_Waiting = tuple[list[GenerateRequest], _Call, "asyncio.Future[list[list[Completion]]]"]
+
+
+class _Merged:
+    """Several calls run as one: ``aborted[i]`` reads the flag of the call that owns the
+    merged call's request ``i`` (so :meth:`EmbeddedEngine.abort` and cancellation still act
+    on each call's own requests)."""
+
+    def __init__(self, calls: list[_Call]) -> None:
+        self.aborted = _AbortedView([(c, i) for c in calls for i in range(len(c.keys))])
+
+
+class _AbortedView:
+    def __init__(self, owners: list[tuple[_Call, int]]) -> None:
+        self.owners = owners
+
+    def __getitem__(self, i: int) -> bool:
+        call, j = self.owners[i]
+        return call.aborted[j]
+
+    def __len__(self) -> int:
+        return len(self.owners)
 
 
 class EmbeddedWeightSync:

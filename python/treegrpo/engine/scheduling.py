@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -72,6 +72,14 @@ class Call:
     def __init__(self, keys: list[str | None]) -> None:
         self.keys = keys
         self.aborted = [False] * len(keys)
+
+
+class Aborts(Protocol):
+    """What a run reads of its call: ``aborted[request]`` (a :class:`Call`, or several calls
+    run as one)."""
+
+    @property
+    def aborted(self) -> Any: ...
 
 
 class Scheduler:
@@ -142,7 +150,7 @@ class Scheduler:
             prompts[row.prompt].rows.append(i)
         return prompts, rows
 
-    def run(self, prompts: list[Prompt], rows: list[Row], call: Call) -> None:
+    def run(self, prompts: list[Prompt], rows: list[Row], call: Aborts) -> None:
         longest = max(len(p.ids) for p in prompts)
         decode_columns = max(0, max(row.limit for row in rows) - 1)
         param = next(self.model.parameters())
@@ -318,7 +326,7 @@ class Scheduler:
         slab: Slab,
         cache: Any,
         longest: int,
-        call: Call,
+        call: Aborts,
     ) -> None:
         """Sample the first token of every row from its prompt's logits, then decode."""
         device = slab.buf.device
@@ -381,7 +389,7 @@ class Scheduler:
         slab: Slab,
         longest: int,
         step: int,
-        call: Call,
+        call: Aborts,
     ) -> None:
         """Check the rows that just got a token; cache the KV of the ones that finished."""
         for i, r in enumerate(live):
@@ -396,7 +404,7 @@ class Scheduler:
                 assert len(row.output) - 1 <= step
                 self.cache.insert_finished(prompt.ids, row.output, slab.buf[:, :, i], base)
 
-    def _check_finish(self, row: Row, call: Call) -> FinishReason | None:
+    def _check_finish(self, row: Row, call: Aborts) -> FinishReason | None:
         if not row.output:
             return None
         last = row.output[-1]
