@@ -239,6 +239,7 @@ impl Forest {
     }
 
     /// Every tree's draws, tree by tree: uniform (`weights = None`) or weighted.
+    #[inline]
     fn draw(
         &self,
         n: usize,
@@ -362,6 +363,7 @@ impl Forest {
 
 /// One tree's uniform draws. Candidate i is the root (i = 0, if included), else
 /// `open[i - first_open]`: no candidate list is built.
+#[inline]
 fn draw_uniform(tree: &Tree, n: usize, rng: &mut Pcg64, opts: SelectOptions, picks: &mut Vec<u32>) {
     let first_open = usize::from(opts.include_root);
     let len = first_open + tree.open.len();
