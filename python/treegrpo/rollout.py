@@ -373,16 +373,22 @@ class Rollout:
         # tree still gets its draws (and the prompt its 1 + L*N leaves per tree).
         if not cfg.chain:
             for round_ in range(cfg.l):
-                picks = forest.select(
-                    cfg.n,
-                    seed=(cfg.seed, step, round_),
-                    replace=cfg.replace,
-                    include_root=cfg.include_root,
-                    policy=cfg.selection,
-                    overexpand_penalty=cfg.overexpand_penalty,
-                    root_fallback=True,
-                )
+                picks = self._select(forest, step, round_)
                 await self._to_leaves([self._branch_at(forest, p) for p in picks], result)
+
+    def _select(self, forest: Forest, step: int, round_: int) -> list[int]:
+        """Round ``round_``'s draws of every tree (the core seeds each tree on its own from
+        (seed, step, round)), with the root fallback of step 2 above."""
+        cfg = self.config
+        return forest.select(
+            cfg.n,
+            seed=(cfg.seed, step, round_),
+            replace=cfg.replace,
+            include_root=cfg.include_root,
+            policy=cfg.selection,
+            overexpand_penalty=cfg.overexpand_penalty,
+            root_fallback=True,
+        )
 
     # ------------------------------------------------------------------ the async schedule
 
@@ -411,15 +417,7 @@ class Rollout:
             # every tree on its own), and every tree is between rounds when it asks.
             picks_of: dict[tuple[int, int], list[int]] = {}
             for round_ in sorted({r for _, r in items}):
-                picks = forest.select(
-                    cfg.n,
-                    seed=(cfg.seed, step, round_),
-                    replace=cfg.replace,
-                    include_root=cfg.include_root,
-                    policy=cfg.selection,
-                    overexpand_penalty=cfg.overexpand_penalty,
-                    root_fallback=True,
-                )
+                picks = self._select(forest, step, round_)
                 for node in picks:
                     picks_of.setdefault((tree_of[node], round_), []).append(node)
             return [picks_of.get(item, []) for item in items]
