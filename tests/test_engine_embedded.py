@@ -8,6 +8,7 @@ default run fast; tests on the real SmolLM2 weights are marked slow.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.metadata
 import threading
 import time
@@ -18,6 +19,7 @@ from treegrpo.engine.base import Completion, Engine, FinishReason, GenerateReque
 from treegrpo.engine.embedded import EmbeddedEngine, EngineStats
 from treegrpo.engine.errors import EngineClosedError, InvalidTokenError
 from treegrpo.engine.models import ModelNotFoundError, default_policy, load_policy
+from treegrpo.engine.scheduling import Scheduler
 from treegrpo.exceptions import InvalidArgumentError, TreeGRPOError
 from treegrpo.testing.tiny import tiny_model, tiny_policy, tiny_tokenizer
 
@@ -453,49 +455,122 @@ def test_async_generate_keeps_the_event_loop_running(policy, prompts):
     assert b[0][0].output_ids == one(engine_for(policy), prompts[1], params).output_ids
 
 
-def test_calls_made_while_it_generates_run_together_in_the_next_batch(policy, prompts):
-    # The async rollout's many small calls: the first runs alone, the ones made while it runs
-    # wait and then run as one scheduler call; each gets its own (greedy, so exact) results,
-    # and a call cancelled while it waits never runs.
-    engine = engine_for(policy)
-    params = SamplingParams(max_new_tokens=12, temperature=0)
-    runs: list[int] = []
-    run = engine._scheduler.run
+async def _until_forward_passes(engine: EmbeddedEngine, n: int) -> None:
+    """Wait until the engine has run ``n`` forward passes, or has nothing left to run."""
+    while engine.stats.forward_passes < n and engine._working:
+        await asyncio.sleep(0.0005)
 
-    def counting(prompts_, rows, call):  # type: ignore[no-untyped-def]
-        runs.append(len(rows))
-        return run(prompts_, rows, call)
 
-    engine._scheduler.run = counting  # type: ignore[method-assign]
+def test_a_call_made_while_others_decode_joins_them_at_the_next_step(policy, prompts):
+    # Continuous batching: a long call decodes; calls made meanwhile join its batch at the next
+    # decode step and return as soon as their own samples are done, long before it ends. Each
+    # gets its own (greedy, so exact) results; a call cancelled before it joined never runs;
+    # a bad request fails its own call where it is made.
+    engine = engine_for(policy, eos_token_ids=())
+    long = SamplingParams(max_new_tokens=200, temperature=0)
+    short = SamplingParams(max_new_tokens=10, temperature=0)
+    twice = SamplingParams(max_new_tokens=10, temperature=0, n=2)
 
-    async def main() -> list:
-        first = asyncio.ensure_future(engine.generate([GenerateRequest(prompts[0], params)]))
-        while not runs:  # the first call is running
-            await asyncio.sleep(0.001)
-        later = [
-            asyncio.ensure_future(engine.generate([GenerateRequest(p, params, key=f"k{i}")]))
-            for i, p in enumerate(prompts[1:3])
-        ]
-        gone = asyncio.ensure_future(engine.generate([GenerateRequest(prompts[0], params)]))
-        await asyncio.sleep(0)
+    async def main() -> tuple[list, list, bool]:
+        first = asyncio.ensure_future(engine.generate([GenerateRequest(prompts[0], long)]))
+        await _until_forward_passes(engine, 5)  # the first call is decoding
+        gone = asyncio.ensure_future(engine.generate([GenerateRequest(prompts[0], short)]))
         gone.cancel()
-        pair = asyncio.ensure_future(
-            engine.generate([GenerateRequest(prompts[1], params), GenerateRequest([], params)])
-        )
-        out = await asyncio.gather(first, *later)
+        later = [
+            asyncio.ensure_future(engine.generate([GenerateRequest(prompts[1], short, key="k1")])),
+            asyncio.ensure_future(engine.generate([GenerateRequest(prompts[2], twice, key="k2")])),
+        ]
         with pytest.raises(InvalidArgumentError, match="input_ids is empty"):
-            await pair  # a bad request fails its own call, not the batch
+            await engine.generate([GenerateRequest(prompts[1], short), GenerateRequest([], short)])
+        out = await asyncio.gather(*later)
+        first_running = not first.done()
         with pytest.raises(asyncio.CancelledError):
             await gone
-        return out
+        return await first, out, first_running
 
-    first, *later = asyncio.run(main())
-    assert runs == [1, 2]
-    fresh = engine_for(policy)
-    for out, ids in zip([first, *later], prompts[:3], strict=True):
-        assert out[0][0].output_ids == one(fresh, ids, params).output_ids
-    assert engine.stats.requests == 3
+    [[first]], later, first_running = asyncio.run(main())
+    assert first_running  # the short calls were handed back while the long one decoded
+    # One prefill forward for the first call, 199 decode steps; the later calls' prompts
+    # prefill in one or two forwards and their tokens ride on the first call's decode steps
+    # (had they waited for it, they would have added 9 decode steps of their own).
+    assert engine.stats.forward_passes <= 200 + 2
+    fresh = engine_for(policy, eos_token_ids=())
+    assert first.output_ids == one(fresh, prompts[0], long).output_ids
+    assert later[0][0][0].output_ids == one(fresh, prompts[1], short).output_ids
+    reference = one(fresh, prompts[2], short).output_ids
+    assert [c.output_ids for c in later[1][0]] == [reference, reference]
+    assert engine.stats.requests == 3 and engine.stats.completions == 4
     assert engine._calls == set()
+    assert engine._scheduler.idle and engine._scheduler._slab is None  # freed when empty
+
+
+def test_calls_joining_at_random_steps_equal_one_by_one(policy, prompts, monkeypatch):
+    """Many calls of random shapes joining a running batch at random decode steps (so the slab
+    grows, rows are compacted out and joined in, prompts prefill in pieces next to decoding
+    rows, some from the prefix cache) give what each gives alone: greedy outputs exactly,
+    sampled outputs log-probs equal to a fresh forward pass. The slab is filled with NaN when
+    made, so any read of a column nobody wrote shows."""
+    import random
+
+    import treegrpo.engine.embedded as embedded
+
+    init = embedded._Slab.__init__
+
+    def poisoned(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.buf.fill_(float("nan"))
+
+    monkeypatch.setattr(embedded._Slab, "__init__", poisoned)
+    joins: list[int] = []  # per call admitted: rows of the batch still decoding then
+    admit = Scheduler.admit
+
+    def counting(self, jobs, version):  # type: ignore[no-untyped-def]
+        joins.extend(sum(r.finish is None for r in self._live) for _ in jobs)
+        return admit(self, jobs, version)
+
+    monkeypatch.setattr(Scheduler, "admit", counting)
+    model, tok = policy
+    rng = random.Random(7)
+    engine = engine_for(policy, eos_token_ids=(), max_batch_tokens=24, kv_budget_tokens=400)
+    calls = []
+    for _ in range(14):
+        call = []
+        for _ in range(rng.randint(1, 3)):
+            base = rng.choice(prompts)
+            ids = base + [rng.randrange(3, 300) for _ in range(rng.randint(0, 12))]
+            params = SamplingParams(
+                max_new_tokens=rng.randint(1, 40),
+                temperature=rng.choice([0.0, 0.0, 1.0]),
+                n=rng.randint(1, 3),
+            )
+            call.append(GenerateRequest(ids, params))
+        calls.append((rng.randint(0, 60), call))  # join at about this forward pass
+
+    async def main() -> list:
+        tasks = []
+        for at, call in sorted(calls, key=lambda c: c[0]):
+            await _until_forward_passes(engine, at)
+            tasks.append(asyncio.ensure_future(engine.generate(call)))
+            await asyncio.sleep(0)  # let it join before the next one waits
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(main())
+    fresh = engine_for(policy, eos_token_ids=(), kv_budget_tokens=0)
+    for (_, call), out in zip(sorted(calls, key=lambda c: c[0]), results, strict=True):
+        for request, completions in zip(call, out, strict=True):
+            assert len(completions) == request.sampling.n
+            for c in completions:
+                assert len(c.output_ids) == request.sampling.max_new_tokens
+                if request.sampling.temperature == 0:
+                    alone = dataclasses.replace(request.sampling, n=1)
+                    assert c.output_ids == one(fresh, request.input_ids, alone).output_ids
+                expected = fresh_log_probs(model, request.input_ids, c.output_ids)
+                assert list(c.log_probs) == pytest.approx(expected.tolist(), abs=1e-4)
+    assert sum(j > 0 for j in joins) >= 3  # calls did join running decodes
+    stats = engine.stats
+    assert stats.prompt_tokens == stats.cached_tokens + stats.prefill_tokens
+    assert stats.cached_tokens > 0
+    assert engine._scheduler._slab is None
 
 
 def test_exclusive_blocks_generation_until_released(policy, prompts):

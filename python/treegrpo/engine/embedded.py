@@ -1,17 +1,19 @@
 """The embedded engine: batched generation with a transformers model in this process, with a
 radix prefix cache of KV blocks, sharing the model object with the learner.
 
-How one :meth:`EmbeddedEngine.generate` call runs (all of it under the engine's lock, on a worker
-thread, so the event loop keeps serving tool calls; calls made while the engine generates wait,
-and all the calls waiting when it is done run together as one batch, so an asynchronous caller
-with many small calls, the rollout's ``tree.schedule=async``, still gets full batches): every
-request is validated (token ids in
-the vocabulary, :func:`~treegrpo.engine.tokens.check_token_ids`; the prompt within the
-context), then the call is laid out in one KV slab, prefilled in chunks and decoded in lock step
-(:mod:`treegrpo.engine.scheduling`), with the KV memory of :mod:`treegrpo.engine.kv_cache` (the
-slab of the call and the prefix cache between calls, ``kv_budget_tokens``, on SGLang's cache
-rules), the sampler of :mod:`treegrpo.engine.sampling` (seeded with ``seed``) and SGLang's
-stop-string rule (:mod:`treegrpo.engine.stops`). A weight update flushes the cache.
+How calls run: every request is validated where it is made (token ids in the vocabulary,
+:func:`~treegrpo.engine.tokens.check_token_ids`; the prompt within the context), then the call
+joins the engine's *running batch*, continuous batching as a serving engine does: one worker
+thread at a time holds the model and alternates admitting the calls that arrived (their prompts
+prefilled in chunks, into the rows of one KV slab) with one decode step over every row of the
+batch (:mod:`treegrpo.engine.scheduling`). A call made while others decode thus joins them at
+the next step, and an asynchronous caller with many small calls (the rollout's
+``tree.schedule=async``) still fills the batch; each call returns as soon as its own samples are
+done. The KV memory is :mod:`treegrpo.engine.kv_cache`'s (the batch's slab and the prefix cache
+between calls, ``kv_budget_tokens``, on SGLang's cache rules), the sampler
+:mod:`treegrpo.engine.sampling`'s (seeded with ``seed``: the same calls in the same order give the
+same samples; calls that join at different steps draw in a different order), the stop-string rule
+SGLang's (:mod:`treegrpo.engine.stops`). A weight update flushes the cache.
 
 :meth:`EmbeddedEngine.state_dict` / :meth:`~EmbeddedEngine.load_state_dict` carry the sampling
 generator and the weight version through a checkpoint, so a resumed run samples on. With
@@ -26,18 +28,17 @@ model refreshed after every update, from :meth:`EmbeddedEngine.weight_sync`
 (:class:`EmbeddedWeightSync`).
 
 Limits: decoder-only models with full attention in every layer (Llama, Qwen2/3, SmolLM2,
-Mistral without a sliding window); the slab of one call holds ``rows x (P + max_new_tokens)``
-token positions (only the ones used are touched); ``kv_budget_tokens`` bounds the cache between
-calls, not that working slab.
+Mistral without a sliding window); the batch's slab holds ``rows x max(prompt + max_new_tokens)``
+token positions (only the ones used are touched; it grows by doubling as calls join and goes when
+the batch empties); ``kv_budget_tokens`` bounds the cache between calls, not that working slab.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +50,7 @@ from treegrpo.engine.kv_cache import PrefixCache as _PrefixCache
 from treegrpo.engine.kv_cache import Slab as _Slab  # noqa: F401 - the old name, still importable
 from treegrpo.engine.sampling import Sampler
 from treegrpo.engine.scheduling import Call as _Call
-from treegrpo.engine.scheduling import Prompt as _Prompt  # noqa: F401 - the old name
-from treegrpo.engine.scheduling import Row as _Row  # noqa: F401 - the old name
+from treegrpo.engine.scheduling import Job as _Job
 from treegrpo.engine.scheduling import Scheduler
 from treegrpo.engine.tokens import check_token_ids
 from treegrpo.exceptions import InvalidArgumentError
@@ -199,10 +199,10 @@ class EmbeddedEngine:
         self._calls_lock = threading.Lock()
         self._calls: set[_Call] = set()
         self._closed = False
-        # async calls waiting for the running one to end (run together next), and the task
-        # that runs them
-        self._waiting: list[_Waiting] = []
-        self._drainer: asyncio.Task[None] | None = None
+        # calls waiting to join the running batch, and whether a worker thread runs it
+        self._queue_lock = threading.Lock()
+        self._pending: list[_Job] = []
+        self._working = False
 
     # ---- public state
 
@@ -319,11 +319,10 @@ class EmbeddedEngine:
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Completion]]:
         """Per request, its ``n`` completions (see the module docstring).
 
-        Runs on a worker thread under the engine's lock. Calls made while the engine generates
-        wait; when it is done, every waiting call runs in one batch (one slab: their prompts
-        prefill together and their rows decode together), and each gets its own results.
-        Cancelling the awaiting task aborts the call's requests (they stop at the next token;
-        a call cancelled before it runs does not run).
+        The call joins the engine's running batch at its next decode step (or starts one, on a
+        worker thread, so the event loop keeps running), and returns when all its samples have
+        finished. Cancelling the awaiting task aborts the call's requests (they stop at the
+        next token; a call cancelled before it joined never runs).
 
         Raises:
             InvalidTokenError: a token id that is negative, not an int or beyond the vocabulary.
@@ -331,87 +330,41 @@ class EmbeddedEngine:
                 is not a :class:`GenerateRequest`.
             EngineClosedError: after :meth:`close`.
         """
-        call = self._register(requests)
+        ids = self._validate(requests)
+        if not requests:
+            return []
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[list[Completion]]] = loop.create_future()
-        self._waiting.append((list(requests), call, future))
-        if self._drainer is None or self._drainer.done():
-            self._drainer = loop.create_task(self._drain())
+
+        def deliver(result: list[list[Completion]] | BaseException) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(_settle, future, result)
+
+        call = self._submit(requests, ids, deliver)
         try:
             return await future
         except asyncio.CancelledError:
+            call.cancelled = True
             call.aborted = [True] * len(call.aborted)
             raise
 
-    async def _drain(self) -> None:
-        """Run the waiting calls, all of them as one batch, until none waits."""
-        while self._waiting:
-            batch, self._waiting = self._waiting, []
-            for _, call, future in batch:
-                if future.done():  # cancelled while it waited: never runs
-                    with self._calls_lock:
-                        self._calls.discard(call)
-            batch = [w for w in batch if not w[2].done()]
-            if not batch:
-                continue
-            try:
-                outs = await asyncio.to_thread(self._run_batch, batch)
-            except asyncio.CancelledError:
-                for _, _, future in batch:
-                    future.cancel()
-                raise
-            except Exception as e:  # handed to every call of the batch
-                outs = [e] * len(batch)
-            for (_, _, future), out in zip(batch, outs, strict=True):
-                if future.done():
-                    continue
-                if isinstance(out, BaseException):
-                    future.set_exception(out)
-                else:
-                    future.set_result(out)
-
-    def _run_batch(self, batch: list[_Waiting]) -> list[list[list[Completion]] | Exception]:
-        """Several calls as one: each is validated on its own (a bad request fails only its
-        call), the valid ones run in one scheduler call."""
-        results: list[list[list[Completion]] | Exception] = [[] for _ in batch]
-        good: list[tuple[int, list[GenerateRequest], list[list[int]], _Call]] = []
-        try:
-            for j, (requests, call, _) in enumerate(batch):
-                try:
-                    ids = [self._check_prompt(i, r) for i, r in enumerate(requests)]
-                except Exception as e:  # this call's error
-                    results[j] = e
-                    continue
-                if requests:
-                    good.append((j, requests, ids, call))
-            if not good:
-                return results
-            with self._held():
-                if self._closed:
-                    raise EngineClosedError("the EmbeddedEngine was closed while this call waited")
-                outs = self._generate_locked(
-                    [r for g in good for r in g[1]],
-                    [x for g in good for x in g[2]],
-                    _Merged([g[3] for g in good]),
-                )
-            start = 0
-            seen: set[tuple[int, ...]] = set()
-            for j, requests, ids, _ in good:
-                outs_j = outs[start : start + len(requests)]
-                start += len(requests)
-                results[j] = [
-                    self._as_if_after(x, o, seen) for x, o in zip(ids, outs_j, strict=True)
-                ]
-                seen.update(tuple(x) for x in ids)
-            return results
-        finally:
-            with self._calls_lock:
-                for _, call, _ in batch:
-                    self._calls.discard(call)
-
     def generate_sync(self, requests: Sequence[GenerateRequest]) -> list[list[Completion]]:
         """:meth:`generate` for callers without an event loop (blocks this thread)."""
-        return self._run_registered(requests, self._register(requests))
+        ids = self._validate(requests)
+        if not requests:
+            return []
+        done = threading.Event()
+        box: list[list[list[Completion]] | BaseException] = []
+
+        def deliver(result: list[list[Completion]] | BaseException) -> None:
+            box.append(result)
+            done.set()
+
+        self._submit(requests, ids, deliver)
+        done.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
 
     def abort(self, key_prefix: str | None = None) -> int:
         """Abort running and waiting requests whose ``key`` starts with ``key_prefix`` (all
@@ -433,7 +386,7 @@ class EmbeddedEngine:
         self.abort()
         await asyncio.to_thread(self.flush_cache)
 
-    def _register(self, requests: Sequence[GenerateRequest]) -> _Call:
+    def _validate(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
         if self._closed:
             raise EngineClosedError("generate on a closed EmbeddedEngine: make a new engine")
         if isinstance(requests, GenerateRequest):
@@ -443,36 +396,7 @@ class EmbeddedEngine:
                 raise InvalidArgumentError(
                     f"request {i} is a {type(r).__name__}, not a GenerateRequest"
                 )
-        call = _Call([r.key for r in requests])
-        with self._calls_lock:
-            self._calls.add(call)
-        return call
-
-    def _run_registered(
-        self, requests: Sequence[GenerateRequest], call: _Call
-    ) -> list[list[Completion]]:
-        try:
-            prompts = [self._check_prompt(i, r) for i, r in enumerate(requests)]
-            with self._held():
-                if self._closed:
-                    raise EngineClosedError("the EmbeddedEngine was closed while this call waited")
-                return self._generate_locked(requests, prompts, call)
-        finally:
-            with self._calls_lock:
-                self._calls.discard(call)
-
-    def _as_if_after(
-        self, ids: list[int], outs: list[Completion], seen: set[tuple[int, ...]]
-    ) -> list[Completion]:
-        """A request of a batched call whose prompt an earlier call of the batch has: it shared
-        that prefill, and reports (and counts) what it would have run after that call, all but
-        its last token cached (SGLang's rule), so each call's accounting does not depend on
-        which calls happened to wait together."""
-        if tuple(ids) not in seen:
-            return outs
-        reuse = len(ids) - 1
-        self._count(prompt_tokens=len(ids), cached_tokens=reuse, prefill_tokens=1)
-        return [dataclasses.replace(c, cached_tokens=reuse) for c in outs]
+        return [self._check_prompt(i, r) for i, r in enumerate(requests)]
 
     def _check_prompt(self, i: int, request: GenerateRequest) -> list[int]:
         ids = check_token_ids(request.input_ids, self.vocab_size, where=f"request {i}")
@@ -485,37 +409,87 @@ class EmbeddedEngine:
             )
         return ids
 
-    # ---- the work (under the lock, on the calling thread)
+    def _submit(
+        self,
+        requests: Sequence[GenerateRequest],
+        ids: list[list[int]],
+        deliver: Callable[[list[list[Completion]] | BaseException], None],
+    ) -> _Call:
+        """Queue a call for the running batch; start the worker if none runs."""
+        call = _Call([r.key for r in requests])
+        with self._calls_lock:
+            self._calls.add(call)
+        with self._queue_lock:
+            self._pending.append(_Job(list(requests), ids, call, deliver))
+            start = not self._working
+            self._working = True
+        if start:
+            threading.Thread(target=self._work, name="treegrpo-engine", daemon=True).start()
+        return call
 
-    def _generate_locked(
-        self, requests: Sequence[GenerateRequest], ids: list[list[int]], call: _Call | _Merged
-    ) -> list[list[Completion]]:
-        version = self.weight_version
-        prompts, rows = self._scheduler.plan(requests, ids)
-        was_training = self.model.training
-        self.model.eval()
+    # ---- the work (one worker thread at a time, under the model lock)
+
+    def _work(self) -> None:
+        """Run the batch until it is empty and no call waits: admit the waiting calls, one
+        decode step, hand back the calls that finished; again."""
+        jobs: list[_Job] = []
         try:
-            with torch.inference_mode():
-                self._scheduler.run(prompts, rows, call)
-        finally:
-            self.model.train(was_training)
+            with self._held():
+                was_training = self.model.training
+                self.model.eval()
+                try:
+                    with torch.inference_mode():
+                        while True:
+                            with self._queue_lock:
+                                jobs, self._pending = self._pending, []
+                                if not jobs and self._scheduler.idle:
+                                    self._working = False
+                                    return
+                            self._advance(jobs)
+                            jobs = []
+                finally:
+                    self.model.train(was_training)
+        except BaseException as e:  # pragma: no cover - a bug above: fail everyone, never hang
+            with self._queue_lock:
+                stranded, self._pending = self._pending, []
+                self._working = False
+            for job in [*jobs, *self._scheduler.jobs, *stranded]:
+                self._hand_back(job, e)
+            self._scheduler.reset()
+            raise
 
-        out: list[list[Completion]] = [[] for _ in requests]
-        for row in sorted(rows, key=lambda x: (x.request, x.sample)):
-            assert row.finish is not None
-            prompt = prompts[row.prompt]
-            out[row.request].append(
-                Completion(
-                    output_ids=tuple(row.output),
-                    log_probs=tuple(row.log_probs),
-                    finish=row.finish,
-                    cached_tokens=prompt.cached,
-                    prompt_tokens=len(prompt.ids),
-                    weight_version=version,
-                )
+    def _advance(self, jobs: list[_Job]) -> None:
+        """Admit ``jobs``, one decode step, hand back what finished. A failure of the model
+        fails every call of the batch (and drops the batch); the engine goes on serving."""
+        admit = []
+        for job in jobs:
+            if job.call.cancelled:  # its caller went away before it joined
+                self._forget(job.call)
+            elif self._closed:
+                self._hand_back(job, EngineClosedError("the EmbeddedEngine was closed"))
+            else:
+                admit.append(job)
+        try:
+            self._scheduler.admit(admit, self.weight_version)
+            self._scheduler.step()
+        except Exception as e:
+            for job in {id(j): j for j in [*admit, *self._scheduler.jobs]}.values():
+                self._hand_back(job, e)
+            self._scheduler.reset()
+            return
+        for job, out in self._scheduler.finished():
+            self._stats = _add(
+                self._stats, requests=len(job.requests), completions=sum(len(o) for o in out)
             )
-        self._stats = _add(self._stats, requests=len(requests), completions=len(rows))
-        return out
+            self._hand_back(job, out)
+
+    def _hand_back(self, job: _Job, result: list[list[Completion]] | BaseException) -> None:
+        self._forget(job.call)
+        job.deliver(result)
+
+    def _forget(self, call: _Call) -> None:
+        with self._calls_lock:
+            self._calls.discard(call)
 
     def _count(self, **delta: float) -> None:
         self._stats = _add(self._stats, **delta)
@@ -525,28 +499,15 @@ class EmbeddedEngine:
         return self._sampler.draw(log_probs, params)
 
 
-_Waiting = tuple[list[GenerateRequest], _Call, "asyncio.Future[list[list[Completion]]]"]
-
-
-class _Merged:
-    """Several calls run as one: ``aborted[i]`` reads the flag of the call that owns the
-    merged call's request ``i`` (so :meth:`EmbeddedEngine.abort` and cancellation still act
-    on each call's own requests)."""
-
-    def __init__(self, calls: list[_Call]) -> None:
-        self.aborted = _AbortedView([(c, i) for c in calls for i in range(len(c.keys))])
-
-
-class _AbortedView:
-    def __init__(self, owners: list[tuple[_Call, int]]) -> None:
-        self.owners = owners
-
-    def __getitem__(self, i: int) -> bool:
-        call, j = self.owners[i]
-        return call.aborted[j]
-
-    def __len__(self) -> int:
-        return len(self.owners)
+def _settle(
+    future: asyncio.Future[list[list[Completion]]], result: list[list[Completion]] | BaseException
+) -> None:
+    if future.done():  # cancelled
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 class EmbeddedWeightSync:

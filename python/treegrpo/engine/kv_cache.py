@@ -1,9 +1,9 @@
-"""The embedded engine's KV memory: the per-call slab and the prefix cache between calls.
+"""The embedded engine's KV memory: the running batch's slab and the prefix cache between calls.
 
-- :class:`Slab`: the KV of one generate call, ``(layers, K/V, rows, kv_heads, columns,
-  head_dim)``, read and written by the model through :func:`slab_cache` (a transformers
-  ``Cache``). Every prompt is right-aligned at column ``P`` (the longest prompt), generated
-  tokens after it.
+- :class:`Slab`: the KV of the running batch (:mod:`treegrpo.engine.scheduling`), ``(layers,
+  K/V, rows, kv_heads, columns, head_dim)``, read and written by the model through
+  :func:`slab_cache` (a transformers ``Cache``). Every row holds its sequence from column 0
+  (column = position), prompt then generated tokens.
 - :class:`PrefixCache`: KV *blocks* indexed by a :class:`treegrpo.RadixIndex`. Each insert
   stores one block with exactly the new positions ``[m, L)`` of all layers and a link to the
   block holding position ``m - 1`` (the value the index returns for the matched prefix). A match
@@ -31,10 +31,12 @@ __all__ = ["PrefixCache", "Slab", "slab_cache"]
 
 
 class Slab:
-    """The KV of one generate call: ``buf[layer, 0 | 1, row, kv_head, column, head_dim]``.
+    """The running batch's KV: ``buf[layer, 0 | 1, row, kv_head, column, head_dim]``.
 
-    Forwards read and write it through :class:`SlabCache`. Before each forward the engine sets
-    which rows run (a contiguous range), where the new keys go, and which columns to return."""
+    Forwards read and write it through :class:`SlabCache`. Before each forward the scheduler
+    sets which rows run (a contiguous range), where the new keys go (``scatter`` for a prefill
+    piece, ``decode`` for one token per row at the row's own column) and which columns to
+    return."""
 
     def __init__(
         self, layers: int, rows: int, heads: int, columns: int, dim: int, dtype: Any, device: Any
@@ -45,8 +47,8 @@ class Slab:
         self.read = (0, 0)
         # Prefill: scatter positions (slab rows, slab columns, source rows, source columns).
         self.scatter: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        # Decode: every row writes its one new token at this column.
-        self.column = 0
+        # Decode: row ``rows[i]`` writes its one new token at column ``columns[i]``.
+        self.decode: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def write(
         self, layer: int, keys: torch.Tensor, values: torch.Tensor
@@ -59,10 +61,11 @@ class Slab:
                 f"engine expected {k_all.shape[1]} key/value heads of dimension {k_all.shape[3]} "
                 "(config num_key_value_heads / head_dim): this model's attention is not supported"
             )
-        if self.scatter is None:  # decode: one token per row
-            k_all[r0:r1, :, self.column] = keys[:, :, 0]
-            v_all[r0:r1, :, self.column] = values[:, :, 0]
-        else:
+        if self.decode is not None:  # one token per row, each at its own column
+            rows, cols = self.decode
+            k_all[rows, :, cols] = keys[:, :, 0]
+            v_all[rows, :, cols] = values[:, :, 0]
+        elif self.scatter is not None:
             rows, cols, src_rows, src_cols = self.scatter
             k_all[rows, :, cols] = keys[src_rows, :, src_cols]
             v_all[rows, :, cols] = values[src_rows, :, src_cols]
