@@ -529,7 +529,7 @@ def test_calls_joining_at_random_steps_equal_one_by_one(policy, prompts, monkeyp
         return admit(self, jobs, version)
 
     monkeypatch.setattr(Scheduler, "admit", counting)
-    model, tok = policy
+    model, _ = policy
     rng = random.Random(7)
     engine = engine_for(policy, eos_token_ids=(), max_batch_tokens=24, kv_budget_tokens=400)
     calls = []
