@@ -43,7 +43,12 @@ on, so that pointing the client at a real SGLang server changes nothing:
   so a test that the client predicts it checks the model against a real cache.
 
 Reading requests and shaping answers (the protocol itself) is
-:mod:`treegrpo.testing.sglang_protocol`, which the simulator shares. Scheduling mimics SGLang's
+:mod:`treegrpo.testing.sglang_protocol`, which the simulator shares; so are the two rules of
+SGLang's server the stand-in applies: how it fails on prompt ids (``check_input_ids``) and when a
+stop string ends a sample (``matched_stop_string``, after every token, on the decoded output).
+They are written apart from the client's and the embedded engine's (``treegrpo.engine.tokens``,
+``treegrpo.engine.stops``), which this module does not import, so a bug in either is caught by
+tests against the other. Scheduling mimics SGLang's
 continuous batching: one scheduler task runs decode steps of ``decode_chunk`` tokens over every
 running sample through the embedded engine (on its own thread, so the server keeps answering
 while the model runs); new requests join at the next step, aborts and pauses take effect
@@ -78,9 +83,6 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from treegrpo.engine.base import GenerateRequest, SamplingParams
-from treegrpo.engine.errors import InvalidTokenError
-from treegrpo.engine.stops import StopMatcher
-from treegrpo.engine.tokens import check_token_ids
 from treegrpo.httpserver import start_app_in_thread
 from treegrpo.testing import sglang_protocol as protocol
 from treegrpo.testing.sglang_protocol import Sampling
@@ -117,6 +119,9 @@ _NOT_EMULATED: dict[str, Any] = {
     "sampling_seed": None,
 }
 
+
+# Added to the message of a prompt id outside the vocabulary (an HTTP 500 here).
+_UNCHECKED_BY_SGLANG = ": a real SGLang server does not check this and may crash"
 
 # The engine's KV of old weights is never reused (a weight update flushes it), so the stand-in
 # cannot serve SGLang's flush_cache=false: it refuses it rather than report reuse it did not do.
@@ -358,16 +363,7 @@ class SGLangStandin:
         return job, call.answers_one
 
     def _check_prompt(self, k: int, prompt: list[Any]) -> None:
-        try:
-            check_token_ids(
-                prompt,
-                self.vocab_size,
-                where=f"prompt {k}",
-                note=": a real SGLang server does not check this and may crash",
-            )
-        except InvalidTokenError as e:
-            kind = protocol.InternalError if e.out_of_range else protocol.BadRequest
-            raise kind(str(e)) from None
+        protocol.check_input_ids(k, prompt, self.vocab_size, note=_UNCHECKED_BY_SGLANG)
 
     def _tokenize(self, text: Any) -> list[Any]:
         if isinstance(text, str):
@@ -514,10 +510,9 @@ class SGLangStandin:
         ):
             return {"type": "stop", "matched": last}
         if s.params.stop and not self.skip_tokenizer_init:
-            # SGLang decodes the last stop_str_max_len + 1 tokens; a stop string's length in
-            # characters bounds its length in tokens.
-            width = max(len(stop) for stop in s.params.stop) + 2
-            matched = StopMatcher(s.params.stop, self._decode, tail=width).check(s.output)
+            # The whole output decoded: SGLang decodes only its last stop_str_max_len + 1
+            # tokens, which finds the same stops where each token decodes to a character.
+            matched = protocol.matched_stop_string(s.output, s.params.stop, self._decode)
             if matched is not None:
                 return {"type": "stop", "matched": matched}
         return None
