@@ -24,7 +24,7 @@ from strategies import STOPS, decoder, tokenized
 from treegrpo.engine.errors import InvalidTokenError
 from treegrpo.engine.stops import StopMatcher
 from treegrpo.engine.tokens import check_token_ids
-from treegrpo.testing import sglang_protocol, sglang_standin
+from treegrpo.testing import sglang_control, sglang_protocol, sglang_standin
 from treegrpo.testing.sglang_protocol import (
     BadRequest,
     InternalError,
@@ -223,5 +223,6 @@ def test_the_doubles_do_not_import_the_rules_they_check():
     for name in ("treegrpo.engine.tokens", "treegrpo.engine.stops"):
         assert not [m for m in standin if m.startswith(name)], name
     assert not [m for m in standin if m.endswith(("check_token_ids", "StopMatcher"))]
-    names = imported(sglang_protocol)
-    assert names and not [m for m in names if m.startswith("treegrpo.engine")]
+    for module in (sglang_protocol, sglang_control):
+        names = imported(module)
+        assert names and not [m for m in names if m.startswith("treegrpo.engine")], module
