@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Sequence
 
 import polars as pl
 from hypothesis import strategies as st
@@ -70,3 +71,33 @@ def scored_forests(draw: st.DrawFn) -> tuple[Forest, list[RefNode]]:
         )
         assert node == len(ref) - 1
     return forest, ref
+
+
+# --------------------------------------------------------------------------- stop strings
+
+# A small alphabet, so stop strings occur, overlap and share prefixes often.
+STOP_ALPHABET = "ab</>"
+TEXT = st.text(alphabet=STOP_ALPHABET, max_size=30)
+STOPS = st.lists(st.text(alphabet=STOP_ALPHABET, min_size=0, max_size=4), max_size=4)
+
+
+@st.composite
+def tokenized(draw: st.DrawFn, *, empty: bool = False) -> list[str]:
+    """A text cut into tokens of 1 to 3 characters (the token id is the piece's index); with
+    ``empty``, also up to 3 tokens that decode to nothing, anywhere (as a byte of a character
+    split across tokens may)."""
+    text = draw(TEXT)
+    pieces, at = [], 0
+    while at < len(text):
+        width = draw(st.integers(1, 3))
+        pieces.append(text[at : at + width])
+        at += width
+    if empty:
+        for _ in range(draw(st.integers(0, 3))):
+            pieces.insert(draw(st.integers(0, len(pieces))), "")
+    return pieces
+
+
+def decoder(pieces: list[str]) -> Callable[[Sequence[int]], str]:
+    """Token ids (indexes into ``pieces``) -> their text, the pieces joined."""
+    return lambda ids: "".join(pieces[i] for i in ids)

@@ -7,15 +7,12 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import STOPS, TEXT, decoder, tokenized
 from treegrpo.engine.errors import InvalidTokenError
 from treegrpo.engine.stops import StopMatcher, cut_text, first_stop, stop_end
 from treegrpo.engine.tokens import check_token_ids
 from treegrpo.env.steps import cut_at_stop
 from treegrpo.exceptions import InvalidArgumentError
-
-# A small alphabet, so stop strings occur, overlap and share prefixes often.
-TEXT = st.text(alphabet="ab</>", max_size=30)
-STOPS = st.lists(st.text(alphabet="ab</>", min_size=0, max_size=4), max_size=4)
 
 
 def reference_tokens(pieces: list[str], stops: list[str]) -> tuple[int, str] | None:
@@ -36,22 +33,6 @@ def reference_text(text: str, stops: list[str]) -> tuple[str, str | None]:
             if stop and stop in text[:k]:
                 return text[:k], stop
     return text, None
-
-
-@st.composite
-def tokenized(draw: st.DrawFn) -> list[str]:
-    """A text cut into tokens of 1 to 3 characters (the token id is the piece's index)."""
-    text = draw(TEXT)
-    pieces, at = [], 0
-    while at < len(text):
-        width = draw(st.integers(1, 3))
-        pieces.append(text[at : at + width])
-        at += width
-    return pieces
-
-
-def decoder(pieces: list[str]):
-    return lambda ids: "".join(pieces[i] for i in ids)
 
 
 @given(tokenized(), STOPS)

@@ -4,12 +4,17 @@ The stand-in (:mod:`treegrpo.testing.sglang_standin`, a real model) and the simu
 (:mod:`treegrpo.testing.sglang_sim`, no model, simulated time) answer the same requests the same
 way; what they share lives here: the ``sampling_params`` keys SGLang takes, reading and checking a
 ``/generate`` body into a typed :class:`GenerateCall`, the ``meta_info`` and answer bodies, the
-error shapes and the bodies of the information endpoints (``/model_info``, ``/server_info``).
+error shapes and the bodies of the information endpoints (``/model_info``, ``/server_info``);
+and two rules of SGLang's server that the stand-in applies (:func:`check_input_ids`, how a real
+server fails on token ids it does not check; :func:`matched_stop_string`, its stop-string rule).
 The contract itself is ``sglang.md``.
 
 This module is for the doubles only: it never imports the client it helps test
 (``treegrpo.engine``), so a test of the client against a double checks the client against an
-independent reading of the protocol.
+independent reading of the protocol. The client and the embedded engine have their own
+versions of the two rules (``treegrpo.engine.tokens``, ``treegrpo.engine.stops``): these are
+written apart from them, plainly, and ``tests/test_sglang_rules.py`` checks each against the
+other on random inputs.
 """
 
 from __future__ import annotations
@@ -32,11 +37,13 @@ __all__ = [
     "answer_body",
     "application",
     "check_context",
+    "check_input_ids",
     "check_sampling_keys",
     "control",
     "error",
     "internal_error",
     "json_body",
+    "matched_stop_string",
     "meta_info",
     "model_info",
     "parse_abort",
@@ -275,6 +282,48 @@ def check_context(prompt_len: int, max_new_tokens: int, context_length: int) -> 
             f"{max_new_tokens} max_new_tokens. Lower max_new_tokens or shorten the "
             "input."
         )
+
+
+def check_input_ids(k: int, prompt: Sequence[Any], vocab_size: int, *, note: str = "") -> None:
+    """What a real SGLang server does with prompt ``k``'s ``input_ids`` (the JSON values of a
+    request body), as a double answers it.
+
+    SGLang does not check token ids (sglang.md): its scheduler indexes the embedding with them,
+    so an id at or beyond ``vocab_size``, or a negative one, crashes or fails it: an
+    :class:`InternalError` (a bare HTTP 500) here, naming the position and the bound, with
+    ``note`` after the bound. A value that is not an integer (a float, a string, a bool,
+    ``null``, a list) is a :class:`BadRequest` (HTTP 400). The first bad value decides.
+    """
+    for pos, token in enumerate(prompt):
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise BadRequest(f"prompt {k}: input_ids[{pos}] is {token!r}, not an int token id")
+        if token < 0 or token >= vocab_size:
+            raise InternalError(
+                f"prompt {k}: input_ids[{pos}] = {token} is outside the vocabulary "
+                f"[0, {vocab_size}){note}"
+            )
+
+
+def matched_stop_string(
+    output_ids: Sequence[int], stops: Sequence[str], decode: Callable[[list[int]], str]
+) -> str | None:
+    """SGLang's stop-string rule, checked after each new token: the stop string that ends the
+    request now, or None.
+
+    SGLang checks a request after every token it generates (length, then stop token ids, then
+    stop strings) and finishes it with ``finish_reason.matched`` = the first stop string *of the
+    request's list* that the decoded output holds; the tokens through the one that completed it
+    stay in ``output_ids``. Here the whole output is decoded each time (``decode(ids)``: the
+    tokenizer's text of the ids, special tokens kept): slower than SGLang's decoding of the last
+    few tokens, and plainly right. Empty stop strings never match.
+    """
+    if not output_ids:
+        return None
+    text = decode(list(output_ids))
+    for stop in stops:
+        if stop != "" and stop in text:
+            return stop
+    return None
 
 
 def parse_generate(

@@ -4,7 +4,9 @@ The stand-in (:mod:`treegrpo.testing.sglang_standin`) runs a real model, so it i
 CPU; this server answers the same requests in the time an SGLang server on a GPU would take,
 so the rollout's own behaviour (barriers, concurrency, cache reuse) can be measured at the
 paper's scale on a laptop. Requests are read and answers shaped by the protocol module the
-stand-in uses too (:mod:`treegrpo.testing.sglang_protocol`). Nothing here runs a model:
+stand-in uses too (:mod:`treegrpo.testing.sglang_protocol`), and the control endpoints are the
+stand-in's skeleton with the simulator's wording (:mod:`treegrpo.testing.sglang_control`).
+Nothing here runs a model:
 
 - **Scheduler** (SGLang's loop, simplified): requests wait in a queue; while fewer than
   ``max_running_requests`` samples run and the queue is not empty, a *prefill batch* admits
@@ -78,6 +80,7 @@ from aiohttp import web
 from treegrpo.env.types import Document
 from treegrpo.httpserver import start_app_in_thread
 from treegrpo.testing import sglang_protocol as protocol
+from treegrpo.testing.sglang_control import ControlEndpoints, ControlMessages
 
 __all__ = [
     "SGLangSim",
@@ -348,7 +351,7 @@ class _Job:
 # --------------------------------------------------------------------------- the server
 
 
-class SGLangSim:
+class SGLangSim(ControlEndpoints):
     """The simulator's state and its aiohttp application (:meth:`app`).
 
     Args:
@@ -359,6 +362,15 @@ class SGLangSim:
             one of them, drawn by weight (needs ``tokenizer``); without, on a stop id.
         model_path: what ``/model_info`` reports (a local directory for sglang-router).
     """
+
+    control_messages = ControlMessages(
+        abort_all="aborted (abort_all)",
+        abort_rid="aborted by request",
+        pause_abort="paused (abort)",
+        paused="paused ({mode})",
+        continued="continued",
+        flush_busy="Cache not flushed: there are requests running or waiting",
+    )
 
     def __init__(
         self,
@@ -475,10 +487,6 @@ class SGLangSim:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._scheduler
 
-    def _poke(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-
     # ------------------------------------------------------------------ /generate
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
@@ -495,7 +503,7 @@ class SGLangSim:
         try:
             await asyncio.shield(job.done)
         except asyncio.CancelledError:
-            self._abort(lambda s: s in job.samples, "client disconnected")
+            self._abort_matching(lambda s: s in job.samples, "client disconnected")
             raise
         finally:
             self._rids.difference_update(job.rids)
@@ -619,7 +627,7 @@ class SGLangSim:
                     await self._prefill(room)
                 elif any(s.finish is None for j in self._running for s in j.samples):
                     await self._decode()
-                self._finish_jobs()
+                self._complete_finished()
                 if self._updating and not self._running:
                     break
                 await asyncio.sleep(0)
@@ -706,12 +714,6 @@ class SGLangSim:
         running = sum(s.finish is None for j in self._running for s in j.samples)
         self.stats["max_running"] = max(self.stats["max_running"], running)
 
-    def _finish_jobs(self) -> None:
-        for job in list(self._running):
-            if all(s.finish is not None for s in job.samples):
-                self._running.remove(job)
-                self._release(job)
-
     def _release(self, job: _Job) -> None:
         for s in job.samples:
             if s.lock is not None:
@@ -723,56 +725,13 @@ class SGLangSim:
         if not job.done.done():
             job.done.set_result(None)
 
-    def _abort(self, match: Callable[[_Sample], bool], message: str) -> int:
-        count = 0
-        for job in self._waiting + self._running:
-            for s in job.samples:
-                if s.finish is None and match(s):
-                    s.finish = {"type": "abort", "message": message}
-                    count += 1
-        for job in list(self._waiting):
-            if all(s.finish is not None for s in job.samples):
-                self._waiting.remove(job)
-                self._release(job)
-        self._finish_jobs()
-        self._poke()
-        return count
-
     # ------------------------------------------------------------------ control
 
-    async def _abort_request(self, request: web.Request) -> web.Response:
-        try:
-            abort_all, rid = protocol.parse_abort(await protocol.json_body(request))
-        except protocol.BadRequest as e:
-            return protocol.error(400, str(e))
-        if abort_all:
-            self._abort(lambda s: True, "aborted (abort_all)")
-        elif rid:
-            self._abort(lambda s: s.id.startswith(rid), "aborted by request")
-        return web.Response(status=200)
+    # /abort_request, /pause_generation, /continue_generation and /flush_cache are
+    # ControlEndpoints'; the simulator's part:
 
-    async def _pause_generation(self, request: web.Request) -> web.Response:
-        try:
-            mode = protocol.pause_mode(await protocol.json_body(request))
-        except protocol.BadRequest as e:
-            return protocol.control(False, str(e))
-        self._paused = True
-        if mode == "abort":
-            self._abort(lambda s: True, "paused (abort)")
-        return protocol.control(True, f"paused ({mode})")
-
-    async def _continue_generation(self, request: web.Request) -> web.Response:
-        self._paused = False
-        self._poke()
-        return protocol.control(True, "continued")
-
-    async def _flush_cache(self, request: web.Request) -> web.Response:
-        if self._waiting or self._running:
-            return protocol.control(
-                False, "Cache not flushed: there are requests running or waiting"
-            )
+    async def _clear_cache(self) -> None:
         self.cache.reset()
-        return protocol.control(True, "Cache flushed.")
 
     async def _update_weights_from_disk(self, request: web.Request) -> web.Response:
         body = await protocol.json_body(request)
@@ -781,7 +740,7 @@ class SGLangSim:
         self._updating += 1
         try:
             if body.get("abort_all_requests"):
-                self._abort(lambda s: True, "aborted for a weight update")
+                self._abort_matching(lambda s: True, "aborted for a weight update")
             while self._running:  # the running requests finish first (or were aborted)
                 self._poke()
                 await asyncio.sleep(0.001)

@@ -43,7 +43,13 @@ on, so that pointing the client at a real SGLang server changes nothing:
   so a test that the client predicts it checks the model against a real cache.
 
 Reading requests and shaping answers (the protocol itself) is
-:mod:`treegrpo.testing.sglang_protocol`, which the simulator shares. Scheduling mimics SGLang's
+:mod:`treegrpo.testing.sglang_protocol`, which the simulator shares; so are the two rules of
+SGLang's server the stand-in applies: how it fails on prompt ids (``check_input_ids``) and when a
+stop string ends a sample (``matched_stop_string``, after every token, on the decoded output).
+They are written apart from the client's and the embedded engine's (``treegrpo.engine.tokens``,
+``treegrpo.engine.stops``), which this module does not import, so a bug in either is caught by
+tests against the other. The control endpoints' skeleton is
+:mod:`treegrpo.testing.sglang_control`'s, the simulator's too. Scheduling mimics SGLang's
 continuous batching: one scheduler task runs decode steps of ``decode_chunk`` tokens over every
 running sample through the embedded engine (on its own thread, so the server keeps answering
 while the model runs); new requests join at the next step, aborts and pauses take effect
@@ -78,11 +84,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from treegrpo.engine.base import GenerateRequest, SamplingParams
-from treegrpo.engine.errors import InvalidTokenError
-from treegrpo.engine.stops import StopMatcher
-from treegrpo.engine.tokens import check_token_ids
 from treegrpo.httpserver import start_app_in_thread
 from treegrpo.testing import sglang_protocol as protocol
+from treegrpo.testing.sglang_control import ControlEndpoints, ControlMessages
 from treegrpo.testing.sglang_protocol import Sampling
 
 __all__ = [
@@ -117,6 +121,9 @@ _NOT_EMULATED: dict[str, Any] = {
     "sampling_seed": None,
 }
 
+
+# Added to the message of a prompt id outside the vocabulary (an HTTP 500 here).
+_UNCHECKED_BY_SGLANG = ": a real SGLang server does not check this and may crash"
 
 # The engine's KV of old weights is never reused (a weight update flushes it), so the stand-in
 # cannot serve SGLang's flush_cache=false: it refuses it rather than report reuse it did not do.
@@ -160,7 +167,7 @@ class _Job:
 # --------------------------------------------------------------------------- the server
 
 
-class SGLangStandin:
+class SGLangStandin(ControlEndpoints):
     """The stand-in's state and its aiohttp application (:meth:`app`).
 
     Args:
@@ -181,6 +188,15 @@ class SGLangStandin:
         skip_tokenizer_init: answer like ``--skip-tokenizer-init`` (no ``text``; stop strings
             are not matched).
     """
+
+    control_messages = ControlMessages(
+        abort_all="aborted by /abort_request (abort_all)",
+        abort_rid="aborted by /abort_request",
+        pause_abort="aborted by /pause_generation",
+        paused="Generation paused ({mode}).",
+        continued="Generation continued.",
+        flush_busy="Cache not flushed: requests are running or waiting (flush only when idle).",
+    )
 
     def __init__(
         self,
@@ -358,16 +374,7 @@ class SGLangStandin:
         return job, call.answers_one
 
     def _check_prompt(self, k: int, prompt: list[Any]) -> None:
-        try:
-            check_token_ids(
-                prompt,
-                self.vocab_size,
-                where=f"prompt {k}",
-                note=": a real SGLang server does not check this and may crash",
-            )
-        except InvalidTokenError as e:
-            kind = protocol.InternalError if e.out_of_range else protocol.BadRequest
-            raise kind(str(e)) from None
+        protocol.check_input_ids(k, prompt, self.vocab_size, note=_UNCHECKED_BY_SGLANG)
 
     def _tokenize(self, text: Any) -> list[Any]:
         if isinstance(text, str):
@@ -406,13 +413,6 @@ class SGLangStandin:
         return text
 
     # ------------------------------------------------------------------ scheduling
-
-    def _poke(self) -> None:
-        assert self._wake is not None
-        self._wake.set()
-
-    def _busy(self) -> bool:
-        return bool(self._waiting or self._running)
 
     async def _schedule(self) -> None:
         """The scheduler: admit waiting jobs, run decode steps, finish samples."""
@@ -514,10 +514,9 @@ class SGLangStandin:
         ):
             return {"type": "stop", "matched": last}
         if s.params.stop and not self.skip_tokenizer_init:
-            # SGLang decodes the last stop_str_max_len + 1 tokens; a stop string's length in
-            # characters bounds its length in tokens.
-            width = max(len(stop) for stop in s.params.stop) + 2
-            matched = StopMatcher(s.params.stop, self._decode, tail=width).check(s.output)
+            # The whole output decoded: SGLang decodes only its last stop_str_max_len + 1
+            # tokens, which finds the same stops where each token decodes to a character.
+            matched = protocol.matched_stop_string(s.output, s.params.stop, self._decode)
             if matched is not None:
                 return {"type": "stop", "matched": matched}
         return None
@@ -525,13 +524,7 @@ class SGLangStandin:
     def _decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))
 
-    def _complete_finished(self) -> None:
-        for job in list(self._running):
-            if all(s.finish is not None for s in job.samples):
-                self._running.remove(job)
-                self._resolve(job)
-
-    def _resolve(self, job: _Job) -> None:
+    def _release(self, job: _Job) -> None:
         for s in job.samples:
             s.weight_version = self.weight_version
             if job.record:
@@ -546,26 +539,10 @@ class SGLangStandin:
                 s.finish = {"type": "abort", "message": message}
         if job in self._waiting:
             self._waiting.remove(job)
-            self._resolve(job)
+            self._release(job)
         elif job in self._running:
             self._running.remove(job)
-            self._resolve(job)
-
-    def _abort_matching(self, match: Callable[[_Sample], bool], message: str) -> int:
-        count = 0
-        for job in self._waiting + self._running:
-            for s in job.samples:
-                if s.finish is None and match(s):
-                    s.finish = {"type": "abort", "message": message}
-                    count += 1
-        for job in list(self._waiting):
-            if all(s.finish is not None for s in job.samples):
-                self._waiting.remove(job)
-                self._resolve(job)
-        self._complete_finished()
-        if self._wake is not None:
-            self._wake.set()
-        return count
+            self._release(job)
 
     async def _wait_drained(self) -> None:
         """Until no request runs (waiting ones stay queued while ``_updating``)."""
@@ -575,40 +552,11 @@ class SGLangStandin:
 
     # ------------------------------------------------------------------ control endpoints
 
-    async def _abort_request(self, request: web.Request) -> web.Response:
-        try:
-            abort_all, rid = protocol.parse_abort(await protocol.json_body(request))
-        except protocol.BadRequest as e:
-            return protocol.error(400, str(e))
-        if abort_all:
-            self._abort_matching(lambda s: True, "aborted by /abort_request (abort_all)")
-        elif rid:
-            self._abort_matching(lambda s: s.id.startswith(rid), "aborted by /abort_request")
-        return web.Response(status=200)
+    # /abort_request, /pause_generation, /continue_generation and /flush_cache are
+    # ControlEndpoints'; the stand-in's part:
 
-    async def _pause_generation(self, request: web.Request) -> web.Response:
-        try:
-            mode = protocol.pause_mode(await protocol.json_body(request))
-        except protocol.BadRequest as e:
-            return protocol.control(False, str(e))
-        self._paused = True
-        if mode == "abort":
-            self._abort_matching(lambda s: True, "aborted by /pause_generation")
-        return protocol.control(True, f"Generation paused ({mode}).")
-
-    async def _continue_generation(self, request: web.Request) -> web.Response:
-        self._paused = False
-        self._poke()
-        return protocol.control(True, "Generation continued.")
-
-    async def _flush_cache(self, request: web.Request) -> web.Response:
-        if self._busy():
-            return protocol.control(
-                False,
-                "Cache not flushed: requests are running or waiting (flush only when idle).",
-            )
+    async def _clear_cache(self) -> None:
         await self._on_model_thread(self.engine.flush_cache)
-        return protocol.control(True, "Cache flushed.")
 
     async def _quiesce(self, abort_all: bool) -> None:
         """What SGLang does before a weight update: abort everything if asked; unless paused,
