@@ -255,16 +255,16 @@ class Scheduler:
         )
 
     def _place(self, rows: list[Row]) -> int:
-        """Put ``rows`` after the live ones (compacting finished rows out first, growing the
-        slab if it is too small); returns the slab row of the first."""
-        self._compact(keep_all_active=True)
-        live = len(self._live)
-        need_rows = live + len(rows)
+        """Put ``rows`` after the live ones, growing the slab if it is too small (the copy then
+        leaves the finished rows behind); returns the slab row of the first."""
+        self._compact()
         need_columns = max(max(len(r.prompt.ids) + max(r.limit - 1, 0) for r in rows), 1)
         slab = self._slab
         old_rows = 0 if slab is None else slab.buf.shape[2]
         old_columns = 0 if slab is None else slab.buf.shape[4]
-        if slab is None or need_rows > old_rows or need_columns > old_columns:
+        if slab is None or len(self._live) + len(rows) > old_rows or need_columns > old_columns:
+            keep = [i for i, r in enumerate(self._live) if r.finish is None]
+            need_rows = len(keep) + len(rows)
             # Geometric growth: a stream of small joins copies the live KV O(log) times, and
             # torch.empty leaves the pages nobody writes untouched. The first slab is the size
             # of its first rows.
@@ -282,11 +282,16 @@ class Scheduler:
                 param.dtype,
                 param.device,
             )
-            if slab is not None and live:
-                grown.buf[:, :, :live, :, : self._zeroed] = slab.buf[:, :, :live, :, : self._zeroed]
+            if slab is not None and keep:
+                index = torch.tensor(keep, device=slab.buf.device)
+                grown.buf[:, :, : len(keep), :, : self._zeroed] = slab.buf[
+                    :, :, index, :, : self._zeroed
+                ]
+            self._live = [self._live[i] for i in keep]
             self._slab, slab = grown, grown
             self._cache_view = slab_cache(slab, self.layers)
-            self._used = live
+            self._used = len(keep)
+        live = len(self._live)
         end = live + len(rows)
         if end > self._used and self._zeroed:
             slab.buf[:, :, self._used : end, :, : self._zeroed].zero_()
@@ -419,7 +424,7 @@ class Scheduler:
             return
         start = time.perf_counter()
         evicted = self.cache.evicted
-        self._compact(keep_all_active=False)
+        self._compact()
         live = self._live
         device = slab.buf.device
         # A finished row still in the slab runs on at column 0 (its KV is no longer read).
@@ -505,16 +510,14 @@ class Scheduler:
             return FinishReason("abort", message="aborted")
         return None
 
-    def _compact(self, *, keep_all_active: bool) -> None:
-        """Drop the finished rows from the slab, moving the others to the front: always when
-        ``keep_all_active`` (before rows join), else once they are a quarter of the batch."""
+    def _compact(self) -> None:
+        """Once finished rows are a quarter of the batch, drop them from the slab, moving the
+        others to the front (until then they run on: cheaper than a copy of the live KV)."""
         slab = self._slab
         live = self._live
         keep = [i for i, r in enumerate(live) if r.finish is None]
         dropped = len(live) - len(keep)
-        if slab is None or dropped == 0:
-            return
-        if not keep_all_active and dropped < _COMPACT_FRACTION * len(live):
+        if slab is None or dropped == 0 or dropped < _COMPACT_FRACTION * len(live):
             return
         if keep != list(range(len(keep))):
             hi = max(live[i].column for i in keep) + 1
