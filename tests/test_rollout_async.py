@@ -311,3 +311,61 @@ def simulate(schedule: str, seeds: list[int]) -> tuple[list[int], list[RolloutRe
         finally:
             stop()
     return stats, results
+
+
+# --------------------------------------------------------------------------- the embedded engine
+
+
+def test_on_the_embedded_engine_async_has_lockstep_shapes_budgets_and_rewards():
+    # The embedded engine's continuous batching under the async loop: calls join its running
+    # decode, yet every request is served once (the rollout's counts are the engine's own) and
+    # the trajectories are distributed as under lockstep (same policy, same sampler; only the
+    # order of draws differs).
+    pytest.importorskip("torch")
+    from treegrpo.engine.embedded import EmbeddedEngine
+    from treegrpo.env.prompt import PromptBuilder
+    from treegrpo.rollout import Rollout
+    from treegrpo.testing.tiny import tiny_policy
+
+    model, tok = tiny_policy(seed=0)
+    builder = PromptBuilder()
+    prompts = [
+        Prompt(g, builder.render(f"question {g} about a bridge", tok), "nq", {"target": ["x"]})
+        for g in range(8)
+    ]
+    stops = (2, *range(100, 124))  # about half of the steps end on one
+
+    def score(text: str, *_: Any, **__: Any) -> float:  # a function of the sampled text
+        return float(zlib.crc32(text.encode()) % 2)
+
+    per: dict[str, dict[str, list[float]]] = {}
+    for schedule in ("lockstep", "async"):
+        per[schedule] = defaultdict(list)
+        for seed in range(4):
+            engine = EmbeddedEngine(model, tok, seed=seed)
+            env = SearchEnv(tok, retriever=FixedRetriever(), max_turns=2, max_obs_tokens=48)
+            cfg = RolloutConfig(
+                m=2, n=2, l=1, max_turns=2, max_action_tokens=16, seed=seed, schedule=schedule
+            )
+            runner = Rollout(engine, env, score, cfg, tokenizer=tok, eos_token_ids=stops)
+            result = asyncio.run(runner.run(prompts, step=seed))
+            stats, total = engine.stats, result.total
+            assert total.requests == stats.requests
+            assert total.generated_tokens == stats.decode_tokens
+            assert (total.prefill_tokens, total.cached_tokens) == (
+                stats.prefill_tokens,
+                stats.cached_tokens,
+            )
+            leaves = Counter(pa.table(result.forest.leaves()).column("tree").to_pylist())
+            assert set(leaves.values()) == {cfg.leaves_per_tree}
+            per[schedule]["leaves"].append(total.leaves)
+            per[schedule]["rewards"].extend(rewards(result))
+            per[schedule]["tokens"].append(total.generated_tokens / total.leaves)
+            per[schedule]["tools"].append(total.tool_calls / total.leaves)
+    lock, asy = per["lockstep"], per["async"]
+    assert asy["leaves"] == lock["leaves"]
+    # means over 4 x 48 leaves
+    assert abs(statistics.mean(asy["rewards"]) - statistics.mean(lock["rewards"])) < 0.15
+    for key in ("tokens", "tools"):
+        a, b = statistics.mean(asy[key]), statistics.mean(lock[key])
+        assert abs(a - b) <= 0.15 * b, (key, a, b)

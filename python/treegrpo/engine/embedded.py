@@ -203,6 +203,7 @@ class EmbeddedEngine:
         self._queue_lock = threading.Lock()
         self._pending: list[_Job] = []
         self._working = False
+        self._worker: asyncio.Future[None] | None = None  # the last worker run from a loop
 
     # ---- public state
 
@@ -340,7 +341,9 @@ class EmbeddedEngine:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
                 loop.call_soon_threadsafe(_settle, future, result)
 
-        call = self._submit(requests, ids, deliver)
+        call, start = self._submit(requests, ids, deliver)
+        if start:  # on a thread of the loop's executor (reused: its OpenMP team stays warm)
+            self._worker = loop.run_in_executor(None, self._work)
         try:
             return await future
         except asyncio.CancelledError:
@@ -360,7 +363,9 @@ class EmbeddedEngine:
             box.append(result)
             done.set()
 
-        self._submit(requests, ids, deliver)
+        _, start = self._submit(requests, ids, deliver)
+        if start:  # this thread runs the batch (until it is empty)
+            self._work()
         done.wait()
         if isinstance(box[0], BaseException):
             raise box[0]
@@ -414,8 +419,9 @@ class EmbeddedEngine:
         requests: Sequence[GenerateRequest],
         ids: list[list[int]],
         deliver: Callable[[list[list[Completion]] | BaseException], None],
-    ) -> _Call:
-        """Queue a call for the running batch; start the worker if none runs."""
+    ) -> tuple[_Call, bool]:
+        """Queue a call for the running batch. Returns it, and whether no worker runs the batch:
+        the caller must then run :meth:`_work` (its own thread, or a worker thread)."""
         call = _Call([r.key for r in requests])
         with self._calls_lock:
             self._calls.add(call)
@@ -423,9 +429,7 @@ class EmbeddedEngine:
             self._pending.append(_Job(list(requests), ids, call, deliver))
             start = not self._working
             self._working = True
-        if start:
-            threading.Thread(target=self._work, name="treegrpo-engine", daemon=True).start()
-        return call
+        return call, start
 
     # ---- the work (one worker thread at a time, under the model lock)
 

@@ -511,19 +511,26 @@ class Scheduler:
         return None
 
     def _compact(self) -> None:
-        """Once finished rows are a quarter of the batch, drop them from the slab, moving the
-        others to the front (until then they run on: cheaper than a copy of the live KV)."""
+        """Once finished rows are a quarter of the batch, drop them from the slab: the
+        unfinished rows beyond the first ``kept`` slab rows move into the finished rows' places
+        among them (a copy of at most as many rows as finished; until then finished rows run
+        on, which is cheaper than a copy every time one finishes)."""
         slab = self._slab
         live = self._live
-        keep = [i for i, r in enumerate(live) if r.finish is None]
-        dropped = len(live) - len(keep)
+        kept = sum(r.finish is None for r in live)
+        dropped = len(live) - kept
         if slab is None or dropped == 0 or dropped < _COMPACT_FRACTION * len(live):
             return
-        if keep != list(range(len(keep))):
-            hi = max(live[i].column for i in keep) + 1
-            index = torch.tensor(keep, device=slab.buf.device)
-            slab.buf[:, :, : len(keep), :, :hi] = slab.buf[:, :, index, :, :hi]
-        self._live = [live[i] for i in keep]
+        holes = [i for i in range(kept) if live[i].finish is not None]
+        movers = [i for i in range(kept, len(live)) if live[i].finish is None]
+        if movers:
+            hi = max(live[i].column for i in movers) + 1
+            device = slab.buf.device
+            src, dst = torch.tensor(movers, device=device), torch.tensor(holes, device=device)
+            slab.buf[:, :, dst, :, :hi] = slab.buf[:, :, src, :, :hi]
+            for i, j in zip(holes, movers, strict=True):
+                live[i] = live[j]
+        del live[kept:]
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Sample one token for every unfinished row of ``rows`` from ``logits`` (one per row,
