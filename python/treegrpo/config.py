@@ -662,7 +662,7 @@ class RolloutConfig:
       time, at the price of many more, smaller requests (one branch, or a node's siblings).
       Use it with ``engine.kind=sglang``. The default stays lockstep because on the embedded
       engine, although async calls join its running decode at the next step, lockstep's one
-      call per step still makes fewer, fuller forwards (0.67 s against 0.82 s for a rollout on
+      call per step still makes fewer, fuller forwards (0.68 s against 0.81 s for a rollout on
       the tiny policy, docs/architecture.md), and because it keeps earlier runs' rollouts
       reproducible. For given completions a
       tree is the same under async whatever the timing; node ids differ from lockstep's (the

@@ -4,7 +4,9 @@ radix prefix cache of KV blocks, sharing the model object with the learner.
 How calls run: every request is validated where it is made (token ids in the vocabulary,
 :func:`~treegrpo.engine.tokens.check_token_ids`; the prompt within the context), then the call
 joins the engine's *running batch*, continuous batching as a serving engine does: one worker
-thread at a time holds the model and alternates admitting the calls that arrived (their prompts
+at a time (the thread of the ``generate_sync`` call that found none running, or a thread of the
+event loop's executor for ``generate``) holds the model and alternates admitting the calls that
+arrived (their prompts
 prefilled in chunks, into the rows of one KV slab) with one decode step over every row of the
 batch (:mod:`treegrpo.engine.scheduling`). A call made while others decode thus joins them at
 the next step, and an asynchronous caller with many small calls (the rollout's
@@ -275,7 +277,8 @@ class EmbeddedEngine:
             yield
 
     def exclusive(self) -> _Exclusive:
-        """Hold the model: no generation runs until the block ends (waits for a running one).
+        """Hold the model: no generation runs until the block ends (waits until the running
+        batch is empty).
 
         Works as ``with engine.exclusive():`` (blocks the calling thread while it waits) and as
         ``async with engine.exclusive():`` (waits on a worker thread; the event loop keeps
@@ -321,9 +324,9 @@ class EmbeddedEngine:
         """Per request, its ``n`` completions (see the module docstring).
 
         The call joins the engine's running batch at its next decode step (or starts one, on a
-        worker thread, so the event loop keeps running), and returns when all its samples have
-        finished. Cancelling the awaiting task aborts the call's requests (they stop at the
-        next token; a call cancelled before it joined never runs).
+        thread of the loop's executor, so the event loop keeps running), and returns when all
+        its samples have finished. Cancelling the awaiting task aborts the call's requests
+        (they stop at the next token; a call cancelled before it joined never runs).
 
         Raises:
             InvalidTokenError: a token id that is negative, not an int or beyond the vocabulary.
@@ -352,7 +355,8 @@ class EmbeddedEngine:
             raise
 
     def generate_sync(self, requests: Sequence[GenerateRequest]) -> list[list[Completion]]:
-        """:meth:`generate` for callers without an event loop (blocks this thread)."""
+        """:meth:`generate` for callers without an event loop (blocks this thread, which runs
+        the batch itself if no other worker does)."""
         ids = self._validate(requests)
         if not requests:
             return []
