@@ -243,16 +243,29 @@ def test_against_the_simulator_async_has_lockstep_shapes_budgets_and_rewards():
     per: dict[str, dict[str, list[float]]] = {}
     for schedule in ("lockstep", "async"):
         _, results = simulate(schedule, seeds)
-        per[schedule] = {
-            "rewards": [r for res in results for r in rewards(res)],
-            "tokens": [res.total.generated_tokens / res.total.leaves for res in results],
-            "tools": [res.total.tool_calls / res.total.leaves for res in results],
-            "leaves": [res.total.leaves for res in results],
-        }
-    lock, asy = per["lockstep"], per["async"]
-    assert asy["leaves"] == lock["leaves"]
+        per[schedule] = distributions(results)
     # means over 4 x 64 leaves: a difference of this size would be a change of distribution
-    assert abs(statistics.mean(asy["rewards"]) - statistics.mean(lock["rewards"])) < 0.12
+    assert_alike(per["lockstep"], per["async"], reward_tolerance=0.12)
+
+
+def distributions(results: Sequence[RolloutResult]) -> dict[str, list[float]]:
+    """Leaves per rollout, every leaf's reward, generated tokens and tool calls per leaf."""
+    return {
+        "rewards": [r for res in results for r in rewards(res)],
+        "tokens": [res.total.generated_tokens / res.total.leaves for res in results],
+        "tools": [res.total.tool_calls / res.total.leaves for res in results],
+        "leaves": [res.total.leaves for res in results],
+    }
+
+
+def assert_alike(
+    lock: dict[str, list[float]], asy: dict[str, list[float]], reward_tolerance: float
+) -> None:
+    """The same shapes, and means within the tolerance (rewards) or 15% (tokens, tools)."""
+    assert asy["leaves"] == lock["leaves"]
+    assert abs(statistics.mean(asy["rewards"]) - statistics.mean(lock["rewards"])) < (
+        reward_tolerance
+    )
     for key in ("tokens", "tools"):
         a, b = statistics.mean(asy[key]), statistics.mean(lock[key])
         assert abs(a - b) <= 0.15 * b, (key, a, b)
@@ -340,7 +353,7 @@ def test_on_the_embedded_engine_async_has_lockstep_shapes_budgets_and_rewards():
 
     per: dict[str, dict[str, list[float]]] = {}
     for schedule in ("lockstep", "async"):
-        per[schedule] = defaultdict(list)
+        results = []
         for seed in range(4):
             engine = EmbeddedEngine(model, tok, seed=seed)
             env = SearchEnv(tok, retriever=FixedRetriever(), max_turns=2, max_obs_tokens=48)
@@ -358,14 +371,6 @@ def test_on_the_embedded_engine_async_has_lockstep_shapes_budgets_and_rewards():
             )
             leaves = Counter(pa.table(result.forest.leaves()).column("tree").to_pylist())
             assert set(leaves.values()) == {cfg.leaves_per_tree}
-            per[schedule]["leaves"].append(total.leaves)
-            per[schedule]["rewards"].extend(rewards(result))
-            per[schedule]["tokens"].append(total.generated_tokens / total.leaves)
-            per[schedule]["tools"].append(total.tool_calls / total.leaves)
-    lock, asy = per["lockstep"], per["async"]
-    assert asy["leaves"] == lock["leaves"]
-    # means over 4 x 48 leaves
-    assert abs(statistics.mean(asy["rewards"]) - statistics.mean(lock["rewards"])) < 0.15
-    for key in ("tokens", "tools"):
-        a, b = statistics.mean(asy[key]), statistics.mean(lock[key])
-        assert abs(a - b) <= 0.15 * b, (key, a, b)
+            results.append(result)
+        per[schedule] = distributions(results)
+    assert_alike(per["lockstep"], per["async"], reward_tolerance=0.15)  # 4 x 48 leaves
