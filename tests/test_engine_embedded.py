@@ -154,9 +154,10 @@ def test_chunked_prefill_and_mixed_cache_hits_in_one_batch(policy, prompts):
         assert list(c.output_ids) == hf_greedy(model, ids, GREEDY.max_new_tokens)
 
 
-def test_unwritten_slab_memory_is_never_read(policy, prompts, monkeypatch):
-    """The slab is torch.empty: fill it with NaN and check that nothing of it reaches a result
-    (left padding, pieces of chunked prefill, sibling rows, compaction after finishes)."""
+@pytest.fixture
+def nan_slabs(monkeypatch):
+    """Every slab the engine makes is filled with NaN (it is torch.empty): a read of a column
+    nobody wrote then shows in the results."""
     import treegrpo.engine.embedded as embedded
 
     init = embedded._Slab.__init__
@@ -166,6 +167,11 @@ def test_unwritten_slab_memory_is_never_read(policy, prompts, monkeypatch):
         self.buf.fill_(float("nan"))
 
     monkeypatch.setattr(embedded._Slab, "__init__", poisoned)
+
+
+def test_unwritten_slab_memory_is_never_read(policy, prompts, nan_slabs):
+    """The slab is torch.empty: fill it with NaN and check that nothing of it reaches a result
+    (left padding, pieces of chunked prefill, sibling rows, compaction after finishes)."""
     model, _ = policy
     engine = engine_for(policy, max_batch_tokens=9)
     warm = one(engine, prompts[2])
@@ -504,7 +510,7 @@ def test_a_call_made_while_others_decode_joins_them_at_the_next_step(policy, pro
     assert engine._scheduler.idle and engine._scheduler._slab is None  # freed when empty
 
 
-def test_calls_joining_at_random_steps_equal_one_by_one(policy, prompts, monkeypatch):
+def test_calls_joining_at_random_steps_equal_one_by_one(policy, prompts, nan_slabs, monkeypatch):
     """Many calls of random shapes joining a running batch at random decode steps (so the slab
     grows, rows are compacted out and joined in, prompts prefill in pieces next to decoding
     rows, some from the prefix cache) give what each gives alone: greedy outputs exactly,
@@ -512,15 +518,6 @@ def test_calls_joining_at_random_steps_equal_one_by_one(policy, prompts, monkeyp
     made, so any read of a column nobody wrote shows."""
     import random
 
-    import treegrpo.engine.embedded as embedded
-
-    init = embedded._Slab.__init__
-
-    def poisoned(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.buf.fill_(float("nan"))
-
-    monkeypatch.setattr(embedded._Slab, "__init__", poisoned)
     joins: list[int] = []  # per call admitted: rows of the batch still decoding then
     admit = Scheduler.admit
 

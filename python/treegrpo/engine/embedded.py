@@ -205,7 +205,6 @@ class EmbeddedEngine:
         self._queue_lock = threading.Lock()
         self._pending: list[_Job] = []
         self._working = False
-        self._worker: asyncio.Future[None] | None = None  # the last worker run from a loop
 
     # ---- public state
 
@@ -346,7 +345,7 @@ class EmbeddedEngine:
 
         call, start = self._submit(requests, ids, deliver)
         if start:  # on a thread of the loop's executor (reused: its OpenMP team stays warm)
-            self._worker = loop.run_in_executor(None, self._work)
+            loop.run_in_executor(None, self._work)
         try:
             return await future
         except asyncio.CancelledError:
@@ -461,9 +460,7 @@ class EmbeddedEngine:
             with self._queue_lock:
                 stranded, self._pending = self._pending, []
                 self._working = False
-            for job in [*jobs, *self._scheduler.jobs, *stranded]:
-                self._hand_back(job, e)
-            self._scheduler.reset()
+            self._fail([*jobs, *stranded], e)
             raise
 
     def _advance(self, jobs: list[_Job]) -> None:
@@ -481,15 +478,19 @@ class EmbeddedEngine:
             self._scheduler.admit(admit, self.weight_version)
             self._scheduler.step()
         except Exception as e:
-            for job in {id(j): j for j in [*admit, *self._scheduler.jobs]}.values():
-                self._hand_back(job, e)
-            self._scheduler.reset()
+            self._fail(admit, e)
             return
         for job, out in self._scheduler.finished():
             self._stats = _add(
                 self._stats, requests=len(job.requests), completions=sum(len(o) for o in out)
             )
             self._hand_back(job, out)
+
+    def _fail(self, jobs: list[_Job], error: BaseException) -> None:
+        """Fail ``jobs`` and every call of the batch (each once) and drop the batch."""
+        for job in {id(j): j for j in [*jobs, *self._scheduler.jobs]}.values():
+            self._hand_back(job, error)
+        self._scheduler.reset()
 
     def _hand_back(self, job: _Job, result: list[list[Completion]] | BaseException) -> None:
         self._forget(job.call)

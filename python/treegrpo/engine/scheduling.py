@@ -221,11 +221,14 @@ class Scheduler:
             job.version = version
             job.shared = [tuple(x) in seen for x in job.ids]
             seen.update(tuple(x) for x in job.ids)
+            for x, shared in zip(job.ids, job.shared, strict=True):
+                if shared:
+                    self.count(prompt_tokens=len(x), cached_tokens=len(x) - 1, prefill_tokens=1)
         prompts, rows = self.plan(jobs)
         self.jobs.extend(jobs)
         first = self._place(rows)
-        for prompt in prompts:
-            prompt.rows = [first + i for i, r in enumerate(rows) if r.prompt is prompt]
+        for i, row in enumerate(rows, start=first):
+            row.prompt.rows.append(i)
         self._zero_to(max(len(p.ids) for p in prompts))
         self._prefill(prompts)
         slab = self._slab
@@ -236,10 +239,6 @@ class Scheduler:
         if dst:
             width = max(len(p.ids) for p in prompts)
             slab.buf[:, :, dst, :, :width] = slab.buf[:, :, src, :, :width]
-        for job in jobs:
-            for i, x in enumerate(job.ids):
-                if job.shared[i]:
-                    self.count(prompt_tokens=len(x), cached_tokens=len(x) - 1, prefill_tokens=1)
         for row in rows:
             if row.limit == 0:
                 row.finish = FinishReason("length")
