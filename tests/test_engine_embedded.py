@@ -510,6 +510,44 @@ def test_a_call_made_while_others_decode_joins_them_at_the_next_step(policy, pro
     assert engine._scheduler.idle and engine._scheduler._slab is None  # freed when empty
 
 
+def test_a_model_failure_fails_every_call_of_the_batch_and_the_engine_serves_on(policy, prompts):
+    # A forward that raises mid-batch: the running call and the one that joined it both get
+    # the error (nobody waits forever), the batch is dropped, and the next call runs normally.
+    engine = engine_for(policy, eos_token_ids=())
+    model = engine.model
+    params = SamplingParams(max_new_tokens=60, temperature=0)
+    forward = model.forward
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise RuntimeError("out of memory (injected)")
+        return forward(*args, **kwargs)
+
+    async def main() -> list:
+        model.forward = failing
+        try:
+            first = asyncio.ensure_future(engine.generate([GenerateRequest(prompts[0], params)]))
+            await _until_forward_passes(engine, 5)
+            second = asyncio.ensure_future(engine.generate([GenerateRequest(prompts[1], params)]))
+            both = asyncio.gather(first, second, return_exceptions=True)
+            return await asyncio.wait_for(both, timeout=120)  # a call left waiting fails here
+        finally:
+            del model.forward
+
+    outcomes = asyncio.run(main())
+    assert [type(o) for o in outcomes] == [RuntimeError, RuntimeError]
+    assert all("injected" in str(o) for o in outcomes)
+    assert engine._calls == set() and engine._scheduler.idle
+    assert engine._scheduler._slab is None
+    short = SamplingParams(max_new_tokens=8, temperature=0)
+    assert (
+        one(engine, prompts[2], short).output_ids
+        == one(engine_for(policy, eos_token_ids=()), prompts[2], short).output_ids
+    )
+
+
 def test_calls_joining_at_random_steps_equal_one_by_one(policy, prompts, nan_slabs, monkeypatch):
     """Many calls of random shapes joining a running batch at random decode steps (so the slab
     grows, rows are compacted out and joined in, prompts prefill in pieces next to decoding
